@@ -1,0 +1,13 @@
+"""sc-steer: sparse autoencoders on language-model activations, from collection to steering.
+
+The data flows one way: model (``models``) -> activations (``activations``) -> SAEs -> features ->
+graph / steering. See README.md for the pipeline and the CLI.
+"""
+__version__ = "0.1.0"
+
+from .activations import ActivationStore, collect  # noqa: E402
+from .errors import ScSteerError  # noqa: E402
+from .models import LM, open_model  # noqa: E402
+from .sites import Site, parse_sites  # noqa: E402
+
+__all__ = ["ActivationStore", "LM", "ScSteerError", "Site", "collect", "open_model", "parse_sites", "__version__"]

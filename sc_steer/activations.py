@@ -1,0 +1,300 @@
+"""Collect activations at many sites in one nnsight pass per batch, to resumable safetensors shards.
+
+Layout of a collection folder::
+
+    manifest.json                 config, model fingerprint, per-site width and mean norm, shard list
+    shards/shard_00000.safetensors  "act.{site}" [n, d] per site, plus "tokens", "doc", "row", "pos" [n]
+
+Only real text tokens are stored (no BOS, separators or padding). A shard is written to a temporary
+file and renamed, and only then listed in the manifest (also replaced atomically), so a killed run
+keeps every finished shard; rerunning the same command redoes only the partial one. Shards are cut
+at batch boundaries, so a resumed run produces exactly the shards an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
+from .errors import ScSteerError
+from .models import DTYPES, LM, unwrap
+from .sites import Site
+
+FORMAT = "sc-steer.activations/1"
+META_KEYS = ("tokens", "doc", "row", "pos")
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def run_sites(lm: LM, batch: TokenBatch, sites: list[Site]) -> dict[Site, torch.Tensor]:
+    """One forward pass through nnsight returning ``[B, T, d]`` activations at every site.
+
+    The forward stops right after the last requested site, so later blocks and the unembedding
+    are not computed.
+    """
+    import nnsight
+
+    ordered = sorted(sites, key=lambda s: s.order)
+    envoys = [lm.envoy(s) for s in ordered]
+    inputs = {"input_ids": batch.input_ids.to(lm.device), "attention_mask": batch.attention_mask.to(lm.device)}
+    saved = []
+    with torch.no_grad(), lm.trace(inputs) as tracer:
+        for env in envoys:
+            saved.append(nnsight.save(unwrap(env.output)))
+        tracer.stop()
+    return dict(zip(ordered, saved))
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Everything that determines a collection's contents; a rerun must match it to resume."""
+
+    data: str
+    sites: tuple[str, ...]
+    ctx: int = 256
+    batch_size: int = 16
+    max_tokens: int | None = None
+    shard_tokens: int = 1 << 16
+    store_dtype: str | None = None  # default: the model's dtype
+    packing: str = "pad"
+    prepend_bos: bool = True
+    field: str = "text"
+    split: str = "file"
+
+
+def _check_config(cfg: CollectConfig) -> None:
+    if not isinstance(cfg.ctx, int) or cfg.ctx < 2:
+        raise ScSteerError(f"context length {cfg.ctx!r}: expected an integer >= 2")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ScSteerError(f"batch size {cfg.batch_size!r}: expected an integer >= 1")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise ScSteerError(f"max tokens {cfg.max_tokens!r}: expected a positive integer")
+    if cfg.shard_tokens < 1:
+        raise ScSteerError(f"shard tokens {cfg.shard_tokens!r}: expected a positive integer")
+    if cfg.store_dtype is not None and cfg.store_dtype not in DTYPES:
+        raise ScSteerError(f"store dtype {cfg.store_dtype!r}: expected one of {', '.join(DTYPES)}")
+
+
+def _prepare_folder(out: Path, header: dict) -> dict:
+    """Start a new manifest, or reload a matching unfinished one. Foreign folders are refused."""
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise ScSteerError(f"output folder {str(out)!r} has an unreadable manifest.json") from None
+        keys = ("format", "config", "model", "dataset")
+        differs = [k for k in keys if old.get(k) != header[k]]
+        if differs:
+            raise ScSteerError(f"output folder {str(out)!r} holds a different run (its {', '.join(differs)} "
+                               "differ); choose another --out or delete that folder")
+        return old
+    if out.exists() and any(out.iterdir()):
+        raise ScSteerError(f"output folder {str(out)!r} is not empty and holds no sc-steer manifest")
+    out.mkdir(parents=True, exist_ok=True)
+    return {**header, "status": "running", "shards": []}
+
+
+def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, progress: bool = True,
+            **options) -> dict:
+    """Collect activations for ``sites`` over the documents of ``data`` into ``out``; return the manifest.
+
+    ``options`` are the fields of :class:`CollectConfig` (ctx, batch_size, max_tokens, ...). Rerunning
+    with the same arguments after an interruption resumes; a finished folder is returned as is.
+    """
+    if isinstance(sites, str) or not all(isinstance(s, Site) for s in sites):
+        sites = lm.sites(sites)
+    for s in sites:
+        lm.module_path(s)  # checks the layer exists
+    sites = sorted(sites, key=lambda s: s.order)
+    cfg = CollectConfig(data=data, sites=tuple(map(str, sites)), **options)
+    _check_config(cfg)
+    store_dtype = DTYPES[cfg.store_dtype] if cfg.store_dtype else lm.dtype
+    out = Path(out)
+    docs = iter_documents(data, field=cfg.field, split=cfg.split)
+    docs = itertools.chain([next(docs)], docs)  # a missing, empty or malformed source fails before any write
+    header = {"format": FORMAT, "config": cfg.__dict__ | {"sites": list(cfg.sites)}, "model": lm.fingerprint(),
+              "dataset": {"spec": data, "sha256": data_fingerprint(data)}}
+    manifest = _prepare_folder(out, header)
+    if manifest["status"] == "complete":
+        return manifest
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    done = {s["file"] for s in manifest["shards"]}
+    for f in shard_dir.iterdir():  # a partial shard from a killed run
+        if f.name not in done:
+            f.unlink()
+    write_json_atomic(out / "manifest.json", manifest)
+
+    start_row = manifest["shards"][-1]["rows_end"] if manifest["shards"] else 0
+    n_tokens = sum(s["n_tokens"] for s in manifest["shards"])
+    rows = iter_rows(docs, lm.tokenizer, cfg.ctx, prepend_bos=cfg.prepend_bos, packing=cfg.packing)
+    batches = iter_batches(rows, cfg.batch_size, cfg.ctx, pad_token_id(lm.tokenizer), start_row=start_row)
+    bar = tqdm(total=cfg.max_tokens, initial=n_tokens, unit="tok", desc="collect", disable=not progress)
+    buf: dict[str, list[torch.Tensor]] = {}
+    rows_end = start_row
+    for batch in batches:
+        acts = run_sites(lm, batch, sites)
+        keep = batch.keep
+        for s, a in acts.items():
+            buf.setdefault(f"act.{s}", []).append(a[keep.to(a.device)].to("cpu", store_dtype))
+        for key, val in (("tokens", batch.input_ids), ("doc", batch.doc), ("pos", batch.pos),
+                         ("row", batch.row[:, None].expand_as(batch.input_ids))):
+            buf.setdefault(key, []).append(val[keep].to(torch.int64 if key == "row" else torch.int32))
+        rows_end = int(batch.row[-1]) + 1
+        n_new = int(keep.sum())
+        n_tokens += n_new
+        bar.update(n_new)
+        reached = cfg.max_tokens is not None and n_tokens >= cfg.max_tokens
+        if sum(len(t) for t in buf["tokens"]) >= cfg.shard_tokens or reached:
+            _write_shard(out, manifest, buf, sites, rows_end)
+            buf = {}
+        if reached:
+            break
+    if buf.get("tokens"):
+        _write_shard(out, manifest, buf, sites, rows_end)
+    bar.close()
+    if not manifest["shards"]:
+        raise ScSteerError(f"data {data!r} produced no tokens to collect")
+    _finish(manifest, sites)
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def _write_shard(out: Path, manifest: dict, buf: dict, sites: list[Site], rows_end: int) -> None:
+    tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
+    name = f"shard_{len(manifest['shards']):05d}.safetensors"
+    tmp = out / "shards" / (name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "rows_end": str(rows_end)})
+    os.replace(tmp, out / "shards" / name)
+    norms = {str(s): float(tensors[f"act.{s}"].double().norm(dim=-1).sum()) for s in sites}
+    manifest["shards"].append({"file": name, "n_tokens": len(tensors["tokens"]), "rows_end": rows_end,
+                               "norm_sums": norms})
+    write_json_atomic(out / "manifest.json", manifest)
+
+
+def _finish(manifest: dict, sites: list[Site]) -> None:
+    n = sum(s["n_tokens"] for s in manifest["shards"])
+    d = manifest["model"]["d_model"]
+    manifest["sites"] = {str(s): {"d": d, "mean_norm": sum(sh["norm_sums"][str(s)] for sh in manifest["shards"]) / n}
+                         for s in sites}
+    manifest["n_tokens"] = n
+    manifest["n_rows"] = manifest["shards"][-1]["rows_end"]
+    manifest["dtype"] = manifest["config"]["store_dtype"] or manifest["model"]["dtype"]
+    manifest["versions"] = _versions()
+    manifest["status"] = "complete"
+
+
+def _versions() -> dict:
+    import nnsight
+    import transformers
+
+    from . import __version__
+
+    return {"sc_steer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "nnsight": getattr(nnsight, "__version__", "unknown")}
+
+
+class ActivationStore:
+    """Read a finished collection: whole sites, token metadata, or shuffled streaming batches."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.exists():
+            raise ScSteerError(f"{str(self.path)!r} is not an activation collection (no manifest.json)")
+        self.manifest = json.loads(mf.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ScSteerError(f"{str(self.path)!r}: unknown format {self.manifest.get('format')!r}")
+        if self.manifest.get("status") != "complete":
+            raise ScSteerError(f"collection {str(self.path)!r} is unfinished; rerun the collect command to resume it")
+        self.sites = list(self.manifest["sites"])
+        self.n_tokens = int(self.manifest["n_tokens"])
+        self.shards = [self.path / "shards" / s["file"] for s in self.manifest["shards"]]
+
+    def _check_site(self, site: str | Site) -> str:
+        name = str(site)
+        if name not in self.manifest["sites"]:
+            raise ScSteerError(f"site {name!r} was not collected in {str(self.path)!r} (have: {', '.join(self.sites)})")
+        return name
+
+    def d(self, site: str | Site) -> int:
+        return int(self.manifest["sites"][self._check_site(site)]["d"])
+
+    def mean_norm(self, site: str | Site) -> float:
+        return float(self.manifest["sites"][self._check_site(site)]["mean_norm"])
+
+    def _read(self, shard: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt file
+            raise ScSteerError(f"shard {str(shard)!r} is unreadable ({str(e).splitlines()[0]}); "
+                               "delete it and its manifest entry, then rerun collect") from None
+
+    def load(self, site: str | Site, max_tokens: int | None = None) -> torch.Tensor:
+        """All stored activations of one site, ``[n, d]``, in collection order."""
+        key = f"act.{self._check_site(site)}"
+        parts, n = [], 0
+        for shard in self.shards:
+            parts.append(self._read(shard, [key])[key])
+            n += len(parts[-1])
+            if max_tokens is not None and n >= max_tokens:
+                break
+        return torch.cat(parts)[:max_tokens]
+
+    def metadata(self) -> dict[str, torch.Tensor]:
+        """``tokens``, ``doc``, ``row`` and ``pos`` of every stored token, in collection order."""
+        parts = [self._read(s, list(META_KEYS)) for s in self.shards]
+        return {k: torch.cat([p[k] for p in parts]) for k in META_KEYS}
+
+    def batches(self, sites: list[str] | str, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                buffer_tokens: int = 1 << 18, epochs: int = 1, dtype: torch.dtype = torch.float32,
+                drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Stream ``{site: [batch, d]}`` over the collection, all sites aligned on the same tokens.
+
+        Shuffling is two-level (shard order, then a buffer of ``buffer_tokens`` tokens), so memory
+        stays bounded; every token is yielded exactly once per epoch.
+        """
+        names = [self._check_site(s) for s in ([sites] if isinstance(sites, str) else sites)]
+        keys = [f"act.{s}" for s in names]
+        if batch_size < 1:
+            raise ScSteerError(f"batch size {batch_size!r}: expected an integer >= 1")
+        for epoch in range(epochs):
+            rng = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.shards), generator=rng).tolist() if shuffle else range(len(self.shards))
+            pool: dict[str, torch.Tensor] | None = None
+            for i in order:
+                part = self._read(self.shards[i], keys)
+                pool = part if pool is None else {k: torch.cat([pool[k], part[k]]) for k in keys}
+                if len(pool[keys[0]]) < buffer_tokens:
+                    continue
+                if shuffle:
+                    perm = torch.randperm(len(pool[keys[0]]), generator=rng)
+                    pool = {k: v[perm] for k, v in pool.items()}
+                full = len(pool[keys[0]]) // batch_size * batch_size
+                for j in range(0, full, batch_size):
+                    yield {s: pool[k][j:j + batch_size].to(dtype) for s, k in zip(names, keys)}
+                pool = {k: v[full:] for k, v in pool.items()}
+            if pool is not None and len(pool[keys[0]]):
+                if shuffle:
+                    perm = torch.randperm(len(pool[keys[0]]), generator=rng)
+                    pool = {k: v[perm] for k, v in pool.items()}
+                n = len(pool[keys[0]])
+                stop = n // batch_size * batch_size if drop_last else n
+                for j in range(0, stop, batch_size):
+                    yield {s: pool[k][j:j + batch_size].to(dtype) for s, k in zip(names, keys)}

@@ -1,0 +1,198 @@
+"""Open a causal LM through nnsight and map sc-steer sites onto its modules, per architecture.
+
+Why adapters: every family names its blocks differently (``model.layers`` for Llama, ``transformer.h``
+for GPT-2, ``gpt_neox.layers`` for Pythia). One small table says where the blocks, their attention
+and MLP, the final norm and the unembedding live; everything else in sc-steer speaks in sites.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ScSteerError
+from .sites import Site, parse_sites
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Dotted module paths (relative to the ``*ForCausalLM`` module) for one architecture family."""
+
+    layers: str
+    attn: str
+    mlp: str
+    final_norm: str
+    unembed: str
+
+
+_LLAMA_LIKE = Adapter(layers="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm", unembed="lm_head")
+ADAPTERS: dict[str, Adapter] = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    "gpt2": Adapter(layers="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f", unembed="lm_head"),
+    "gpt_neox": Adapter(layers="gpt_neox.layers", attn="attention", mlp="mlp",
+                        final_norm="gpt_neox.final_layer_norm", unembed="embed_out"),
+}
+
+
+def adapter_for(model_type: str) -> Adapter:
+    if model_type not in ADAPTERS:
+        raise ScSteerError(
+            f"unsupported architecture {model_type!r} (config.model_type); supported: {', '.join(sorted(ADAPTERS))}. "
+            "To add one, register sc_steer.models.ADAPTERS[model_type] = Adapter(layers=..., attn=..., mlp=..., "
+            "final_norm=..., unembed=...) with the dotted paths of its block list and modules")
+    return ADAPTERS[model_type]
+
+
+def demo_model_path() -> Path:
+    """The small Llama shipped inside the package (see sc_steer/demo/README.md)."""
+    return Path(__file__).parent / "demo" / "model"
+
+
+def unwrap(output: Any) -> torch.Tensor:
+    """Module outputs are tensors or tuples whose first element is the hidden state.
+
+    Never index ``output[0]`` blindly: on a plain tensor that silently takes batch row 0.
+    """
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LM:
+    """An nnsight-wrapped causal LM plus the facts sc-steer needs: adapter, sites, tokenizer.
+
+    ``nn`` is the nnsight model (trace/generate through it); ``hf`` is the underlying transformers
+    module (for plain forward passes and hooks).
+    """
+
+    def __init__(self, hf_model: torch.nn.Module, tokenizer: Any, name: str, remote: bool | str = False,
+                 nn_model: Any = None):
+        from nnsight import TransformersModel
+
+        self.hf = hf_model
+        self.config = hf_model.config
+        self.adapter = adapter_for(self.config.model_type)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.remote = remote
+        self.nn = nn_model if nn_model is not None else TransformersModel(hf_model, tokenizer=tokenizer,
+                                                                          task="text-generation")
+        self.n_layers = len(self._get(self.adapter.layers))
+        self.d_model = int(self.config.hidden_size)
+
+    # -- sites ---------------------------------------------------------------------------------
+    def sites(self, spec: str | list[str]) -> list[Site]:
+        """Parse and check site names against this model, sorted in forward order."""
+        return parse_sites(spec, self.n_layers)
+
+    def module_path(self, site: Site) -> str:
+        if not 0 <= site.layer < self.n_layers:
+            raise ScSteerError(f"unknown site '{site}': the model has layers 0-{self.n_layers - 1}")
+        block = f"{self.adapter.layers}.{site.layer}"
+        return {"resid_post": block, "attn_out": f"{block}.{self.adapter.attn}",
+                "mlp_out": f"{block}.{self.adapter.mlp}"}[site.kind]
+
+    def width(self, site: Site) -> int:
+        """All supported sites live in the residual stream's basis, so their width is d_model."""
+        return self.d_model
+
+    def module(self, site_or_path: Site | str) -> torch.nn.Module:
+        path = self.module_path(site_or_path) if isinstance(site_or_path, Site) else site_or_path
+        return self._get(path)
+
+    def envoy(self, site_or_path: Site | str) -> Any:
+        """The nnsight envoy for a site (use inside ``self.trace``)."""
+        path = self.module_path(site_or_path) if isinstance(site_or_path, Site) else site_or_path
+        env = self.nn
+        for part in path.split("."):
+            env = env[int(part)] if part.isdigit() else getattr(env, part)
+        return env
+
+    def _get(self, path: str) -> Any:
+        try:
+            return self.hf.get_submodule(path)
+        except AttributeError as e:
+            raise ScSteerError(f"model {self.name!r} has no module {path!r}; its adapter does not fit it") from e
+
+    # -- running -------------------------------------------------------------------------------
+    def trace(self, inputs: Any, **kwargs: Any):
+        """``nn.trace`` with this model's remote setting."""
+        if self.remote:
+            kwargs.setdefault("remote", self.remote)
+        return self.nn.trace(inputs, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    def fingerprint(self) -> dict:
+        """What identifies the model in manifests: name, architecture, shape and a config hash."""
+        cfg = json.dumps(self.config.to_dict(), sort_keys=True, default=str)
+        return {"name": self.name, "model_type": self.config.model_type, "n_layers": self.n_layers,
+                "d_model": self.d_model, "vocab_size": int(self.config.vocab_size),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "config_sha256": hashlib.sha256(cfg.encode()).hexdigest()[:16]}
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
+               remote: bool | str = False, revision: str | None = None) -> LM:
+    """Open a causal LM: ``"demo"``, a local folder, a hub id, or an already built transformers module.
+
+    ``dtype`` is one of float32, float16, bfloat16 or "auto" (the checkpoint's own). ``remote=True``
+    runs traces on NDIF (needs ``NDIF_API_KEY``; weights are never loaded here); ``remote="local"``
+    loads the weights here and runs every trace through nnsight's remote serialisation path.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ScSteerError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)} or auto")
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise ScSteerError("open_model: a module passed directly needs tokenizer=")
+        name = getattr(model.config, "name_or_path", "") or type(model).__name__
+        return LM(model.eval(), tokenizer, name, remote=remote)
+    if not isinstance(model, str) or not model:
+        raise ScSteerError(f"model: expected 'demo', a local folder or a hub id, got {model!r}")
+    name = model
+    source = str(demo_model_path()) if model == "demo" else model
+    if _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ScSteerError(f"model path {source!r} does not exist or is not a folder")
+        if not (path / "config.json").exists():
+            raise ScSteerError(f"model folder {source!r} has no config.json (expected a transformers checkpoint)")
+        source = str(path)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except OSError as e:
+        raise ScSteerError(f"could not load model {model!r}: {str(e).splitlines()[0]} "
+                           "(offline? pass a local folder)") from e
+    adapter_for(config.model_type)
+    if remote is True:
+        from nnsight import TransformersModel
+
+        nn = TransformersModel(source, task="text-generation", revision=revision)  # meta weights only
+        return LM(nn._module, nn.tokenizer, name, remote=True, nn_model=nn)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision)
+        tok = tokenizer or AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as e:
+        raise ScSteerError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from e
+    try:
+        hf = hf.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise ScSteerError(f"device {device!r}: {str(e).splitlines()[0]}") from e
+    return LM(hf.eval(), tok, name, remote=remote)
