@@ -184,7 +184,7 @@ def iter_rows(docs: Iterable[str], tokenizer: Any, ctx: int, *, prepend_bos: boo
     span = ctx - len(lead)
     if packing == "pad":
         for d, text in enumerate(docs):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             for i in range(0, len(ids), span):
                 chunk = ids[i:i + span]
                 yield Row(lead + chunk, [-1] * len(lead) + [d] * len(chunk), [False] * len(lead) + [True] * len(chunk))
@@ -194,7 +194,7 @@ def iter_rows(docs: Iterable[str], tokenizer: Any, ctx: int, *, prepend_bos: boo
     buf_doc: list[int] = []
     buf_keep: list[bool] = []
     for d, text in enumerate(docs):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         buf_ids += ids
         buf_doc += [d] * len(ids)
         buf_keep += [True] * len(ids)

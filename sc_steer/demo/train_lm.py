@@ -81,9 +81,10 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def evaluate(model, stream: np.ndarray, ctx: int, max_rows: int = 64) -> float:
+def evaluate(model, stream: np.ndarray, ctx: int, max_rows: int | None = 64) -> float:
     """Mean next-token loss over non-overlapping held-out rows (BOS-prefixed), ignoring BOS targets."""
-    n = min(max_rows, (len(stream) - 1) // (ctx - 1))
+    n = (len(stream) - 1) // (ctx - 1)
+    n = n if max_rows is None else min(max_rows, n)
     rows = [np.concatenate([[BOS], stream[i * (ctx - 1):(i + 1) * (ctx - 1)]]) for i in range(n)]
     x = torch.from_numpy(np.stack(rows).astype(np.int64))
     total, count = 0.0, 0
