@@ -170,7 +170,7 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     bar.close()
     if not manifest["shards"]:
         raise ScSteerError(f"data {data!r} produced no tokens to collect")
-    _finish(manifest, sites)
+    _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites})
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
@@ -187,10 +187,11 @@ def _write_shard(out: Path, manifest: dict, buf: dict, sites: list[Site], rows_e
     write_json_atomic(out / "manifest.json", manifest)
 
 
-def _finish(manifest: dict, sites: list[Site]) -> None:
+def _finish(manifest: dict, sites: list[Site], modules: dict[str, str]) -> None:
     n = sum(s["n_tokens"] for s in manifest["shards"])
     d = manifest["model"]["d_model"]
-    manifest["sites"] = {str(s): {"d": d, "mean_norm": sum(sh["norm_sums"][str(s)] for sh in manifest["shards"]) / n}
+    manifest["sites"] = {str(s): {"d": d, "module": modules[str(s)],
+                                  "mean_norm": sum(sh["norm_sums"][str(s)] for sh in manifest["shards"]) / n}
                          for s in sites}
     manifest["n_tokens"] = n
     manifest["n_rows"] = manifest["shards"][-1]["rows_end"]

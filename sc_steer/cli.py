@@ -5,10 +5,7 @@ Problems with the user's input (``ScSteerError``) print one ``error:`` line and 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
 from .errors import ScSteerError
 
@@ -41,6 +38,56 @@ def cmd_collect(args) -> None:
     print(f"mean activation norm: {norms}")
 
 
+def _train_config(args):
+    from .sae.config import TrainConfig, config_from_dict, load_config
+
+    cfg = load_config(args.config) if args.config else TrainConfig()
+    d = cfg.to_dict()
+    for flag, key in (("sites", "sites"), ("tokens", "tokens"), ("batch_size", "batch_size"), ("seed", "seed"),
+                      ("checkpoint_every", "checkpoint_every")):
+        if getattr(args, flag) is not None:
+            d[key] = getattr(args, flag)
+    for flag in ("architecture", "k", "expansion", "d_sae", "lr", "l1_coeff", "l0_coeff"):
+        if getattr(args, flag) is not None:
+            d["sae"][flag] = getattr(args, flag)
+    return config_from_dict(d, where="--config and flags")
+
+
+def cmd_train(args) -> None:
+    from .pipeline import train_from_model, train_from_store
+
+    cfg = _train_config(args)
+    if args.activations:
+        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=args.device)
+    else:
+        lm = _open(args)
+        saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=args.device)
+    print(f"trained {len(saes)} SAEs -> {args.out}/saes/ ({', '.join(saes)}); curves: {args.out}/training_curves.png")
+
+
+def cmd_eval(args) -> None:
+    from .pipeline import eval_run
+    from .sae.metrics import markdown_table
+
+    lm = _open(args) if args.model else None
+    results = eval_run(args.run, args.data, lm=lm, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    print(markdown_table(results))
+    print(f"-> {args.run}/eval.json, {args.run}/eval.md")
+
+
+def cmd_demo(args) -> None:
+    import time
+
+    from .pipeline import demo
+    from .sae.metrics import markdown_table
+
+    t = time.time()
+    results = demo(args.out, collect_tokens=args.collect_tokens)
+    print(markdown_table(results))
+    print(f"demo finished in {time.time() - t:.0f} s. Results in {args.out}/: eval.md, eval.json, saes/<site>/, "
+          "training_curves.png, activations/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sc-steer", description="sparse autoencoders on LM activations: "
                                  "collect, train, interpret, graph, steer")
@@ -65,6 +112,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad: one document per row group; pack: concatenate documents (default: pad)")
     p.add_argument("--no-bos", action="store_true", help="do not start rows with BOS")
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train", help="train one SAE per site (from a collection, or streaming from the model)")
+    p.add_argument("--activations", help="an activation collection folder (default: stream from --model)")
+    _add_model_args(p)
+    p.add_argument("--data", default="demo", help="text to stream activations from when no --activations")
+    p.add_argument("--ctx", type=int, default=256)
+    p.add_argument("--out", required=True, help="run folder: saes/<site>/, checkpoint, logs, curves")
+    p.add_argument("--config", help="a .toml / .yaml / .json training config; flags below override it")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--sites", help="e.g. resid_post.* or resid_post.1,resid_post.2")
+    p.add_argument("--tokens", type=int, help="training tokens per SAE")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--architecture", help="relu, topk, batchtopk or jumprelu")
+    p.add_argument("--k", type=int)
+    p.add_argument("--expansion", type=int)
+    p.add_argument("--d-sae", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--l1-coeff", type=float)
+    p.add_argument("--l0-coeff", type=float)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="L0, FVU, dead/dense fractions, CE loss recovered and KL per site")
+    p.add_argument("--run", required=True, help="a run folder with saes/")
+    _add_model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--data", default="demo:heldout")
+    p.add_argument("--max-tokens", type=int, default=50_000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="collect -> train -> eval on the shipped demo model, offline")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--collect-tokens", type=int, default=300_000)
+    p.set_defaults(func=cmd_demo)
     return ap
 
 
@@ -76,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        print("interrupted: progress was checkpointed; rerun the same command (train: add --resume) to continue",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -1,0 +1,117 @@
+"""The run directory ties the stages together: collect -> train -> eval, each reading the last one's output.
+
+    runs/<name>/
+      run.json                    model, data, sites, training config
+      activations/                the activation collection (manifest.json + shards/)
+      saes/<site>/                cfg.json + sae_weights.safetensors (+ sparsity.safetensors), SAELens layout
+      checkpoint.safetensors      the trainer's resumable state
+      train_log.jsonl, training_curves.png
+      eval.json, eval.md          per-site metrics on held-out text
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .activations import ActivationStore, collect
+from .errors import ScSteerError
+from .models import LM, open_model
+from .sae import SAE, load_sae
+from .sae.config import TrainConfig
+from .sae.metrics import evaluate_saes, write_results
+from .sae.train import Trainer, model_source, store_source
+
+
+def _write_run_json(run: Path, info: dict) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "run.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    tmp = path.with_name("run.json.tmp")
+    tmp.write_text(json.dumps({**old, **info}, indent=1))
+    os.replace(tmp, path)
+
+
+def read_run(run: str | Path) -> dict:
+    path = Path(run) / "run.json"
+    if not path.exists():
+        raise ScSteerError(f"{str(run)!r} is not an sc-steer run (no run.json)")
+    return json.loads(path.read_text())
+
+
+def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
+                     device: str = "cpu", progress: bool = True) -> dict[str, SAE]:
+    """Train one SAE per requested site from an activation collection on disk."""
+    store = ActivationStore(activations)
+    from .sites import parse_sites
+
+    sites = [str(s) for s in parse_sites(cfg.sites, store.manifest["model"]["n_layers"])]
+    for s in sites:
+        store.d(s)  # checks the site was collected
+    info = {s: {"d": store.d(s), "mean_norm": store.mean_norm(s), "module": store.manifest["sites"][s].get("module")}
+            for s in sites}
+    c = store.manifest["config"]
+    meta = {"model_name": store.manifest["model"]["name"], "context_size": c["ctx"], "prepend_bos": c["prepend_bos"],
+            "dataset": c["data"]}
+    _write_run_json(Path(out), {"model": meta["model_name"], "activations": str(activations), "sites": sites,
+                                "train_config": cfg.to_dict()})
+    trainer = Trainer(cfg, store_source(store, sites, cfg.batch_size, cfg.seed), out, info, meta, device, progress)
+    return trainer.run(resume=resume)
+
+
+def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ctx: int = 256, resume: bool = False,
+                     device: str = "cpu", progress: bool = True) -> dict[str, SAE]:
+    """Train straight from the model's activations, with no disk cache."""
+    sites = lm.sites(cfg.sites)
+    info = {str(s): {"d": lm.width(s), "module": lm.module_path(s)} for s in sites}
+    meta = {"model_name": lm.name, "context_size": ctx, "prepend_bos": True, "dataset": data}
+    _write_run_json(Path(out), {"model": lm.name, "data": data, "sites": list(info), "train_config": cfg.to_dict()})
+    source = model_source(lm, sites, data, cfg.batch_size, cfg.seed, ctx=ctx)
+    return Trainer(cfg, source, out, info, meta, device, progress).run(resume=resume)
+
+
+def load_run_saes(run: str | Path, sites: list[str] | None = None) -> dict[str, SAE]:
+    """The SAEs of a run, by site name (all of them unless ``sites`` is given)."""
+    root = Path(run) / "saes"
+    if not root.is_dir():
+        raise ScSteerError(f"{str(run)!r} has no saes/ folder (train first)")
+    names = sites or sorted((p.name for p in root.iterdir() if p.is_dir()), key=lambda s: (s.split(".")[0], int(s.split(".")[-1])))
+    missing = [s for s in names if not (root / s).is_dir()]
+    if missing:
+        raise ScSteerError(f"run {str(run)!r} has no SAE for {', '.join(missing)}")
+    return {s: load_sae(root / s) for s in names}
+
+
+def eval_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None = None, max_tokens: int = 50_000,
+             batch_size: int = 8, progress: bool = True) -> dict[str, dict]:
+    """Evaluate a run's SAEs on held-out text; writes eval.json and eval.md into the run."""
+    info = read_run(run)
+    lm = lm or open_model(info["model"])
+    saes = load_run_saes(run)
+    ctx = next(iter(saes.values())).cfg.context_size or 256
+    t = time.time()
+    results = evaluate_saes(lm, saes, data, ctx=ctx, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
+    write_results(results, run, {"model": lm.name, "data": data, "max_tokens": max_tokens,
+                                 "seconds": round(time.time() - t, 1)})
+    return results
+
+
+DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800, "checkpoint_every": 50,
+              "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 2e-3}}
+
+
+def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, progress: bool = True,
+         resume: bool = True) -> dict[str, dict]:
+    """collect -> train -> eval on the shipped demo model, offline. Rerunning resumes where it stopped."""
+    from .sae.config import config_from_dict
+
+    out = Path(out)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    lm = open_model("demo")
+    collect(lm, "resid_post.*", "demo", out / "activations", ctx=256, batch_size=16, max_tokens=collect_tokens,
+            progress=progress)
+    train_from_store(out / "activations", config_from_dict(DEMO_TRAIN), out, resume=resume, progress=progress)
+    return eval_run(out, "demo:heldout", lm=lm, progress=progress)

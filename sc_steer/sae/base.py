@@ -1,0 +1,217 @@
+"""The SAE interface shared by every architecture, and its files in the SAELens v6 layout.
+
+    f     = act(W_enc^T (x - b_dec) + b_enc)        encode
+    x_hat = W_dec^T f + b_dec                        decode
+
+Weights are stored as SAELens does: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]`` (+ ``threshold [d_sae]`` for JumpReLU-style inference). Saved SAEs take raw model
+activations: the normalisation used while training is folded into the weights (see ``fold_input_scale``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import ScSteerError
+
+ARCHITECTURES: dict[str, type[SAE]] = {}
+CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+
+
+@dataclass
+class SAEConfig:
+    """Shape and provenance of one SAE. Training hyperparameters live in ``sae.train.TrainConfig``."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    k: int | None = None               # TopK / BatchTopK: active latents per token
+    site: str | None = None            # sc-steer site, e.g. "resid_post.2"
+    hook_module: str | None = None     # the nnsight / torch module path of the site
+    model_name: str | None = None
+    context_size: int | None = None
+    prepend_bos: bool = True
+    dataset: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ScSteerError(f"unknown SAE architecture {self.architecture!r}: expected one of "
+                               f"{', '.join(sorted(ARCHITECTURES))}")
+        for name in ("d_in", "d_sae"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ScSteerError(f"{name} {v!r}: expected an integer >= 1")
+        needs_k = ARCHITECTURES[self.architecture].needs_k
+        if needs_k:
+            if not isinstance(self.k, int) or self.k < 1:
+                raise ScSteerError(f"k {self.k!r}: {self.architecture} needs an integer k >= 1")
+            if self.k > self.d_sae:
+                raise ScSteerError(f"k {self.k} is larger than d_sae {self.d_sae}")
+
+
+class SAE(nn.Module):
+    """Base class: parameters, encode/decode, decoder-norm constraint, folding and saving."""
+
+    architecture: ClassVar[str]
+    saelens_architecture: ClassVar[str]
+    needs_k: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "architecture" in cls.__dict__:
+            ARCHITECTURES[cls.architecture] = cls
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        w = torch.randn(d_sae, d_in)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w)
+        self.W_enc = nn.Parameter(w.T.clone().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    # -- the maps ------------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Inference-time activation function (per token, deterministic)."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # -- training hooks (overridden per architecture) --------------------------------------------
+    def train_encode(self, pre: torch.Tensor) -> torch.Tensor:
+        """Training-time activation; differs from ``activate`` only for BatchTopK."""
+        return self.activate(pre)
+
+    def loss(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
+             ctx: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its parts; ``ctx`` holds ``sparsity_scale`` (warm-up) and ``dead`` (mask)."""
+        raise NotImplementedError
+
+    def set_training_options(self, scfg: Any, fresh: bool) -> None:
+        """Architecture-specific training settings from ``SAETrainConfig`` (``fresh``: not a resume)."""
+
+    def after_step(self, f: torch.Tensor) -> None:
+        """Per-step state updates that are not gradients (e.g. BatchTopK's threshold EMA)."""
+
+    # -- constraints -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the gradient component along each (unit) decoder row, so a step cannot grow its norm."""
+        if self.W_dec.grad is not None:
+            g, w = self.W_dec.grad, self.W_dec
+            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median") -> None:
+        if method == "mean":
+            self.b_dec.copy_(sample.mean(0))
+        elif method == "geometric_median":
+            self.b_dec.copy_(geometric_median(sample.float()))
+        elif method != "zeros":
+            raise ScSteerError(f"b_dec init {method!r}: expected geometric_median, mean or zeros")
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """Make an SAE trained on ``s * x`` take raw ``x``, with feature values in raw units.
+
+        ReLU-like activations are positively homogeneous, so dividing every bias (and threshold) by
+        ``s`` gives ``f_raw = f / s`` and ``x_hat_raw = x_hat / s`` while decoder rows stay unit norm.
+        """
+        self.b_enc.div_(s)
+        self.b_dec.div_(s)
+        for t in self.thresholds():
+            t.div_(s)
+
+    def thresholds(self) -> list[torch.Tensor]:
+        """Tensors in activation units that must be rescaled with the input."""
+        return []
+
+    # -- files -----------------------------------------------------------------------------------
+    def state_for_saving(self) -> dict[str, torch.Tensor]:
+        return {k: self._save_tensor(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+    def _save_tensor(self, key: str) -> torch.Tensor:
+        return getattr(self, key).detach().float().contiguous().cpu()
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(self, k).copy_(tensors[k])
+
+    def saelens_cfg(self) -> dict:
+        c = self.cfg
+        cfg = {"architecture": self.saelens_architecture, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": "float32",
+               "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+               "reshape_activations": "none",
+               "metadata": {"model_name": c.model_name, "hook_name": c.hook_module, "context_size": c.context_size,
+                            "prepend_bos": c.prepend_bos, "dataset_path": c.dataset,
+                            "exclude_special_tokens": True, "sae_lens_version": "6.0.0",
+                            "sae_lens_training_version": "6.0.0"},
+               "sc_steer": asdict(c)}
+        if c.k is not None and self.saelens_architecture == "topk":
+            cfg["k"] = c.k
+        return cfg
+
+    def save(self, path: str | Path, log_firing_freq: torch.Tensor | None = None) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` (+ ``sparsity.safetensors``) atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic(path / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
+        if log_firing_freq is not None:
+            _atomic(path / SPARSITY_FILE, lambda p: save_file({"sparsity": log_firing_freq.float().cpu()}, str(p)))
+        _atomic(path / CFG_FILE, lambda p: p.write_text(json.dumps(self.saelens_cfg(), indent=1)))
+        return path
+
+    def extra_repr(self) -> str:
+        return f"{self.architecture}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, k={self.cfg.k}"
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def make_sae(cfg: SAEConfig) -> SAE:
+    return ARCHITECTURES[cfg.architecture](cfg)
+
+
+def config_from_dict(d: dict) -> SAEConfig:
+    known = {f.name for f in fields(SAEConfig)}
+    return SAEConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-8):
+            return y_new
+        y = y_new
+    return y

@@ -1,0 +1,356 @@
+"""Train one SAE per site in one run: shared batches, per-site optimisers, checkpoints, resume.
+
+Batches come from a ``BatchSource``: an activation store on disk, an in-memory tensor, or the model
+itself (no disk cache). Every source is a pure function of (seed, step), so ``resume`` replays the
+stream up to the checkpoint and the run ends where an uninterrupted one would.
+
+Per step, per site: x is scaled by ``s = sqrt(d_in) / mean_norm``; loss -> backward -> remove the
+gradient parallel to each decoder row -> clip -> Adam -> renormalise decoder rows. On save, ``s`` is
+folded into the weights so the files take raw activations.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..errors import ScSteerError
+from .base import SAE, SAEConfig, make_sae
+from .config import SAETrainConfig, TrainConfig
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "train_log.jsonl"
+
+BatchSource = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # start_step -> batches from there on
+
+
+def tensor_source(tensors: dict[str, torch.Tensor], batch_size: int, seed: int) -> BatchSource:
+    """In-memory activations; a fresh permutation each epoch, drawn from (seed, epoch)."""
+    n = len(next(iter(tensors.values())))
+    if n < batch_size:
+        raise ScSteerError(f"only {n} activations for a batch size of {batch_size}")
+    per_epoch = n // batch_size
+
+    def stream(start: int) -> Iterator[dict[str, torch.Tensor]]:
+        step = start
+        while True:
+            epoch, i = divmod(step, per_epoch)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            yield {s: t[idx] for s, t in tensors.items()}
+            step += 1
+
+    return stream
+
+
+def store_source(store, sites: list[str], batch_size: int, seed: int) -> BatchSource:
+    """Shuffled batches streamed from an ActivationStore (bounded memory); resume skips ahead."""
+    def stream(start: int) -> Iterator[dict[str, torch.Tensor]]:
+        batches = store.batches(sites, batch_size, seed=seed, epochs=1 << 40, drop_last=True)
+        return itertools.islice(batches, start, None)
+
+    return stream
+
+
+def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: int = 256, rows_per_pass: int = 16,
+                 buffer_tokens: int = 1 << 17) -> BatchSource:
+    """Activations straight from the model (no disk cache), shuffled in a buffer of ``buffer_tokens``."""
+    from ..activations import run_sites
+    from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
+
+    names = [str(s) for s in sites]
+
+    def token_batches():
+        epoch = 0
+        while True:
+            rows = iter_rows(iter_documents(data), lm.tokenizer, ctx)
+            yield from ((epoch, b) for b in iter_batches(rows, rows_per_pass, ctx, pad_token_id(lm.tokenizer)))
+            epoch += 1
+
+    def generate() -> Iterator[dict[str, torch.Tensor]]:
+        pool: dict[str, torch.Tensor] = {s: torch.empty(0) for s in names}
+        gen = torch.Generator().manual_seed(seed)
+        for _, b in token_batches():
+            acts = run_sites(lm, b, sites)
+            for s in sites:
+                pool[str(s)] = torch.cat([pool[str(s)], acts[s][b.keep.to(acts[s].device)].float().cpu()])
+            if len(pool[names[0]]) < buffer_tokens:
+                continue
+            perm = torch.randperm(len(pool[names[0]]), generator=gen)
+            pool = {s: v[perm] for s, v in pool.items()}
+            while len(pool[names[0]]) >= buffer_tokens // 2 + batch_size:
+                yield {s: v[:batch_size] for s, v in pool.items()}
+                pool = {s: v[batch_size:] for s, v in pool.items()}
+
+    return lambda start: itertools.islice(generate(), start, None)
+
+
+@dataclass
+class SiteState:
+    site: str
+    cfg: SAETrainConfig
+    sae: SAE
+    opt: torch.optim.Adam
+    scale: float
+    since_fired: torch.Tensor      # tokens since each latent last fired
+    fire_count: torch.Tensor       # firings over the whole run (for sparsity.safetensors)
+
+
+def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
+    """Linear warm-up (<= 1,000 steps), constant, then linear decay to zero over the last ``decay``."""
+    w = min(1000, max(1, int(warmup * steps)))
+    if step < w:
+        return (step + 1) / w
+    d0 = int((1 - decay) * steps)
+    if decay > 0 and step >= d0:
+        return max(0.0, (steps - step) / max(1, steps - d0))
+    return 1.0
+
+
+class Trainer:
+    """Owns the SAEs of one run; ``run()`` trains to the end (or until SIGTERM/SIGINT) and saves."""
+
+    def __init__(self, cfg: TrainConfig, source: BatchSource, out: str | Path, site_info: dict[str, dict],
+                 meta: dict | None = None, device: str = "cpu", progress: bool = True):
+        cfg.check()
+        self.cfg, self.source, self.out = cfg, source, Path(out)
+        self.site_info, self.meta = site_info, meta or {}
+        self.device, self.progress = torch.device(device), progress
+        self.sites = list(site_info)
+        self.states: dict[str, SiteState] = {}
+        self.step = 0
+        self._stop = False
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _init_states(self, first: dict[str, torch.Tensor]) -> None:
+        torch.manual_seed(self.cfg.seed)
+        for site in self.sites:
+            scfg = self.cfg.for_site(site)
+            d_in = int(self.site_info[site]["d"])
+            if first[site].shape[-1] != d_in:
+                raise ScSteerError(f"site {site}: activations have width {first[site].shape[-1]}, expected {d_in}")
+            mean_norm = self.site_info[site].get("mean_norm") or float(first[site].float().norm(dim=-1).mean())
+            scale = math.sqrt(d_in) / max(mean_norm, 1e-12)
+            sae_cfg = SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=scfg.resolved_d_sae(d_in),
+                                k=scfg.k if scfg.architecture in ("topk", "batchtopk") else None, site=site,
+                                hook_module=self.site_info[site].get("module"), **self.meta)
+            sae = make_sae(sae_cfg)
+            if not scfg.tied_init:
+                with torch.no_grad():
+                    w = torch.randn_like(sae.W_enc)
+                    sae.W_enc.copy_(w / w.norm(dim=0, keepdim=True))
+            sae.init_b_dec(first[site][:8192].float() * scale, scfg.b_dec_init)
+            sae.set_training_options(scfg, fresh=True)
+            sae.to(self.device)
+            opt = torch.optim.Adam(sae.parameters(), lr=scfg.resolved_lr(d_in), betas=(0.9, 0.999))
+            z = torch.zeros(sae_cfg.d_sae, dtype=torch.float64, device=self.device)
+            self.states[site] = SiteState(site, scfg, sae, opt, scale, z.clone(), z.clone())
+
+    # -- one step -----------------------------------------------------------------------------------
+    def _step_site(self, st: SiteState, x_raw: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        x = x_raw.to(self.device, torch.float32) * st.scale
+        sae = st.sae
+        ctx = {"sparsity_scale": min(1.0, (self.step + 1) / max(1, st.cfg.sparsity_warmup * cfg.steps)),
+               "l1_coeff": st.cfg.l1_coeff, "l0_coeff": st.cfg.l0_coeff, "aux_coeff": st.cfg.aux_coeff,
+               "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2,
+               "dead": st.since_fired > cfg.resolved_dead_tokens()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            pre = sae.pre_acts(x)
+            f = sae.train_encode(pre)
+            x_hat = sae.decode(f)
+        pre, f, x_hat = pre.float(), f.float(), x_hat.float()
+        loss, parts = sae.loss(x, x_hat, f, pre, ctx)
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        for g in st.opt.param_groups:
+            g["lr"] = st.cfg.resolved_lr(sae.cfg.d_in) * lr_factor(self.step, cfg.steps, cfg.lr_warmup, cfg.lr_decay)
+        st.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            sae.after_step(f)
+            active = f > 0
+            fired = active.any(0)
+            st.since_fired += x.shape[0]
+            st.since_fired[fired] = 0
+            st.fire_count += active.sum(0).double()
+            l0 = active.sum(-1).float().mean().item()
+            fvu = ((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item()
+        dead = float((st.since_fired > cfg.resolved_dead_tokens()).float().mean())
+        return {"loss": loss.item(), "l0": l0, "fvu": fvu, "dead": dead, **parts}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        tensors, meta = {}, {"step": self.step, "config": self.cfg.to_dict(), "sites": {}}
+        for site, st in self.states.items():
+            for k, v in st.sae.state_dict().items():
+                tensors[f"{site}/sae/{k}"] = v.detach().cpu().contiguous()
+            names = dict(st.sae.named_parameters())
+            adam_steps = {}
+            for pname, p in names.items():
+                s = st.opt.state.get(p)
+                if s:
+                    tensors[f"{site}/adam/{pname}/exp_avg"] = s["exp_avg"].cpu().contiguous()
+                    tensors[f"{site}/adam/{pname}/exp_avg_sq"] = s["exp_avg_sq"].cpu().contiguous()
+                    adam_steps[pname] = float(s["step"])
+            tensors[f"{site}/since_fired"] = st.since_fired.cpu()
+            tensors[f"{site}/fire_count"] = st.fire_count.cpu()
+            meta["sites"][site] = {"scale": st.scale, "adam_steps": adam_steps, "sae_cfg": st.sae.cfg.__dict__}
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        save_file(tensors, str(tmp), metadata={"sc_steer": json.dumps(meta)})
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def _restore(self) -> None:
+        path = self.out / CHECKPOINT
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["sc_steer"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise ScSteerError(f"checkpoint {str(path)!r} is unreadable ({str(e).splitlines()[0]})") from None
+        if meta["config"] != json.loads(json.dumps(self.cfg.to_dict())):
+            old, new = meta["config"], json.loads(json.dumps(self.cfg.to_dict()))
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ScSteerError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}; "
+                               "use the original config or start a new --out")
+        self.step = meta["step"]
+        for site, info in meta["sites"].items():
+            scfg = self.cfg.for_site(site)
+            sae = make_sae(SAEConfig(**info["sae_cfg"])).to(self.device)
+            sae.set_training_options(scfg, fresh=False)
+            sae.load_state_dict({k.split("/sae/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{site}/sae/")})
+            opt = torch.optim.Adam(sae.parameters(), lr=scfg.resolved_lr(sae.cfg.d_in), betas=(0.9, 0.999))
+            for pname, p in sae.named_parameters():
+                if pname in info["adam_steps"]:
+                    opt.state[p] = {"step": torch.tensor(info["adam_steps"][pname]),
+                                    "exp_avg": tensors[f"{site}/adam/{pname}/exp_avg"].to(self.device),
+                                    "exp_avg_sq": tensors[f"{site}/adam/{pname}/exp_avg_sq"].to(self.device)}
+            self.states[site] = SiteState(site, scfg, sae, opt, info["scale"],
+                                          tensors[f"{site}/since_fired"].to(self.device),
+                                          tensors[f"{site}/fire_count"].to(self.device))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict[str, SAE]:
+        """Train to ``cfg.steps``; returns the SAEs in raw-activation units (also saved under saes/)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        has_ckpt = (self.out / CHECKPOINT).exists()
+        if has_ckpt and not resume:
+            raise ScSteerError(f"{str(self.out)!r} already holds a training checkpoint; pass --resume to "
+                               "continue it or choose another --out")
+        if resume and has_ckpt:
+            self._restore()
+        log_path = self.out / LOG
+        if log_path.exists():  # drop log lines written after the checkpoint we resume from
+            kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        stream = self.source(self.step)
+        if not self.states:
+            first = next(stream)
+            self._init_states(first)
+            stream = itertools.chain([first], stream)
+        old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train SAEs", disable=not self.progress)
+        try:
+            with log_path.open("a") as log:
+                while self.step < self.cfg.steps:
+                    batch = next(stream)
+                    stats = {site: self._step_site(self.states[site], batch[site]) for site in self.sites}
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                        for site, s in stats.items():
+                            log.write(json.dumps({"step": self.step, "site": site, **s}) + "\n")
+                        log.flush()
+                        mean = {k: sum(s[k] for s in stats.values()) / len(stats) for k in ("loss", "l0", "fvu")}
+                        bar.set_postfix(loss=f"{mean['loss']:.4f}", L0=f"{mean['l0']:.1f}", FVU=f"{mean['fvu']:.3f}")
+                    if self.step % self.cfg.checkpoint_every == 0 or self._stop:
+                        self._checkpoint()
+                    if self._stop:
+                        raise KeyboardInterrupt
+        finally:
+            bar.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        self._checkpoint()
+        return self.save()
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop = True
+
+    def save(self) -> dict[str, SAE]:
+        """Fold the input scale into copies of the SAEs and write them under ``saes/<site>/``."""
+        out = {}
+        for site, st in self.states.items():
+            sae = copy.deepcopy(st.sae).cpu()
+            sae.fold_input_scale(st.scale)
+            tokens = max(1, self.step * self.cfg.batch_size)
+            freq = (st.fire_count.cpu() / tokens).float()
+            sae.save(self.out / "saes" / site, log_firing_freq=torch.log10(freq.clamp_min(1e-10)))
+            out[site] = sae.eval()
+        plot_training_curves(self.out / LOG, self.out / "training_curves.png")
+        return out
+
+
+def plot_training_curves(log_path: Path, png: Path) -> None:
+    """Loss, FVU, L0 and dead fraction per site against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    if not rows:
+        return
+    sites = sorted({r["site"] for r in rows}, key=lambda s: (len(s), s))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for key, ax in zip(("loss", "fvu", "l0", "dead"), axes):
+        for site in sites:
+            pts = [(r["step"], r[key]) for r in rows if r["site"] == site]
+            ax.plot(*zip(*pts), label=site, lw=1)
+        ax.set_title({"loss": "training loss", "fvu": "FVU (batch)", "l0": "L0", "dead": "dead fraction"}[key])
+        ax.set_xlabel("step")
+        if key in ("loss", "fvu"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def train_sae(x: torch.Tensor, architecture: str = "topk", *, d_sae: int | None = None, k: int | None = 32,
+              tokens: int | None = None, batch_size: int = 4096, seed: int = 0, device: str = "cpu",
+              progress: bool = False, out: str | Path | None = None, **sae_options) -> SAE:
+    """Train one SAE on an in-memory float tensor ``[N, d]`` and return it (raw-activation units).
+
+    ``sae_options`` are fields of ``SAETrainConfig`` (``l1_coeff``, ``lr``, ``expansion``, ...);
+    ``tokens`` defaults to 10 passes over ``x``. Writes its files to ``out`` (a temp folder if None).
+    """
+    import tempfile
+
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
+        raise ScSteerError("train_sae: x must be a float tensor of shape [N, d]")
+    batch_size = min(batch_size, len(x))
+    scfg = SAETrainConfig(architecture=architecture, d_sae=d_sae, k=k, **sae_options)
+    cfg = TrainConfig(sites=["x"], batch_size=batch_size, tokens=tokens or 10 * len(x), seed=seed,
+                      checkpoint_every=1 << 30, sae=scfg)
+    cfg.check()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tensor_source({"x": x}, batch_size, seed), out or tmp,
+                          {"x": {"d": x.shape[1], "mean_norm": float(x.float().norm(dim=-1).mean())}},
+                          device=device, progress=progress)
+        return trainer.run()["x"]

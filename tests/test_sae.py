@@ -1,0 +1,175 @@
+"""SAE architectures: ground-truth recovery, the maps, folding, files in every supported layout."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sc_steer import ScSteerError
+from sc_steer.sae import ARCHITECTURES, SAEConfig, load_sae, make_sae
+from sc_steer.sae.toy import make_toy_data, mean_max_cosine
+from sc_steer.sae.train import train_sae
+
+
+def random_sae(arch, d_in=8, d_sae=24, k=3, seed=0):
+    torch.manual_seed(seed)
+    sae = make_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k if ARCHITECTURES[arch].needs_k else None))
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.b_dec):
+            p.copy_(torch.randn_like(p) * 0.3)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.2)
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(torch.rand(d_sae).mul(0.4).add(0.05).log())
+    return sae
+
+
+@pytest.mark.parametrize("arch, kw", [("topk", {"k": 4}), ("relu", {"l1_coeff": 1.0})])
+def test_recovers_known_directions_in_superposition(arch, kw):
+    x, dirs = make_toy_data(40_000, 64, 256, 4, seed=0)
+    sae = train_sae(x, arch, d_sae=256, tokens=400_000, batch_size=1024, lr=3e-3, seed=0, **kw)
+    assert mean_max_cosine(dirs, sae.W_dec.detach()) >= 0.95
+
+
+def test_maps_match_the_formulas():
+    x = torch.randn(5, 8)
+    for arch in ARCHITECTURES:
+        sae = random_sae(arch)
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        f = sae.encode(x)
+        if arch == "relu":
+            ref = pre.clamp_min(0)
+        elif arch == "topk":
+            kth = pre.topk(3, dim=-1).values[:, -1:]
+            ref = torch.where(pre >= kth, pre.clamp_min(0), torch.zeros_like(pre))
+        elif arch == "batchtopk":
+            ref = torch.where(pre > 0.2, pre, torch.zeros_like(pre))
+        else:
+            ref = torch.where(pre > sae.threshold, pre, torch.zeros_like(pre))
+        torch.testing.assert_close(f, ref)
+        torch.testing.assert_close(sae.decode(f), f @ sae.W_dec + sae.b_dec)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_folding_the_training_scale_gives_raw_units(arch):
+    sae = random_sae(arch)
+    x = torch.randn(50, 8)
+    s = 3.7
+    f_scaled, x_hat_scaled = sae.encode(s * x), sae(s * x)
+    sae.fold_input_scale(s)
+    torch.testing.assert_close(sae.encode(x), f_scaled / s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sae(x), x_hat_scaled / s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(24))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_round_trip_through_our_files(tmp_path, arch):
+    sae = random_sae(arch)
+    sae.save(tmp_path / arch)
+    back = load_sae(tmp_path / arch)
+    assert type(back) is type(sae) and back.cfg == sae.cfg
+    x = torch.randn(20, 8)
+    assert torch.equal(back.encode(x), sae.encode(x))
+    cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
+    assert cfg["d_in"] == 8 and cfg["d_sae"] == 24 and cfg["apply_b_dec_to_input"] is True
+    assert cfg["architecture"] == {"relu": "standard", "batchtopk": "jumprelu"}.get(arch, arch)
+
+
+def write_saelens_dir(path, arch, tensors, d_in, d_sae, **extra):
+    path.mkdir()
+    save_file(tensors, str(path / "sae_weights.safetensors"))
+    cfg = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "metadata": {"model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post", "sae_lens_version": "6.5.0"},
+           **extra}
+    (path / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_hand_written_saelens_directories_load_with_identical_encodings(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    d_in, d_sae = 6, 10
+    t = {"W_enc": torch.randn(d_in, d_sae, generator=g), "b_enc": torch.randn(d_sae, generator=g),
+         "W_dec": torch.randn(d_sae, d_in, generator=g), "b_dec": torch.randn(d_in, generator=g)}
+    x = torch.randn(7, d_in, generator=g)
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    thr = torch.rand(d_sae, generator=g)
+    write_saelens_dir(tmp_path / "std", "standard", t, d_in, d_sae)
+    write_saelens_dir(tmp_path / "topk", "topk", t, d_in, d_sae, k=3)
+    write_saelens_dir(tmp_path / "jump", "jumprelu", {**t, "threshold": thr}, d_in, d_sae)
+    write_saelens_dir(tmp_path / "nob", "standard", t, d_in, d_sae, apply_b_dec_to_input=False)
+    assert torch.allclose(load_sae(tmp_path / "std").encode(x), pre.relu(), atol=1e-6)
+    kth = pre.topk(3, -1).values[:, -1:]
+    assert torch.allclose(load_sae(tmp_path / "topk").encode(x), torch.where(pre >= kth, pre.relu(), 0 * pre), atol=1e-6)
+    assert torch.allclose(load_sae(tmp_path / "jump").encode(x), torch.where(pre > thr, pre, 0 * pre), atol=1e-6)
+    pre_nob = x @ t["W_enc"] + t["b_enc"]
+    assert torch.allclose(load_sae(tmp_path / "nob").encode(x), pre_nob.relu(), atol=1e-5)
+    assert load_sae(tmp_path / "std").cfg.hook_module == "blocks.3.hook_resid_post"
+
+
+def test_dictionary_learning_ae_pt(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    d_in, d_sae = 6, 12
+    state = {"encoder.weight": torch.randn(d_sae, d_in, generator=g), "encoder.bias": torch.randn(d_sae, generator=g),
+             "decoder.weight": torch.randn(d_in, d_sae, generator=g), "bias": torch.randn(d_in, generator=g)}
+    (tmp_path / "std").mkdir()
+    torch.save(state, tmp_path / "std" / "ae.pt")
+    (tmp_path / "std" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder"}}))
+    x = torch.randn(9, d_in, generator=g)
+    ref_f = torch.relu((x - state["bias"]) @ state["encoder.weight"].T + state["encoder.bias"])
+    sae = load_sae(tmp_path / "std" / "ae.pt")
+    assert torch.allclose(sae.encode(x), ref_f, atol=1e-6)
+    assert torch.allclose(sae(x), ref_f @ state["decoder.weight"].T + state["bias"], atol=1e-5)
+    topk = {"encoder.weight": state["encoder.weight"], "encoder.bias": state["encoder.bias"],
+            "decoder.weight": state["decoder.weight"], "b_dec": state["bias"], "k": torch.tensor(2)}
+    (tmp_path / "tk").mkdir()
+    torch.save(topk, tmp_path / "tk" / "ae.pt")
+    (tmp_path / "tk" / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK"}}))
+    f = load_sae(tmp_path / "tk").encode(x)
+    assert ((f > 0).sum(-1) <= 2).all() and load_sae(tmp_path / "tk").cfg.k == 2
+
+
+def test_pickled_code_is_never_loaded(tmp_path):
+    (tmp_path / "evil").mkdir()
+    torch.save({"encoder.weight": torch.zeros(2, 2), "payload": object()}, tmp_path / "evil" / "ae.pt")
+    with pytest.raises(ScSteerError, match="weights-only"):
+        load_sae(tmp_path / "evil")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": -1}, "k -1"),
+    ({"architecture": "relu", "d_in": 8, "d_sae": 0}, "d_sae 0"),
+    ({"architecture": "gated", "d_in": 8, "d_sae": 16}, "unknown SAE architecture 'gated'"),
+    ({"architecture": "topk", "d_in": 8, "d_sae": 4, "k": 5}, "larger than d_sae"),
+])
+def test_bad_sae_configs(kwargs, message):
+    with pytest.raises(ScSteerError, match=message):
+        SAEConfig(**kwargs)
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    sae = random_sae("topk")
+    sae.save(tmp_path / "a")
+    w = tmp_path / "a" / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(ScSteerError, match="corrupt or truncated"):
+        load_sae(tmp_path / "a")
+    sae.save(tmp_path / "b")
+    (tmp_path / "b" / "sae_weights.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ScSteerError, match="corrupt or truncated"):
+        load_sae(tmp_path / "b")
+    with pytest.raises(ScSteerError, match="holds no SAE"):
+        load_sae(tmp_path)
+
+
+def test_decoder_constraint_removes_parallel_gradient():
+    sae = random_sae("topk")
+    sae.normalize_decoder()
+    sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    sae.remove_parallel_grad()
+    assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(24), atol=1e-6)
+
+
+def test_batchtopk_keeps_k_per_token_on_average_and_learns_a_threshold():
+    x, _ = make_toy_data(8000, 16, 48, 3, seed=2)
+    sae = train_sae(x, "batchtopk", d_sae=48, k=3, tokens=80_000, batch_size=500, lr=3e-3)
+    assert 0 < float(sae.threshold) and 1.5 < (sae.encode(x) > 0).sum(-1).float().mean() < 6
