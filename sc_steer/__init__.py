@@ -8,6 +8,9 @@ __version__ = "0.1.0"
 from .activations import ActivationStore, collect  # noqa: E402
 from .errors import ScSteerError  # noqa: E402
 from .models import LM, open_model  # noqa: E402
+from .sae import SAE, SAEConfig, load_sae  # noqa: E402
+from .sae.train import train_sae  # noqa: E402
 from .sites import Site, parse_sites  # noqa: E402
 
-__all__ = ["ActivationStore", "LM", "ScSteerError", "Site", "collect", "open_model", "parse_sites", "__version__"]
+__all__ = ["ActivationStore", "LM", "SAE", "SAEConfig", "ScSteerError", "Site", "collect", "load_sae", "open_model",
+           "parse_sites", "train_sae", "__version__"]

@@ -103,8 +103,8 @@ DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800
               "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 2e-3}}
 
 
-def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, progress: bool = True,
-         resume: bool = True) -> dict[str, dict]:
+def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_tokens: int | None = None,
+         eval_tokens: int = 50_000, progress: bool = True) -> dict[str, dict]:
     """collect -> train -> eval on the shipped demo model, offline. Rerunning resumes where it stopped."""
     from .sae.config import config_from_dict
 
@@ -113,5 +113,6 @@ def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, progre
     lm = open_model("demo")
     collect(lm, "resid_post.*", "demo", out / "activations", ctx=256, batch_size=16, max_tokens=collect_tokens,
             progress=progress)
-    train_from_store(out / "activations", config_from_dict(DEMO_TRAIN), out, resume=resume, progress=progress)
-    return eval_run(out, "demo:heldout", lm=lm, progress=progress)
+    cfg = dict(DEMO_TRAIN, tokens=train_tokens or DEMO_TRAIN["tokens"])
+    train_from_store(out / "activations", config_from_dict(cfg), out, resume=True, progress=progress)
+    return eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)

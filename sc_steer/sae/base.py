@@ -22,6 +22,17 @@ from torch import nn
 from ..errors import ScSteerError
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+@dataclass
+class TrainOut:
+    """What one training forward pass produces. ``f`` is the dense code when the architecture makes one;
+    ``counts`` is how many tokens of the batch each latent fired on."""
+
+    x_hat: torch.Tensor
+    pre: torch.Tensor
+    counts: torch.Tensor
+    f: torch.Tensor | None = None
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 
 
@@ -82,7 +93,9 @@ class SAE(nn.Module):
 
     # -- the maps ------------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        """``(x - b_dec) W_enc + b_enc``, written so that b_dec's gradient costs a vector-matrix product
+        instead of a second [batch, d_in] x [d_in, d_sae] matmul."""
+        return x.to(self.W_enc.dtype) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """Inference-time activation function (per token, deterministic)."""
@@ -99,18 +112,23 @@ class SAE(nn.Module):
 
     # -- training hooks (overridden per architecture) --------------------------------------------
     def train_encode(self, pre: torch.Tensor) -> torch.Tensor:
-        """Training-time activation; differs from ``activate`` only for BatchTopK."""
+        """Training-time activation; differs from ``activate`` for BatchTopK and JumpReLU (gradients)."""
         return self.activate(pre)
 
-    def loss(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, pre: torch.Tensor,
-             ctx: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and its parts; ``ctx`` holds ``sparsity_scale`` (warm-up) and ``dead`` (mask)."""
+    def train_forward(self, x: torch.Tensor) -> TrainOut:
+        """One training forward pass. The default is dense; TopK overrides it with a sparse decoder."""
+        pre = self.pre_acts(x)
+        f = self.train_encode(pre)
+        return TrainOut(x_hat=self.decode(f), pre=pre, counts=torch.count_nonzero(f.detach(), dim=0), f=f)
+
+    def loss(self, x: torch.Tensor, out: TrainOut, ctx: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its parts; ``ctx`` holds coefficients, ``sparsity_scale`` (warm-up), ``dead``."""
         raise NotImplementedError
 
     def set_training_options(self, scfg: Any, fresh: bool) -> None:
         """Architecture-specific training settings from ``SAETrainConfig`` (``fresh``: not a resume)."""
 
-    def after_step(self, f: torch.Tensor) -> None:
+    def after_step(self, out: TrainOut) -> None:
         """Per-step state updates that are not gradients (e.g. BatchTopK's threshold EMA)."""
 
     # -- constraints -----------------------------------------------------------------------------

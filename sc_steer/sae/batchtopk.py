@@ -34,15 +34,16 @@ class BatchTopKSAE(SAE):
         return torch.zeros_like(flat).scatter_(0, idx, vals).reshape_as(h)
 
     @torch.no_grad()
-    def after_step(self, f: torch.Tensor) -> None:
+    def after_step(self, out) -> None:
+        f = out.f
         pos = f[f > 0]
         if pos.numel() == 0:
             return
         m = pos.min()
         self.threshold.copy_(m if self.threshold < 0 else self.ema * self.threshold + (1 - self.ema) * m)
 
-    def loss(self, x, x_hat, f, pre, ctx):
-        return fvu_and_auxk(self, x, x_hat, pre, ctx)
+    def loss(self, x, out, ctx):
+        return fvu_and_auxk(self, x, out.x_hat, out.pre, ctx)
 
     def thresholds(self):
         return [self.threshold]

@@ -75,8 +75,9 @@ class JumpReLUSAE(SAE):
     def train_encode(self, pre: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).reshape_as(pre)
 
-    def loss(self, x, x_hat, f, pre, ctx):
-        mse = (x_hat - x).pow(2).sum(-1).mean()
+    def loss(self, x, out, ctx):
+        mse = (out.x_hat - x).pow(2).sum(-1).mean()
+        pre = out.pre
         l0 = _Step.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).sum(-1).mean()
         coeff = ctx["l0_coeff"] * ctx["sparsity_scale"]
         return mse + coeff * l0, {"mse": mse.item(), "l0_loss": l0.item()}

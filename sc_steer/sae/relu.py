@@ -18,8 +18,8 @@ class ReluSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
-    def loss(self, x, x_hat, f, pre, ctx):
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+    def loss(self, x, out, ctx):
+        mse = (out.x_hat - x).pow(2).sum(-1).mean()
+        l1 = (out.f * self.W_dec.norm(dim=1)).sum(-1).mean()
         coeff = ctx["l1_coeff"] * ctx["sparsity_scale"]
         return mse + coeff * l1, {"mse": mse.item(), "l1": l1.item()}

@@ -167,11 +167,9 @@ class Trainer:
                "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2,
                "dead": st.since_fired > cfg.resolved_dead_tokens()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-            pre = sae.pre_acts(x)
-            f = sae.train_encode(pre)
-            x_hat = sae.decode(f)
-        pre, f, x_hat = pre.float(), f.float(), x_hat.float()
-        loss, parts = sae.loss(x, x_hat, f, pre, ctx)
+            out = sae.train_forward(x)
+        out.x_hat, out.pre = out.x_hat.float(), out.pre.float()
+        loss, parts = sae.loss(x, out, ctx)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad()
@@ -181,14 +179,13 @@ class Trainer:
         st.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            sae.after_step(f)
-            active = f > 0
-            fired = active.any(0)
+            sae.after_step(out)
+            counts = out.counts
             st.since_fired += x.shape[0]
-            st.since_fired[fired] = 0
-            st.fire_count += active.sum(0).double()
-            l0 = active.sum(-1).float().mean().item()
-            fvu = ((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item()
+            st.since_fired[counts > 0] = 0
+            st.fire_count += counts
+            l0 = counts.sum().item() / x.shape[0]
+            fvu = ((out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item()
         dead = float((st.since_fired > cfg.resolved_dead_tokens()).float().mean())
         return {"loss": loss.item(), "l0": l0, "fvu": fvu, "dead": dead, **parts}
 
