@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
 from .errors import ScSteerError
-from .models import DTYPES, LM, unwrap
+from .models import DTYPES, LM
 from .sites import Site
 
 FORMAT = "sc-steer.activations/1"
@@ -49,12 +49,11 @@ def run_sites(lm: LM, batch: TokenBatch, sites: list[Site]) -> dict[Site, torch.
     import nnsight
 
     ordered = sorted(sites, key=lambda s: s.order)
-    envoys = [lm.envoy(s) for s in ordered]
     inputs = {"input_ids": batch.input_ids.to(lm.device), "attention_mask": batch.attention_mask.to(lm.device)}
     saved = []
     with torch.no_grad(), lm.trace(inputs) as tracer:
-        for env in envoys:
-            saved.append(nnsight.save(unwrap(env.output)))
+        for s in ordered:
+            saved.append(nnsight.save(lm.site_value(s)))
         tracer.stop()
     return dict(zip(ordered, saved))
 
@@ -170,7 +169,7 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     bar.close()
     if not manifest["shards"]:
         raise ScSteerError(f"data {data!r} produced no tokens to collect")
-    _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites})
+    _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites}, {str(s): lm.width(s) for s in sites})
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
@@ -187,10 +186,9 @@ def _write_shard(out: Path, manifest: dict, buf: dict, sites: list[Site], rows_e
     write_json_atomic(out / "manifest.json", manifest)
 
 
-def _finish(manifest: dict, sites: list[Site], modules: dict[str, str]) -> None:
+def _finish(manifest: dict, sites: list[Site], modules: dict[str, str], widths: dict[str, int]) -> None:
     n = sum(s["n_tokens"] for s in manifest["shards"])
-    d = manifest["model"]["d_model"]
-    manifest["sites"] = {str(s): {"d": d, "module": modules[str(s)],
+    manifest["sites"] = {str(s): {"d": widths[str(s)], "module": modules[str(s)],
                                   "mean_norm": sum(sh["norm_sums"][str(s)] for sh in manifest["shards"]) / n}
                          for s in sites}
     manifest["n_tokens"] = n

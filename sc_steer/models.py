@@ -27,15 +27,18 @@ class Adapter:
     layers: str
     attn: str
     mlp: str
+    mlp_down: str  # the MLP's output projection, relative to ``mlp``; its input is the neuron layer
     final_norm: str
     unembed: str
 
 
-_LLAMA_LIKE = Adapter(layers="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm", unembed="lm_head")
+_LLAMA_LIKE = Adapter(layers="model.layers", attn="self_attn", mlp="mlp", mlp_down="down_proj", final_norm="model.norm",
+                      unembed="lm_head")
 ADAPTERS: dict[str, Adapter] = {
     **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
-    "gpt2": Adapter(layers="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f", unembed="lm_head"),
-    "gpt_neox": Adapter(layers="gpt_neox.layers", attn="attention", mlp="mlp",
+    "gpt2": Adapter(layers="transformer.h", attn="attn", mlp="mlp", mlp_down="c_proj", final_norm="transformer.ln_f",
+                    unembed="lm_head"),
+    "gpt_neox": Adapter(layers="gpt_neox.layers", attn="attention", mlp="mlp", mlp_down="dense_4h_to_h",
                         final_norm="gpt_neox.final_layer_norm", unembed="embed_out"),
 }
 
@@ -45,7 +48,7 @@ def adapter_for(model_type: str) -> Adapter:
         raise ScSteerError(
             f"unsupported architecture {model_type!r} (config.model_type); supported: {', '.join(sorted(ADAPTERS))}. "
             "To add one, register sc_steer.models.ADAPTERS[model_type] = Adapter(layers=..., attn=..., mlp=..., "
-            "final_norm=..., unembed=...) with the dotted paths of its block list and modules")
+            "mlp_down=..., final_norm=..., unembed=...) with the dotted paths of its block list and modules")
     return ADAPTERS[model_type]
 
 
@@ -94,11 +97,20 @@ class LM:
             raise ScSteerError(f"unknown site '{site}': the model has layers 0-{self.n_layers - 1}")
         block = f"{self.adapter.layers}.{site.layer}"
         return {"resid_post": block, "attn_out": f"{block}.{self.adapter.attn}",
-                "mlp_out": f"{block}.{self.adapter.mlp}"}[site.kind]
+                "mlp_out": f"{block}.{self.adapter.mlp}",
+                "mlp_act": f"{block}.{self.adapter.mlp}.{self.adapter.mlp_down}"}[site.kind]
 
     def width(self, site: Site) -> int:
-        """All supported sites live in the residual stream's basis, so their width is d_model."""
-        return self.d_model
+        """d_model for residual-basis sites; the MLP's hidden size for ``mlp_act``."""
+        if site.kind != "mlp_act":
+            return self.d_model
+        w = self.module(site).weight  # nn.Linear [out, in]; GPT-2's Conv1D [in, out]
+        return int(w.shape[1] if isinstance(self.module(site), torch.nn.Linear) else w.shape[0])
+
+    def site_value(self, site: Site) -> Any:
+        """Inside a trace: the site's hidden-state tensor (a module output, or the down projection's input)."""
+        env = self.envoy(site)
+        return env.input if site.kind == "mlp_act" else unwrap(env.output)
 
     def module(self, site_or_path: Site | str) -> torch.nn.Module:
         path = self.module_path(site_or_path) if isinstance(site_or_path, Site) else site_or_path

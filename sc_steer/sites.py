@@ -4,7 +4,8 @@ A site is ``{kind}.{layer}``:
 
 * ``resid_post.{i}`` -- the output of decoder block ``i`` (the residual stream after the block);
 * ``attn_out.{i}``   -- the output of block ``i``'s attention module (before it joins the residual);
-* ``mlp_out.{i}``    -- the output of block ``i``'s MLP module.
+* ``mlp_out.{i}``    -- the output of block ``i``'s MLP module;
+* ``mlp_act.{i}``    -- the MLP's hidden activations ("neurons"): the input of its output projection.
 
 Sites are ordered by when the forward pass reaches them, which nnsight requires inside a trace.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from .errors import ScSteerError
 
 # Forward order inside one block: attention runs before the MLP, and the block output comes last.
-SITE_KINDS = ("attn_out", "mlp_out", "resid_post")
+SITE_KINDS = ("attn_out", "mlp_act", "mlp_out", "resid_post")
 _SITE_RE = re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>\d+|\*|\d+-\d+)$")
 
 

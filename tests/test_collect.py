@@ -14,12 +14,14 @@ from sc_steer import ActivationStore, ScSteerError, collect, open_model
 from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
 
 
-def hook_activations(hf, modules, input_ids, attention_mask):
-    """Independent reference: forward hooks on the given modules during a plain forward."""
+def hook_activations(hf, modules, input_ids, attention_mask, inputs_of=()):
+    """Independent reference: forward hooks on the given modules during a plain forward (for names in
+    ``inputs_of``, the module's input instead of its output)."""
     got, handles = {}, []
     for name, mod in modules.items():
-        def hook(_m, _inp, out, name=name):
-            got[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        def hook(_m, inp, out, name=name):
+            val = inp if name in inputs_of else out
+            got[name] = (val[0] if isinstance(val, tuple) else val).detach().clone()
         handles.append(mod.register_forward_hook(hook))
     with torch.no_grad():
         hf(input_ids=input_ids, attention_mask=attention_mask)
@@ -38,7 +40,7 @@ def corpus(tmp_path, text_docs):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_every_site_equals_forward_hooks_exactly(tiny_model_dirs, tmp_path, corpus, family):
     lm = open_model(str(tiny_model_dirs[family]))
-    sites = lm.sites("resid_post.*,mlp_out.1,attn_out.2")
+    sites = lm.sites("resid_post.*,mlp_out.1,attn_out.2,mlp_act.0")
     manifest = collect(lm, sites, corpus, tmp_path / "acts", ctx=24, batch_size=3, shard_tokens=50, progress=False)
     store = ActivationStore(tmp_path / "acts")
     assert store.n_tokens == manifest["n_tokens"] and len(store.shards) > 1
@@ -46,13 +48,16 @@ def test_every_site_equals_forward_hooks_exactly(tiny_model_dirs, tmp_path, corp
     expected = {str(s): [] for s in sites}
     meta = {"tokens": [], "doc": []}
     for b in iter_batches(rows, 3, 24, pad_token_id(lm.tokenizer)):
-        ref = hook_activations(lm.hf, {str(s): lm.module(s) for s in sites}, b.input_ids, b.attention_mask)
+        ref = hook_activations(lm.hf, {str(s): lm.module(s) for s in sites}, b.input_ids, b.attention_mask,
+                               inputs_of={"mlp_act.0"})
         for s in expected:
             expected[s].append(ref[s][b.keep])
         meta["tokens"].append(b.input_ids[b.keep])
         meta["doc"].append(b.doc[b.keep])
     for s in expected:
         assert torch.equal(store.load(s), torch.cat(expected[s])), s
+    assert store.d("mlp_act.0") == torch.cat(expected["mlp_act.0"]).shape[1] in (64, 128)
+    assert store.d("resid_post.0") == 32
     got = store.metadata()
     assert torch.equal(got["tokens"].long(), torch.cat(meta["tokens"]))
     assert torch.equal(got["doc"].long(), torch.cat(meta["doc"]))

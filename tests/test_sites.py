@@ -14,6 +14,7 @@ def test_parse_expands_and_orders_in_forward_order():
 @pytest.mark.parametrize("spec, message", [
     ("resid_post.99", "layers 0-3"),
     ("resid_pre.1", "unknown site"),
+    ("mlp_act.4", "layers 0-3"),
     ("resid_post", "unknown site"),
     ("resid_post.3-1", "empty layer range"),
     ("", "at least one site"),

@@ -69,7 +69,7 @@ def evaluate_saes(lm: LM, saes: dict[str, SAE], data: str, *, ctx: int = 256, ba
             hs: list[torch.Tensor] = []  # filled inside the trace: only saved values and outer objects leave it
             with lm.trace(inputs):
                 for s in ordered:
-                    hs.append(nnsight.save(unwrap(lm.envoy(s).output)))
+                    hs.append(nnsight.save(lm.site_value(s)))
                 clean_logits = nnsight.save(lm.nn.output.logits)
             clean_logp = torch.log_softmax(clean_logits[:, :-1].float(), -1)[scored]
             ce_clean += float(_ce(clean_logits, ids, scored).sum())
