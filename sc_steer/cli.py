@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import ScSteerError
 
@@ -73,6 +74,19 @@ def cmd_eval(args) -> None:
     results = eval_run(args.run, args.data, lm=lm, max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(markdown_table(results))
     print(f"-> {args.run}/eval.json, {args.run}/eval.md")
+
+
+def cmd_interpret(args) -> None:
+    from .pipeline import interpret_run
+
+    lm = _open(args) if args.model else None
+    sites = [x.strip() for x in args.sites.split(",")] if args.sites else None
+    summary = interpret_run(args.run, args.data, lm=lm, max_tokens=args.max_tokens, sites=sites,
+                            neurons=not args.no_neurons, top_n=args.top_n, window=args.window,
+                            min_count=args.min_count)
+    print((Path(args.run) / "interpret.md").read_text())
+    print(f"-> {args.run}/features/<site>.jsonl and .md, {args.run}/neurons/, {args.run}/browser/index.html, "
+          f"{args.run}/interpret_scores.png ({summary['n_tokens']:,} tokens)")
 
 
 def cmd_demo(args) -> None:
@@ -143,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("interpret", help="top tokens, contexts, logit lens and scores for SAE features and "
+                       "neurons; a static HTML browser")
+    p.add_argument("--run", required=True, help="a run folder with saes/")
+    _add_model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--data", default="demo:heldout")
+    p.add_argument("--sites", help="only these SAE sites (default: all in the run)")
+    p.add_argument("--max-tokens", type=int, default=200_000)
+    p.add_argument("--top-n", type=int, default=20, help="top contexts kept per unit")
+    p.add_argument("--window", type=int, default=8, help="tokens either side of a top activation")
+    p.add_argument("--min-count", type=int, default=5, help="occurrences a token needs for the top-token table")
+    p.add_argument("--no-neurons", action="store_true", help="skip the residual-dimension and MLP-neuron baseline")
+    p.set_defaults(func=cmd_interpret)
 
     p = sub.add_parser("demo", help="collect -> train -> eval on the shipped demo model, offline")
     p.add_argument("--out", default="runs/demo")

@@ -99,6 +99,22 @@ def eval_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None = Non
     return results
 
 
+def interpret_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None = None, max_tokens: int = 200_000,
+                  sites: list[str] | None = None, neurons: bool = True, progress: bool = True, **options) -> dict:
+    """Interpret a run's SAEs (and the neuron baselines): JSONL, Markdown, browser and plots in the run."""
+    from .interpret import interpret, write_browser, write_plots
+
+    info = read_run(run)
+    lm = lm or open_model(info["model"])
+    saes = load_run_saes(run, sites)
+    ctx = next(iter(saes.values())).cfg.context_size or 256
+    summary = interpret(lm, saes, data, run, max_tokens=max_tokens, ctx=ctx, neurons=neurons, progress=progress,
+                        **options)
+    write_browser(run, summary)
+    write_plots(run, summary)
+    return summary
+
+
 DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800, "checkpoint_every": 50,
               "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 2e-3}}
 

@@ -1,0 +1,160 @@
+"""A static feature browser (no server): ``browser/index.html`` plus one data script per unit set,
+and PNG summaries (score distributions, firing densities).
+
+Data travel as ``<script>`` files that register themselves on ``window.SC_DATA``, which works from
+``file://`` where ``fetch`` of local JSON is blocked.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .features import KIND_TITLES
+
+_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sc-steer feature browser</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh;color:#222}
+#side{width:340px;border-right:1px solid #ccc;display:flex;flex-direction:column}
+#side header{padding:8px;border-bottom:1px solid #ddd}
+#list{overflow-y:auto;flex:1}
+.item{padding:4px 8px;cursor:pointer;border-bottom:1px solid #f0f0f0;font-size:13px}
+.item:hover,.item.sel{background:#eef4ff}
+.dens{color:#888;float:right}
+#main{flex:1;overflow-y:auto;padding:12px 20px}
+.ctx{font-family:ui-monospace,monospace;font-size:13px;margin:3px 0;white-space:pre-wrap}
+.tok{border-radius:2px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:2px 6px}
+.bars{display:flex;align-items:flex-end;height:80px;gap:1px}.bars div{background:#4a7bd0;width:9px}
+select,input{width:100%;margin:3px 0;box-sizing:border-box}
+</style></head><body>
+<div id="side"><header>
+<select id="set"></select>
+<input id="q" placeholder="search: token, label or id">
+<div id="count" style="font-size:12px;color:#666"></div>
+</header><div id="list"></div></div>
+<div id="main"><p>Choose a unit on the left.</p></div>
+<script>
+window.SC_DATA = window.SC_DATA || {};
+const SETS = __SETS__;
+const EDGES = __EDGES__;
+const sel = document.getElementById('set'), q = document.getElementById('q');
+const list = document.getElementById('list'), main = document.getElementById('main');
+SETS.forEach(s => { const o = document.createElement('option'); o.value = s.key; o.textContent = s.title; sel.appendChild(o); });
+function load(key, then) {
+  if (window.SC_DATA[key]) return then(window.SC_DATA[key]);
+  const s = SETS.find(x => x.key === key), el = document.createElement('script');
+  el.src = s.script; el.onload = () => then(window.SC_DATA[key]); document.head.appendChild(el);
+}
+function esc(t) { return t.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;'); }
+function show(u) {
+  const maxc = Math.max(1e-9, ...u.contexts.map(c => c.max));
+  let h = `<h2>#${u.id}: ${esc(u.label)}</h2><p>density ${(100*u.density).toFixed(3)}% · max ${u.max_act.toFixed(3)} · mean when firing ${u.mean_act.toFixed(3)} · score ${u.score===null?'–':u.score.toFixed(3)}</p>`;
+  h += '<h3>Top input tokens</h3><table><tr><th>token</th><th>mean act.</th><th>count</th></tr>' +
+       u.top_tokens.map(t => `<tr><td>${esc(JSON.stringify(t.token))}</td><td>${t.mean.toFixed(3)}</td><td>${t.count}</td></tr>`).join('') + '</table>';
+  h += '<h3>Top contexts</h3>' + u.contexts.map(c => '<div class="ctx">' + c.tokens.map((t, i) => {
+        const a = Math.max(0, c.acts[i]) / maxc, b = i === c.max_index ? 'outline:1px solid #c00;' : '';
+        return `<span class="tok" title="${c.acts[i]}" style="${b}background:rgba(255,120,0,${a.toFixed(3)})">${esc(t)}</span>`;
+      }).join('') + `  <small>(${c.max.toFixed(3)})</small></div>`).join('');
+  const hm = Math.max(1, ...u.hist);
+  h += '<h3>Activation histogram (log10 of positive activations)</h3><div class="bars">' +
+       u.hist.map((c, i) => `<div title="10^${EDGES[i].toFixed(2)}..10^${EDGES[i+1].toFixed(2)}: ${c}" style="height:${(80*c/hm).toFixed(1)}px"></div>`).join('') + '</div>';
+  h += '<h3>Logit lens</h3><table><tr><th>promoted</th><th>suppressed</th></tr>' +
+       u.logit_lens.promoted.map((p, i) => `<tr><td>${esc(JSON.stringify(p[0]))} ${p[1]}</td><td>${esc(JSON.stringify(u.logit_lens.suppressed[i][0]))} ${u.logit_lens.suppressed[i][1]}</td></tr>`).join('') + '</table>';
+  main.innerHTML = h;
+}
+function render() {
+  load(sel.value, data => {
+    const term = q.value.trim().toLowerCase();
+    const hits = data.filter(u => !term || String(u.id) === term || u.label.toLowerCase().includes(term) ||
+                                  u.top_tokens.some(t => t.token.trim().toLowerCase() === term || t.token.toLowerCase().includes(term)));
+    document.getElementById('count').textContent = `${hits.length} of ${data.length} units`;
+    list.innerHTML = '';
+    hits.slice(0, 500).forEach(u => {
+      const d = document.createElement('div'); d.className = 'item';
+      d.innerHTML = `<span class="dens">${(100*u.density).toFixed(2)}%</span>#${u.id} ${esc(u.label)}`;
+      d.onclick = () => { document.querySelectorAll('.item.sel').forEach(x => x.classList.remove('sel')); d.classList.add('sel'); show(u); };
+      list.appendChild(d);
+    });
+  });
+}
+sel.onchange = render; q.oninput = render; render();
+</script></body></html>
+"""
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_").replace(".", "_")
+
+
+def write_browser(out: str | Path, summary: dict) -> Path:
+    """Write ``browser/index.html`` and ``browser/data/*.js`` from the interpretation in ``out``."""
+    out = Path(out)
+    data_dir = out / "browser" / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sets = []
+    for key, info in summary["sets"].items():
+        records = [json.loads(line) for line in (out / info["file"]).read_text().splitlines()]
+        script = f"data/{_safe(key)}.js"
+        payload = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")
+        tmp = out / "browser" / (script + ".tmp")
+        tmp.write_text(f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = {payload};\n")
+        os.replace(tmp, out / "browser" / script)
+        sets.append({"key": key, "script": script,
+                     "title": f"{info['site']} · {KIND_TITLES[info['kind']]} ({info['live']}/{info['n_units']} live)"})
+    page = _PAGE.replace("__SETS__", json.dumps(sets)).replace("__EDGES__", json.dumps(summary["hist_edges_log10"]))
+    index = out / "browser" / "index.html"
+    tmp = index.with_name("index.html.tmp")
+    tmp.write_text(page)
+    os.replace(tmp, index)
+    return index
+
+
+def write_plots(out: str | Path, summary: dict) -> list[Path]:
+    """``interpret_scores.png`` (score distributions per layer and unit kind) and ``density.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    layers = sorted({int(s["site"].split(".")[1]) for s in summary["sets"].values()})
+    kinds = [k for k in ("sae", "resid", "mlp") if any(s["kind"] == k for s in summary["sets"].values())]
+    scores: dict[tuple[str, int], list[float]] = {}
+    densities: dict[str, list[float]] = {k: [] for k in kinds}
+    for info in summary["sets"].values():
+        recs = [json.loads(line) for line in (out / info["file"]).read_text().splitlines()]
+        layer = int(info["site"].split(".")[1])
+        scores[(info["kind"], layer)] = [r["score"] for r in recs if r["score"] is not None]
+        densities[info["kind"]] += [math.log10(r["density"]) for r in recs if r["density"] > 0]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(layers), 4))
+    colors = {"sae": "#d95f02", "resid": "#7570b3", "mlp": "#1b9e77"}
+    width = 0.8 / len(kinds)
+    for ki, kind in enumerate(kinds):
+        data = [scores.get((kind, layer), []) or [float("nan")] for layer in layers]
+        pos = [layer + (ki - (len(kinds) - 1) / 2) * width for layer in layers]
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
+        for box in bp["boxes"]:
+            box.set_facecolor(colors[kind])
+        ax.plot([], [], color=colors[kind], lw=6, label=KIND_TITLES[kind])
+    ax.set_xticks(layers, [f"layer {layer}" for layer in layers])
+    ax.set_ylabel("top-token concentration")
+    ax.set_title("Interpretability score: SAE features vs neurons")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p1 = out / "interpret_scores.png"
+    fig.savefig(p1, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind in kinds:
+        if densities[kind]:
+            ax.hist(densities[kind], bins=40, alpha=0.6, color=colors[kind], label=KIND_TITLES[kind], density=True)
+    ax.set_xlabel("log10 firing density (fraction of tokens with activation > 0)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p2 = out / "density.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]

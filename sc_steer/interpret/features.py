@@ -1,0 +1,228 @@
+"""Interpret every unit of every layer in one streaming pass: SAE features and the neuron baselines.
+
+For each SAE site, three unit sets are read over the same tokens: the SAE's features, the raw
+residual dimensions at that site, and the MLP neurons of that layer (``mlp_act``). Results per unit
+(one JSON line each): label, density, max and mean activation, histogram, top input tokens, top
+contexts with per-token activations, logit lens, and the interpretability score.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..activations import run_sites
+from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
+from ..errors import ScSteerError
+from ..models import LM
+from ..sae import SAE
+from ..sae.metrics import check_sae_fits
+from ..sites import Site
+from .lens import logit_lens, unit_directions
+from .score import concentration, summarize, token_entropy
+from .stats import HIST_EDGES, UnitStats
+
+KIND_TITLES = {"sae": "SAE features", "resid": "residual dimensions", "mlp": "MLP neurons"}
+
+
+@dataclass
+class UnitSet:
+    kind: str                      # sae | resid | mlp
+    site: Site
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    n_units: int
+    sae: SAE | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.site}"
+
+    @property
+    def folder(self) -> str:
+        return "features" if self.kind == "sae" else "neurons"
+
+
+def unit_sets(lm: LM, saes: dict[str, SAE], neurons: bool = True) -> list[UnitSet]:
+    sets = []
+    for name, sae in saes.items():
+        site = Site.parse(name, lm.n_layers)
+        check_sae_fits(lm, site, sae)
+        sets.append(UnitSet("sae", site, sae.encode, sae.cfg.d_sae, sae))
+        if neurons:
+            sets.append(UnitSet("resid", site, lambda h: h, lm.width(site)))
+    if neurons:
+        for layer in sorted({Site.parse(n, lm.n_layers).layer for n in saes}):
+            mlp = Site("mlp_act", layer)
+            sets.append(UnitSet("mlp", mlp, lambda h: h, lm.width(mlp)))
+    return sets
+
+
+def token_strings(tokenizer) -> list[str]:
+    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+
+
+def label_for(top_tokens: list[dict], contexts: list[dict]) -> str:
+    """A short name from the top input tokens (or, failing that, the tokens at the top activations)."""
+    words = [t["token"].strip() or repr(t["token"]) for t in top_tokens[:3]]
+    if not words:
+        words = list(dict.fromkeys(c["tokens"][c["max_index"]].strip() for c in contexts))[:3]
+    return " / ".join(words) if words else "(never fires)"
+
+
+def _sig(v: float, digits: int = 5) -> float:
+    """Round to significant digits (small activations keep their precision in the JSON)."""
+    return float(f"{v:.{digits}g}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def unit_records(lm: LM, us: UnitSet, stats: UnitStats, tokens: torch.Tensor, strings: list[str], *,
+                 top_k_tokens: int = 10, min_count: int = 5, n_contexts: int = 10) -> list[dict]:
+    """One record per unit (see the module docstring)."""
+    lens = logit_lens(lm, unit_directions(lm, us.kind, us.site, us.sae))
+    density = stats.density()
+    records = []
+    for u in range(us.n_units):
+        top = [{"token": strings[t], "id": t, "mean": _sig(m), "count": c}
+               for t, m, c in stats.top_tokens(u, top_k_tokens, min_count)]
+        contexts = []
+        for i in range(stats.top_n):
+            v = float(stats.top_val[u, i])
+            if not v > 0 or len(contexts) >= n_contexts:
+                break
+            idx = stats.top_win_idx[u, i]
+            ok = idx >= 0
+            ids = tokens[idx[ok]].tolist()
+            acts = stats.top_win_act[u, i][ok].tolist()
+            contexts.append({"tokens": [strings[t] for t in ids], "acts": [_sig(a, 4) for a in acts],
+                             "max_index": int((idx[ok] == stats.top_idx[u, i]).nonzero()[0]), "max": _sig(v),
+                             "token_index": int(stats.top_idx[u, i])})
+        top_tok = tokens[stats.top_idx[u].clamp_min(0)]
+        fires = int(stats.fires[u])
+        rec = {"id": u, "label": label_for(top, contexts), "density": float(density[u]),
+               "max_act": float(stats.max[u]) if fires else 0.0,
+               "mean_act": float(stats.act_sum[u] / fires) if fires else 0.0,
+               "top_tokens": top, "contexts": contexts,
+               "logit_lens": {k: [[strings[t], _sig(v, 4)] for t, v in lens[u][k]] for k in lens[u]},
+               "hist": stats.hist[u].tolist(),
+               "score": concentration(stats.top_val[u], top_tok),
+               "entropy": token_entropy(stats.top_val[u], top_tok)}
+        records.append(rec)
+    return records
+
+
+def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_tokens: int = 200_000,
+              ctx: int = 256, batch_size: int = 16, top_n: int = 20, window: int = 8, top_k_tokens: int = 10,
+              min_count: int = 5, neurons: bool = True, sample: int = 12, seed: int = 0,
+              progress: bool = True) -> dict:
+    """Stream ``data`` through the model once; write per-unit JSONL, Markdown tables and a summary.
+
+    Returns the summary (also ``interpret.json``): per unit set, the score distribution and counts.
+    """
+    if not saes:
+        raise ScSteerError("interpret: no SAEs given")
+    for name, v, lo in (("max_tokens", max_tokens, 1), ("top_n", top_n, 1), ("window", window, 0),
+                        ("min_count", min_count, 1), ("top_k_tokens", top_k_tokens, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ScSteerError(f"{name} {v!r}: expected an integer >= {lo}")
+    out = Path(out)
+    sets = unit_sets(lm, saes, neurons)
+    sites = sorted({us.site for us in sets}, key=lambda s: s.order)
+    vocab = len(lm.tokenizer)
+    stats = {us.key: UnitStats(us.n_units, vocab, top_n, window) for us in sets}
+    all_tokens = []
+    rows = iter_rows(iter_documents(data), lm.tokenizer, ctx)
+    bar = tqdm(total=max_tokens, unit="tok", desc="interpret", disable=not progress)
+    n = 0
+    with torch.no_grad():
+        for b in iter_batches(rows, batch_size, ctx, pad_token_id(lm.tokenizer)):
+            acts = run_sites(lm, b, sites)
+            keep = b.keep
+            toks = b.input_ids[keep]
+            row = b.row[:, None].expand_as(b.input_ids)[keep]
+            for us in sets:
+                h = acts[us.site][keep.to(acts[us.site].device)].float()
+                stats[us.key].update(us.encode(h), toks, row)
+            all_tokens.append(toks)
+            n += len(toks)
+            bar.update(len(toks))
+            if n >= max_tokens:
+                break
+    bar.close()
+    if n == 0:
+        raise ScSteerError(f"data {data!r} gave no tokens to interpret")
+    tokens = torch.cat(all_tokens)
+    strings = token_strings(lm.tokenizer)
+    summary = {"model": lm.name, "data": data, "n_tokens": n, "top_n": top_n, "window": window,
+               "min_count": min_count, "sets": {}}
+    rng = random.Random(seed)
+    for us in sets:
+        recs = unit_records(lm, us, stats[us.key], tokens, strings, top_k_tokens=top_k_tokens, min_count=min_count)
+        _write_atomic(out / us.folder / f"{us.site}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        live = [r for r in recs if r["density"] > 0]
+        picked = sorted(rng.sample(live, min(sample, len(live))), key=lambda r: r["id"])
+        _write_atomic(out / us.folder / f"{us.site}.md", markdown_table(us, picked))
+        summary["sets"][us.key] = {"kind": us.kind, "site": str(us.site), "n_units": us.n_units,
+                                   "live": len(live), "file": f"{us.folder}/{us.site}.jsonl",
+                                   "score": summarize([r["score"] for r in recs]),
+                                   "entropy": summarize([r["entropy"] for r in recs])}
+    summary["hist_edges_log10"] = HIST_EDGES.tolist()
+    _write_atomic(out / "interpret.json", json.dumps(summary, indent=1))
+    _write_atomic(out / "interpret.md", summary_markdown(summary))
+    return summary
+
+
+def _cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", "\\n").replace("`", "'")
+
+
+def markdown_table(us: UnitSet, records: list[dict]) -> str:
+    """The post's table: one row per sampled live unit, its top input tokens."""
+    title = f"# {KIND_TITLES[us.kind]} at {us.site}: top input tokens of {len(records)} sampled live units\n\n"
+    head = "| Dimension | Label | Density | Top Input Tokens (mean activation) |\n|---|---|---|---|\n"
+    rows = "".join(
+        f"| {r['id']} | {_cell(r['label'])} | {r['density']:.4f} | "
+        + ", ".join(f"`{_cell(t['token'])}` ({t['mean']:.2f})" for t in r["top_tokens"][:8]) + " |\n"
+        for r in records)
+    return title + head + rows
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = ["# Interpretability: SAE features against neurons\n",
+             f"{summary['n_tokens']:,} tokens of `{summary['data']}`; score = share of the top-{summary['top_n']} "
+             "activation mass on the unit's 5 heaviest token ids (see sc_steer/interpret/score.py).\n",
+             "| units | site | n | live | scored | score mean | median | p25-p75 | share >= 0.8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summary["sets"].values():
+        sc = s["score"]
+        if sc["n"]:
+            lines.append(f"| {KIND_TITLES[s['kind']]} | {s['site']} | {s['n_units']} | {s['live']} | {sc['n']} "
+                         f"| {sc['mean']:.3f} | {sc['median']:.3f} | {sc['p25']:.3f}-{sc['p75']:.3f} "
+                         f"| {100 * sc['share_above_0.8']:.1f}% |")
+        else:
+            lines.append(f"| {KIND_TITLES[s['kind']]} | {s['site']} | {s['n_units']} | {s['live']} | 0 | - | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def load_unit(out: str | Path, site: str, unit: int, kind: str = "sae") -> dict:
+    """One unit's record from an interpretation folder; clear errors for missing files and ids."""
+    folder = "features" if kind == "sae" else "neurons"
+    path = Path(out) / folder / f"{site}.jsonl"
+    if not path.exists():
+        raise ScSteerError(f"no interpretation for {site} in {str(out)!r} (run sc-steer interpret first)")
+    lines = path.read_text().splitlines()
+    if not isinstance(unit, int) or not 0 <= unit < len(lines):
+        raise ScSteerError(f"feature id {unit} is out of range for {site}: it has {len(lines)} units "
+                           f"(0-{len(lines) - 1})")
+    return json.loads(lines[unit])

@@ -1,0 +1,121 @@
+"""Streaming per-unit statistics over a corpus: density, max, histogram, per-token means, top contexts.
+
+A "unit" is anything with one activation per token: an SAE feature, a residual dimension, an MLP
+neuron. Chunks of whole rows arrive one at a time; nothing keeps all activations, and the top
+contexts of every unit are merged chunk by chunk (top-n of the union of the old and new top-n).
+"""
+from __future__ import annotations
+
+import torch
+
+HIST_EDGES = torch.linspace(-3, 3, 37)  # log10 of positive activations, clipped into the end bins
+DENSE_TOKEN_TABLE_LIMIT = 64_000_000    # units x vocab entries above which token sums are kept sparse
+
+
+class UnitStats:
+    """Accumulate statistics for ``n_units`` units over token chunks (see ``update``)."""
+
+    def __init__(self, n_units: int, vocab: int, top_n: int = 20, window: int = 8):
+        self.n_units, self.vocab, self.top_n, self.window = n_units, vocab, top_n, window
+        self.n_tokens = 0
+        self.fires = torch.zeros(n_units, dtype=torch.int64)
+        self.act_sum = torch.zeros(n_units, dtype=torch.float64)
+        self.max = torch.full((n_units,), float("-inf"))
+        self.hist = torch.zeros(n_units, len(HIST_EDGES) - 1, dtype=torch.int64)
+        self.token_count = torch.zeros(vocab, dtype=torch.int64)
+        self.dense_tokens = n_units * vocab <= DENSE_TOKEN_TABLE_LIMIT
+        self.token_sum = torch.zeros(n_units, vocab) if self.dense_tokens else None
+        self._sparse_keys: list[torch.Tensor] = []
+        self._sparse_vals: list[torch.Tensor] = []
+        w = 2 * window + 1
+        self.top_val = torch.full((n_units, top_n), float("-inf"))
+        self.top_idx = torch.full((n_units, top_n), -1, dtype=torch.int64)       # global token index
+        self.top_win_idx = torch.full((n_units, top_n, w), -1, dtype=torch.int64)  # -1: outside the row
+        self.top_win_act = torch.zeros(n_units, top_n, w)
+
+    def update(self, acts: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor) -> None:
+        """``acts [T, U]`` for ``T`` consecutive stored tokens made of whole rows; ``row [T]`` their row ids."""
+        acts = acts.float().cpu()
+        tokens = tokens.long().cpu()
+        row = row.cpu()
+        t = len(tokens)
+        offset = self.n_tokens
+        pos = acts > 0
+        self.fires += pos.sum(0)
+        self.act_sum += torch.where(pos, acts, 0).sum(0).double()
+        self.max = torch.maximum(self.max, acts.max(0).values)
+        nz_t, nz_u = pos.nonzero(as_tuple=True)
+        if len(nz_t):
+            vals = acts[nz_t, nz_u]
+            b = torch.bucketize(vals.log10(), HIST_EDGES[1:-1])
+            self.hist.view(-1).index_add_(0, nz_u * self.hist.shape[1] + b, torch.ones_like(b))
+        self.token_count += torch.bincount(tokens, minlength=self.vocab)
+        if self.dense_tokens:
+            self.token_sum.index_add_(1, tokens, acts.T)
+        else:
+            self._add_sparse(nz_u * self.vocab + tokens[nz_t], acts[nz_t, nz_u])
+        self._merge_top(acts, row, offset)
+        self.n_tokens += t
+
+    def _add_sparse(self, keys: torch.Tensor, vals: torch.Tensor) -> None:
+        self._sparse_keys.append(keys)
+        self._sparse_vals.append(vals.double())
+        if sum(len(k) for k in self._sparse_keys) > 8_000_000:
+            self._coalesce()
+
+    def _coalesce(self) -> None:
+        if not self._sparse_keys:
+            return
+        keys, inv = torch.cat(self._sparse_keys).unique(return_inverse=True)
+        vals = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inv, torch.cat(self._sparse_vals))
+        self._sparse_keys, self._sparse_vals = [keys], [vals]
+
+    def _merge_top(self, acts: torch.Tensor, row: torch.Tensor, offset: int) -> None:
+        t, u = acts.shape
+        n = min(self.top_n, t)
+        cand_val, cand_t = acts.topk(n, dim=0)                # [n, U]
+        cand_val, cand_t = cand_val.T, cand_t.T               # [U, n]
+        # window positions, clamped to the candidate's own row
+        starts = torch.searchsorted(row, row, side="left")
+        ends = torch.searchsorted(row, row, side="right")
+        offs = torch.arange(-self.window, self.window + 1)
+        j = cand_t[..., None] + offs                          # [U, n, w]
+        valid = (j >= starts[cand_t][..., None]) & (j < ends[cand_t][..., None])
+        jc = j.clamp(0, t - 1)
+        win_act = acts.T.gather(1, jc.reshape(u, -1)).reshape(u, n, -1) * valid
+        win_idx = torch.where(valid, jc + offset, torch.full_like(jc, -1))
+        all_val = torch.cat([self.top_val, cand_val], 1)
+        keep = all_val.topk(self.top_n, dim=1).indices
+        self.top_val = all_val.gather(1, keep)
+        self.top_idx = torch.cat([self.top_idx, cand_t + offset], 1).gather(1, keep)
+        w = offs.numel()
+        k3 = keep[..., None].expand(-1, -1, w)
+        self.top_win_idx = torch.cat([self.top_win_idx, win_idx], 1).gather(1, k3)
+        self.top_win_act = torch.cat([self.top_win_act, win_act], 1).gather(1, k3)
+
+    # -- results ---------------------------------------------------------------------------------
+    def density(self) -> torch.Tensor:
+        return self.fires.double() / max(1, self.n_tokens)
+
+    def token_means(self, unit: int, min_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids, mean activation over all occurrences) for tokens seen >= min_count times."""
+        if self.dense_tokens:
+            sums = self.token_sum[unit].double()
+        else:
+            self._coalesce()
+            sums = torch.zeros(self.vocab, dtype=torch.float64)
+            if self._sparse_keys:
+                keys, vals = self._sparse_keys[0], self._sparse_vals[0]
+                mine = (keys // self.vocab) == unit
+                sums[keys[mine] % self.vocab] = vals[mine]
+        ok = self.token_count >= min_count
+        ids = ok.nonzero(as_tuple=True)[0]
+        return ids, sums[ids] / self.token_count[ids]
+
+    def top_tokens(self, unit: int, k: int = 10, min_count: int = 5) -> list[tuple[int, float, int]]:
+        """The post's table: tokens with the highest mean activation (>= min_count occurrences)."""
+        ids, means = self.token_means(unit, min_count)
+        if len(ids) == 0:
+            return []
+        order = means.argsort(descending=True)[:k]
+        return [(int(ids[i]), float(means[i]), int(self.token_count[ids[i]])) for i in order if means[i] > 0]

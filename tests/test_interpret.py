@@ -1,0 +1,191 @@
+"""Feature interpretation against brute force, the neuron baseline, the HTML browser, bad input."""
+import json
+
+import pytest
+import torch
+
+from sc_steer import ScSteerError, open_model
+from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
+from sc_steer.interpret import UnitStats, interpret, load_unit, write_browser, write_plots
+from sc_steer.sae import SAEConfig, make_sae
+
+
+def brute_force_top(acts, rows, n, window):
+    """Per unit: [(value, token index, [window indices])] of its n largest activations."""
+    out = []
+    for u in range(acts.shape[1]):
+        vals, idx = acts[:, u].sort(descending=True)
+        best = []
+        for v, t in zip(vals[:n].tolist(), idx[:n].tolist()):
+            same = [j for j in range(t - window, t + window + 1) if 0 <= j < len(rows) and rows[j] == rows[t]]
+            best.append((v, t, same))
+        out.append(best)
+    return out
+
+
+def test_stats_match_brute_force_with_edges():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([0] * 7 + [1] * 5 + [2] * 9 + [3] * 6)
+    tokens = torch.randint(0, 12, (len(rows),), generator=g)
+    acts = torch.relu(torch.randn(len(rows), 4, generator=g))
+    acts[:, 2] = 0.0                      # never fires
+    acts[7, 3] = 50.0                     # maximum at the first token of row 1 (position 0 after BOS)
+    acts[len(rows) - 1, 1] = 40.0         # maximum at the very last token
+    st = UnitStats(4, 12, top_n=5, window=3)
+    for lo, hi in ((0, 12), (12, 21), (21, 27)):   # chunks of whole rows
+        st.update(acts[lo:hi], tokens[lo:hi], rows[lo:hi])
+    ref = brute_force_top(acts, rows.tolist(), 5, 3)
+    for u in (0, 1, 3):
+        for i, (v, t, win) in enumerate(ref[u]):
+            assert st.top_val[u, i].item() == pytest.approx(v)
+            assert st.top_idx[u, i].item() == t
+            got = st.top_win_idx[u, i]
+            assert got[got >= 0].tolist() == win
+            assert torch.allclose(st.top_win_act[u, i][got >= 0], acts[win, u])
+    assert st.top_idx[3, 0] == 7 and st.top_win_idx[3, 0].tolist()[:3] == [-1, -1, -1]
+    assert st.top_win_idx[1, 0].tolist()[-3:] == [-1, -1, -1]
+    assert st.fires[2] == 0 and st.density()[2] == 0 and st.top_tokens(2) == []
+    for u in (0, 1):
+        ids, means = st.token_means(u, min_count=1)
+        for t, m in zip(ids.tolist(), means.tolist()):
+            assert m == pytest.approx(acts[tokens == t, u].mean().item(), rel=1e-5)
+    assert st.fires.tolist() == (acts > 0).sum(0).tolist()
+    sparse = UnitStats(4, 12, top_n=5, window=3)
+    sparse.dense_tokens, sparse.token_sum = False, None
+    sparse.update(acts, tokens, rows)
+    for u in (0, 1, 3):
+        a, b = sparse.top_tokens(u, 5, 1), st.top_tokens(u, 5, 1)
+        assert [(t, c) for t, _, c in a] == [(t, c) for t, _, c in b]
+        assert [m for _, m, _ in a] == pytest.approx([m for _, m, _ in b], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tiny_model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("interp")
+    text = out / "t.jsonl"
+    docs = ["In the beginning God created the heaven and the earth. " * 3,
+            "Ge1:2 And the earth was without form, and void; 1 2 3 4 5 6 7 8 9.",
+            "thou art more lovely and more temperate: thee, thy, thine. " * 2]
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    lm = open_model(str(tiny_model_dirs["llama"]))
+    torch.manual_seed(1)
+    sae = make_sae(SAEConfig(architecture="relu", d_in=32, d_sae=48))
+    with torch.no_grad():
+        sae.W_enc.mul_(4.0)
+        sae.b_enc.fill_(-0.2)
+        sae.W_enc[:, 5] = 0.0
+        sae.b_enc[5] = -1.0     # feature 5 never fires
+    summary = interpret(lm, {"resid_post.1": sae}, str(text), out, ctx=20, batch_size=2, top_n=6, window=4,
+                        min_count=1, progress=False)
+    return {"lm": lm, "sae": sae, "out": out, "text": str(text), "summary": summary}
+
+
+def test_pipeline_records_match_brute_force(interpreted):
+    lm, sae, out = interpreted["lm"], interpreted["sae"], interpreted["out"]
+    xs, toks, rows = [], [], []
+    hook_out = {}
+    h = lm.hf.model.layers[1].register_forward_hook(lambda m, i, o: hook_out.__setitem__("x", o))
+    for b in iter_batches(iter_rows(iter_documents(interpreted["text"]), lm.tokenizer, 20), 2, 20,
+                          pad_token_id(lm.tokenizer)):
+        with torch.no_grad():
+            lm.hf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        xs.append(hook_out["x"][b.keep])
+        toks.append(b.input_ids[b.keep])
+        rows.append(b.row[:, None].expand_as(b.input_ids)[b.keep])
+    h.remove()
+    with torch.no_grad():
+        acts = sae.encode(torch.cat(xs))
+    toks, rows = torch.cat(toks), torch.cat(rows)
+    records = [json.loads(x) for x in (out / "features" / "resid_post.1.jsonl").read_text().splitlines()]
+    assert len(records) == 48
+    strings = [lm.tokenizer.decode([i]) for i in range(len(lm.tokenizer))]
+    ref = brute_force_top(acts, rows.tolist(), 6, 4)
+    checked = 0
+    for u, rec in enumerate(records):
+        assert rec["density"] == pytest.approx((acts[:, u] > 0).float().mean().item())
+        positive = [r for r in ref[u] if r[0] > 0]
+        assert len(rec["contexts"]) == len(positive)
+        for ctx, (v, t, win) in zip(rec["contexts"], positive):
+            assert ctx["max"] == pytest.approx(v, rel=1e-4) and ctx["token_index"] == t
+            assert ctx["tokens"] == [strings[i] for i in toks[win].tolist()]
+            assert ctx["acts"] == pytest.approx(acts[win, u].tolist(), rel=1e-3, abs=1e-7)
+            assert ctx["tokens"][ctx["max_index"]] == strings[int(toks[t])]
+            checked += 1
+        means = {}
+        for t in set(toks.tolist()):
+            means[t] = acts[toks == t, u].mean().item()
+        best = sorted((m, t) for t, m in means.items() if m > 0)[::-1][:10]
+        assert [x["id"] for x in rec["top_tokens"]] == [t for _, t in best]
+    assert checked > 20
+    assert records[5]["density"] == 0 and records[5]["contexts"] == [] and records[5]["label"] == "(never fires)"
+
+
+def test_neuron_baseline_and_summary(interpreted):
+    out, summary = interpreted["out"], interpreted["summary"]
+    assert set(summary["sets"]) == {"sae/resid_post.1", "resid/resid_post.1", "mlp/mlp_act.1"}
+    resid = [json.loads(x) for x in (out / "neurons" / "resid_post.1.jsonl").read_text().splitlines()]
+    mlp = [json.loads(x) for x in (out / "neurons" / "mlp_act.1.jsonl").read_text().splitlines()]
+    assert len(resid) == 32 and len(mlp) == 64
+    assert all(len(r["logit_lens"]["promoted"]) == 8 for r in resid + mlp)
+    md = (out / "features" / "resid_post.1.md").read_text()
+    assert md.count("\n| ") >= 3 and "Top Input Tokens" in md
+    assert "MLP neurons" in (out / "interpret.md").read_text()
+
+
+def test_logit_lens_against_a_direct_computation(interpreted):
+    lm, sae = interpreted["lm"], interpreted["sae"]
+    rec = load_unit(interpreted["out"], "resid_post.1", 3)
+    d = sae.W_dec[3].detach() * lm.hf.model.norm.weight.detach()
+    logits = lm.hf.lm_head.weight.detach() @ d
+    top = logits.topk(8).indices.tolist()
+    assert [lm.tokenizer.decode([t]) for t in top] == [p[0] for p in rec["logit_lens"]["promoted"]]
+
+
+def test_bad_input(interpreted, tiny_model_dirs, tmp_path):
+    with pytest.raises(ScSteerError, match="out of range.*48 units"):
+        load_unit(interpreted["out"], "resid_post.1", 48)
+    wrong = make_sae(SAEConfig(architecture="topk", d_in=24, d_sae=48, k=4))
+    with pytest.raises(ScSteerError, match="d_in=24"):
+        interpret(interpreted["lm"], {"resid_post.1": wrong}, interpreted["text"], tmp_path, progress=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ScSteerError, match="is empty"):
+        interpret(interpreted["lm"], {"resid_post.1": interpreted["sae"]}, str(tmp_path / "empty.txt"), tmp_path,
+                  progress=False)
+    with pytest.raises(ScSteerError, match="window -1"):
+        interpret(interpreted["lm"], {"resid_post.1": interpreted["sae"]}, interpreted["text"], tmp_path, window=-1)
+
+
+def test_browser_opens_without_errors_and_finds_a_feature_by_token(interpreted):
+    playwright = pytest.importorskip("playwright.sync_api")
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is needed for the browser test: apt-get install -y chromium")
+    out, summary = interpreted["out"], interpreted["summary"]
+    index = write_browser(out, summary)
+    pngs = write_plots(out, summary)
+    assert all(p.stat().st_size > 5000 for p in pngs)
+    rec = next(json.loads(x) for x in (out / "features" / "resid_post.1.jsonl").read_text().splitlines()
+               if json.loads(x)["top_tokens"])
+    token = rec["top_tokens"][0]["token"].strip()
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(index.as_uri())
+        page.wait_for_selector(".item")
+        page.fill("#q", token)
+        page.wait_for_function("document.getElementById('count').textContent.length > 0")
+        items = page.locator(".item").all_inner_texts()
+        assert any(f"#{rec['id']} " in t for t in items), (token, items[:5])
+        page.locator(".item", has_text=f"#{rec['id']} ").first.click()
+        page.wait_for_selector(".ctx")
+        assert page.locator(".ctx").count() == len(rec["contexts"])
+        page.screenshot(path=str(out / "browser_screenshot.png"))
+        browser.close()
+    assert errors == []
