@@ -89,6 +89,29 @@ def cmd_interpret(args) -> None:
           f"{args.run}/interpret_scores.png ({summary['n_tokens']:,} tokens)")
 
 
+def cmd_graph(args) -> None:
+    from .graph.run import graph_run
+
+    lm = _open(args) if args.model else None
+    layers = None
+    if args.layers:
+        lo, _, hi = args.layers.partition("-")
+        try:
+            layers = list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ScSteerError(f"--layers {args.layers!r}: expected N or N-M (source layers)") from None
+    sources = args.sources
+    if sources and sources[0].isdigit():
+        sources = [int(x) for x in sources.split(",")]
+    g, paths, corr = graph_run(args.run, args.prompts, args.out, lm=lm, layers=layers, sources=sources,
+                               mode=args.mode, value=args.value, where=args.where, prune=args.prune,
+                               amount=args.amount, rank_by=args.rank_by, attribute=not args.no_attribution,
+                               ctx=args.ctx, max_prompts=args.max_prompts, name=args.name)
+    print(f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges; attribution vs exact (Pearson): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in corr.items()))
+    print("-> " + ", ".join(str(p) for p in paths.values()))
+
+
 def cmd_demo(args) -> None:
     import time
 
@@ -96,10 +119,12 @@ def cmd_demo(args) -> None:
     from .sae.metrics import markdown_table
 
     t = time.time()
-    results = demo(args.out, collect_tokens=args.collect_tokens)
+    results = demo(args.out, collect_tokens=args.collect_tokens, train_tokens=args.train_tokens,
+                   eval_tokens=args.eval_tokens, interpret_tokens=args.interpret_tokens)
     print(markdown_table(results))
+    print((Path(args.out) / "interpret.md").read_text())
     print(f"demo finished in {time.time() - t:.0f} s. Results in {args.out}/: eval.md, eval.json, saes/<site>/, "
-          "training_curves.png, activations/")
+          "training_curves.png, interpret.md, browser/index.html, features/, neurons/, activations/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,9 +197,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-neurons", action="store_true", help="skip the residual-dimension and MLP-neuron baseline")
     p.set_defaults(func=cmd_interpret)
 
-    p = sub.add_parser("demo", help="collect -> train -> eval on the shipped demo model, offline")
+    p = sub.add_parser("graph", help="ablate features at layer n, measure layer n+1 features, export a graph")
+    p.add_argument("--run", required=True, help="a run folder with saes/ (labels come from its interpretation)")
+    _add_model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--prompts", default="demo:heldout", help="a .txt file (one prompt per line) or a data spec")
+    p.add_argument("--max-prompts", type=int, default=64)
+    p.add_argument("--ctx", type=int, default=64)
+    p.add_argument("--out", required=True, help="output folder, e.g. graphs/my-graph")
+    p.add_argument("--name", default="graph")
+    p.add_argument("--layers", help="source layers N or N-M (default: all but the last)")
+    p.add_argument("--sources", default="active", help="active, top:N, attr:N, or ids like 3,17,42")
+    p.add_argument("--mode", default="zero", choices=["zero", "mean", "clamp"])
+    p.add_argument("--value", type=float, help="the clamp value")
+    p.add_argument("--where", default="all", choices=["all", "active"], help="ablate at all text positions or "
+                   "only where the source fires")
+    p.add_argument("--prune", default="top_k", choices=["top_k", "relative", "cumulative"])
+    p.add_argument("--amount", type=float, default=5, help="k for top_k; a fraction for relative/cumulative")
+    p.add_argument("--rank-by", default="weight", choices=["weight", "through"])
+    p.add_argument("--no-attribution", action="store_true")
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("demo", help="collect -> train -> eval -> interpret on the shipped demo model, offline")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--collect-tokens", type=int, default=300_000)
+    p.add_argument("--train-tokens", type=int, help="training tokens per SAE (default 1,228,800)")
+    p.add_argument("--eval-tokens", type=int, default=50_000)
+    p.add_argument("--interpret-tokens", type=int, default=200_000)
     p.set_defaults(func=cmd_demo)
     return ap
 

@@ -120,8 +120,8 @@ DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800
 
 
 def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_tokens: int | None = None,
-         eval_tokens: int = 50_000, progress: bool = True) -> dict[str, dict]:
-    """collect -> train -> eval on the shipped demo model, offline. Rerunning resumes where it stopped."""
+         eval_tokens: int = 50_000, interpret_tokens: int = 200_000, progress: bool = True) -> dict[str, dict]:
+    """collect -> train -> eval -> interpret on the shipped demo model, offline. Rerunning resumes."""
     from .sae.config import config_from_dict
 
     out = Path(out)
@@ -131,4 +131,6 @@ def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_
             progress=progress)
     cfg = dict(DEMO_TRAIN, tokens=train_tokens or DEMO_TRAIN["tokens"])
     train_from_store(out / "activations", config_from_dict(cfg), out, resume=True, progress=progress)
-    return eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)
+    results = eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)
+    interpret_run(out, "demo:heldout", lm=lm, max_tokens=interpret_tokens, progress=progress)
+    return results

@@ -1,0 +1,132 @@
+"""``sc-steer graph``: choose sources, measure effects layer by layer, prune, annotate, export."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
+from ..errors import ScSteerError
+from ..models import LM
+from ..sae import SAE
+from .attribution import attribution, pearson
+from .build import build_graph
+from .export import FORMATS, export_graph
+from .measure import PairEffects, measure_pair, source_means
+
+
+def prompt_batches(lm: LM, prompts: str, *, ctx: int = 64, batch_size: int = 8, max_prompts: int = 64,
+                   split: str = "line") -> tuple[list, str]:
+    """Prompts from a data spec (a .txt file is one prompt per line); returns batches and a content hash."""
+    docs = []
+    for d in iter_documents(prompts, split=split):
+        docs.append(d)
+        if len(docs) >= max_prompts:
+            break
+    rows = iter_rows(docs, lm.tokenizer, ctx)
+    batches = list(iter_batches(rows, batch_size, ctx, pad_token_id(lm.tokenizer)))
+    if not batches or sum(int(b.keep.sum()) for b in batches) == 0:
+        raise ScSteerError(f"prompt set {prompts!r} is empty")
+    return batches, hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
+
+
+def choose_sources(lm: LM, layer: int, sae: SAE, next_sae: SAE, batches: list, spec: str | list[int]) -> torch.Tensor:
+    """``active`` (all that fire on the prompts), ``top:N`` (by activation mass), ``attr:N`` (by gradient
+    attribution to all of layer n+1) or explicit ids."""
+    means, fires = source_means(lm, layer, sae, batches)
+    active = torch.nonzero(fires > 0)[:, 0]
+    if isinstance(spec, (list, tuple)):
+        return torch.tensor(spec, dtype=torch.long)
+    if spec == "active":
+        return active
+    kind, _, n = spec.partition(":")
+    if kind not in ("top", "attr") or not n.isdigit() or int(n) < 1:
+        raise ScSteerError(f"sources {spec!r}: expected active, top:N, attr:N or a list of feature ids")
+    n = min(int(n), len(active))
+    if kind == "top":
+        return active[means[active].topk(n).indices].sort().values
+    score = attribution(lm, layer, sae, next_sae, batches, active)[:, 0].abs()
+    return active[score.topk(n).indices].sort().values
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_labels(run: Path, layer: int) -> list[dict] | None:
+    path = run / "features" / f"resid_post.{layer}.jsonl"
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None = None, layers: list[int] | None = None,
+              sources: str | list[int] = "active", mode: str = "zero", value: float | None = None,
+              where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
+              attribute: bool = True, ctx: int = 64, max_prompts: int = 64, chunk: int = 16,
+              formats: tuple[str, ...] = FORMATS, name: str = "graph", progress: bool = True):
+    """Measure, prune and export the feature graph of a run's resid_post SAEs over ``layers``."""
+    from ..pipeline import load_run_saes, read_run
+    from ..models import open_model
+
+    run = Path(run)
+    info = read_run(run)
+    lm = lm or open_model(info["model"])
+    layers = list(range(lm.n_layers - 1)) if layers is None else list(layers)
+    for n in layers:
+        if not 0 <= n < lm.n_layers - 1:
+            raise ScSteerError(f"source layer {n}: needs a next layer; use 0-{lm.n_layers - 2}")
+    needed = sorted({n for n in layers} | {n + 1 for n in layers})
+    saes = load_run_saes(run, [f"resid_post.{n}" for n in needed])
+    for s, sae in saes.items():
+        if sae.cfg.model_name and sae.cfg.model_name != lm.name:
+            raise ScSteerError(f"the SAE for {s} was trained on model {sae.cfg.model_name!r}, not {lm.name!r}")
+    batches, prompt_hash = prompt_batches(lm, prompts, ctx=ctx, max_prompts=max_prompts)
+    pairs: list[PairEffects] = []
+    attrs: dict[int, torch.Tensor] = {}
+    corr: dict[str, float] = {}
+    timings = {}
+    for n in layers:
+        a, b = saes[f"resid_post.{n}"], saes[f"resid_post.{n + 1}"]
+        t = time.time()
+        src = choose_sources(lm, n, a, b, batches, sources)
+        pair = measure_pair(lm, n, a, b, batches, src, mode=mode, value=value, where=where, chunk=chunk)
+        timings[f"L{n}"] = round(time.time() - t, 2)
+        pairs.append(pair)
+        if progress:
+            print(f"layer {n} -> {n + 1}: {len(src)} sources x {b.cfg.d_sae} targets over {pair.count} positions "
+                  f"in {timings[f'L{n}']:.1f} s")
+        if attribute:
+            kept_targets = torch.nonzero((pair.weight.abs() > 0).any(0))[:, 0]
+            strongest = pair.weight.abs().amax(0)[kept_targets].topk(min(64, len(kept_targets))).indices
+            targets = kept_targets[strongest]
+            attr = attribution(lm, n, a, b, batches, src, targets)
+            full = torch.full_like(pair.effect, float("nan"))
+            full[:, targets] = attr
+            attrs[n] = full
+            corr[f"L{n}"] = pearson(attr, pair.effect[:, targets])
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_file({"sources": pair.sources, "effect": pair.effect.contiguous(), "effect_std": pair.effect_std,
+                   "pre_delta": pair.pre_delta, "skip": pair.skip, "clean_mean": pair.clean_mean,
+                   "source_mean": pair.source_mean}, str(Path(out) / f"effects_L{n}.safetensors"))
+    provenance = {"model": lm.name, "prompts": prompts, "prompt_sha256": prompt_hash,
+                  "sae_sha256": {s: file_hash(run / "saes" / s / "sae_weights.safetensors") for s in saes},
+                  "config": {"layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
+                             "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx,
+                             "max_prompts": max_prompts},
+                  "attribution_pearson": corr, "seconds_per_layer": timings}
+    labels = {n: load_labels(run, n) for n in needed}
+    g = build_graph(pairs, prune=prune, amount=amount, rank_by=rank_by, nodes=labels, provenance=provenance,
+                    attribution=attrs or None)
+    paths = export_graph(g, out, name, formats, title=f"{lm.name}: feature graph, layers {layers[0]}-{layers[-1] + 1}")
+    (Path(out) / "recipe.json").write_text(json.dumps({"run": str(run), **provenance["config"], "prompts": prompts},
+                                                     indent=1))
+    return g, paths, corr

@@ -1,0 +1,224 @@
+"""Ablation effects layer n -> n+1 against full forwards with plain transformers hooks."""
+import pytest
+import torch
+
+from sc_steer import ScSteerError, open_model
+from sc_steer.data import iter_batches, iter_rows, pad_token_id
+from sc_steer.graph.measure import measure_pair, source_means
+from sc_steer.sae import SAEConfig, make_sae
+
+
+def random_sae(arch, d_in, d_sae, seed, k=None):
+    torch.manual_seed(seed)
+    sae = make_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k))
+    with torch.no_grad():
+        sae.W_enc.mul_(8.0)
+        sae.b_enc.fill_(-0.1)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dirs):
+    lm = open_model(str(tiny_model_dirs["llama"]))
+    prompts = ["In the beginning God created the heaven and the earth.", "To be, or not to be: 1 2 3 4 5.",
+               "thou art more lovely and more temperate", "cat, true cat (noun): feline mammal"]
+    batches = list(iter_batches(iter_rows(prompts, lm.tokenizer, 32), 3, 32, pad_token_id(lm.tokenizer)))
+    return lm, batches, random_sae("relu", 32, 40, 0), random_sae("topk", 32, 48, 1, k=6)
+
+
+def naive_effects(lm, batches, sae_n, sae_next, layer, sources, target_value=None):
+    """One full forward per ablated feature, hooks on block n (edit) and block n+1 (read)."""
+    blocks = lm.hf.model.layers
+    rows = {}
+
+    def run(batch, edit):
+        got = {}
+
+        def edit_hook(_m, _i, out):
+            h = out[0] if isinstance(out, tuple) else out
+            if edit is not None:
+                h = edit(h)
+            return (h,) + out[1:] if isinstance(out, tuple) else h
+
+        def read_hook(_m, _i, out):
+            got["h"] = out[0] if isinstance(out, tuple) else out
+
+        hs = [blocks[layer].register_forward_hook(edit_hook), blocks[layer + 1].register_forward_hook(read_hook)]
+        with torch.no_grad():
+            lm.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        for hd in hs:
+            hd.remove()
+        return got["h"]
+
+    for i in sources:
+        diffs, pres = [], []
+        for b in batches:
+            clean = run(b, None)
+            keep = b.keep
+
+            def edit(h, i=i, keep=keep):
+                f = sae_n.encode(h)[..., i]
+                v = torch.zeros_like(f) if target_value is None else torch.full_like(f, target_value)
+                return h + ((v - f) * keep)[..., None] * sae_n.W_dec[i]
+
+            abl = run(b, edit)
+            diffs.append((sae_next.encode(abl) - sae_next.encode(clean))[keep])
+            pres.append((sae_next.pre_acts(abl) - sae_next.pre_acts(clean))[keep])
+        d, p = torch.cat(diffs), torch.cat(pres)
+        rows[i] = (d.mean(0), d.std(0, unbiased=False), p.mean(0), len(d))
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["zero", "clamp"])
+def test_batched_block_ablation_equals_full_forward_hooks(setup, mode):
+    lm, batches, sae0, sae1 = setup
+    means, fires = source_means(lm, 0, sae0, batches)
+    sources = torch.nonzero(fires > 0)[:, 0][:12]
+    assert len(sources) >= 8
+    value = 0.5 if mode == "clamp" else None
+    got = measure_pair(lm, 0, sae0, sae1, batches, sources, mode=mode, value=value, chunk=5)
+    ref = naive_effects(lm, batches, sae0, sae1, 0, sources.tolist(), target_value=value)
+    for row, i in enumerate(sources.tolist()):
+        mean, std, pre, n = ref[i]
+        assert got.count == n
+        torch.testing.assert_close(got.effect[row], mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.effect_std[row], std, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.pre_delta[row], pre, atol=1e-5, rtol=0)
+    assert got.effect.abs().max() > 1e-3  # the ablations do reach layer 1
+
+
+def test_bad_graph_input(setup):
+    lm, batches, sae0, sae1 = setup
+    with pytest.raises(ScSteerError, match="needs a next layer"):
+        measure_pair(lm, 2, sae0, sae1, batches, [0])
+    with pytest.raises(ScSteerError, match="unknown feature id 40"):
+        measure_pair(lm, 0, sae0, sae1, batches, [3, 40])
+    with pytest.raises(ScSteerError, match="no source features"):
+        measure_pair(lm, 0, sae0, sae1, batches, [])
+    with pytest.raises(ScSteerError, match="no text tokens"):
+        measure_pair(lm, 0, sae0, sae1, [], [1])
+    wrong = random_sae("relu", 24, 40, 3)
+    with pytest.raises(ScSteerError, match="d_in=24"):
+        measure_pair(lm, 0, sae0, wrong, batches, [1])
+
+
+def test_attribution_tracks_exact_effects(setup):
+    from sc_steer.graph.attribution import attribution, pearson
+
+    lm, batches, sae0, sae1 = setup
+    _, fires = source_means(lm, 0, sae0, batches)
+    sources = torch.nonzero(fires > 0)[:, 0]
+    exact = measure_pair(lm, 0, sae0, sae1, batches, sources)
+    targets = exact.effect.abs().sum(0).topk(6).indices
+    attr = attribution(lm, 0, sae0, sae1, batches, sources, targets)
+    assert attr.shape == (len(sources), 6)
+    assert pearson(attr, exact.effect[:, targets]) > 0.5   # first order vs exact, through TopK's kinks
+    total = attribution(lm, 0, sae0, sae1, batches, sources)
+    assert total.shape == (len(sources), 1)
+
+
+def test_attribution_is_the_directional_derivative(setup):
+    """Finite differences along -f_i W_dec[i] through block 1 and a ReLU target SAE."""
+    from sc_steer.graph.attribution import attribution
+    from sc_steer.graph.measure import capture_block_inputs, run_block
+
+    lm, batches, sae0, _ = setup
+    target_sae = random_sae("relu", 32, 40, 7)
+    _, fires = source_means(lm, 0, sae0, batches)
+    i = int(torch.nonzero(fires > 0)[0, 0])
+    attr = attribution(lm, 0, sae0, target_sae, batches[:1], torch.tensor([i]), torch.arange(40))
+    b = batches[0]
+    args, kwargs, _ = capture_block_inputs(lm, 1, b)
+    h = args[0]
+    with torch.no_grad():
+        delta = (-sae0.encode(h)[..., i] * b.keep)[..., None] * sae0.W_dec[i]
+        eps = 1e-3
+        obj = lambda x: (target_sae.encode(run_block(lm, 1, args, kwargs, x, 1)) * b.keep[..., None]).sum((0, 1))  # noqa: E731
+        fd = (obj(h + eps * delta) - obj(h - eps * delta)) / (2 * eps) / int(b.keep.sum())
+    torch.testing.assert_close(attr[0], fd, atol=2e-4, rtol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def tiny_graph_run(setup, tiny_model_dirs, tmp_path_factory):
+    import json as _json
+
+    lm, _, _, _ = setup
+    run = tmp_path_factory.mktemp("graphrun")
+    for layer, (arch, k) in enumerate((("relu", None), ("topk", 6), ("relu", None))):
+        random_sae(arch, 32, 40, 10 + layer, k=k).save(run / "saes" / f"resid_post.{layer}")
+    (run / "run.json").write_text(_json.dumps({"model": str(tiny_model_dirs["llama"])}))
+    prompts = run / "prompts.txt"
+    prompts.write_text("In the beginning God created the heaven.\nTo be, or not to be.\nthou art lovely\n")
+    return lm, run, prompts
+
+
+def test_graph_run_exports_every_format_and_loads_back(tiny_graph_run, tmp_path):
+    import json as _json
+
+    import networkx as nx
+
+    from sc_steer.graph import read_dot
+    from sc_steer.graph.run import graph_run
+
+    lm, run, prompts = tiny_graph_run
+    g, paths, corr = graph_run(run, str(prompts), tmp_path / "g", lm=lm, prune="top_k", amount=3, progress=False)
+    assert g.number_of_edges() > 0 and set(corr) == {"L0", "L1"}
+    assert {d["layer"] for _, d in g.nodes(data=True)} == {0, 1, 2}           # a chain 0 -> 1 -> 2
+    assert all(d["weight"] == -d["effect"] for *_, d in g.edges(data=True))
+    assert max(sum(1 for _ in g.successors(n)) for n in g) <= 3
+    assert _json.loads(g.graph["config"])["prune"] == "top_k" and len(_json.loads(g.graph["sae_sha256"])) == 3
+    loaded = {"graphml": nx.read_graphml(paths["graphml"]), "gexf": nx.read_gexf(paths["gexf"]),
+              "json": nx.node_link_graph(_json.loads(paths["json"].read_text()), edges="links"),
+              "dot": read_dot(paths["dot"])}
+    u, v, d = next(iter(g.edges(data=True)))
+    for fmt, h in loaded.items():
+        assert h.number_of_nodes() == g.number_of_nodes() and h.number_of_edges() == g.number_of_edges(), fmt
+        assert h.has_edge(u, v), fmt
+        assert float(h.edges[u, v]["weight"]) == pytest.approx(d["weight"], rel=1e-5), fmt
+    assert paths["png"].stat().st_size > 5000 and "<svg" in paths["svg"].read_text()
+    assert "L0/F" in paths["html"].read_text()
+
+
+def test_pruning_is_relative_per_layer_pair(tiny_graph_run, tmp_path):
+    from sc_steer.graph import neighbourhood
+    from sc_steer.graph.run import graph_run
+
+    lm, run, prompts = tiny_graph_run
+    g, _, _ = graph_run(run, str(prompts), tmp_path / "r", lm=lm, prune="relative", amount=0.3, attribute=False,
+                        formats=("json",), progress=False)
+    for layer in (0, 1):
+        ws = [abs(d["weight"]) for u, _, d in g.edges(data=True) if g.nodes[u]["layer"] == layer]
+        assert ws and min(ws) >= 0.3 * max(ws) - 1e-12
+    node = next(iter(g))
+    sub = neighbourhood(g, node)
+    assert node in sub and all(sub.has_edge(*e) for e in sub.edges)
+    with pytest.raises(ScSteerError, match="not in the graph"):
+        neighbourhood(g, "L9/F9")
+
+
+def test_graph_bad_input(tiny_graph_run, tmp_path, capsys):
+    from sc_steer.cli import main
+    from sc_steer.graph.run import graph_run
+
+    lm, run, prompts = tiny_graph_run
+    (tmp_path / "empty.txt").write_text("\n\n")
+    cases = [
+        (dict(layers=[2]), "needs a next layer"),
+        (dict(sources=[0, 99]), "unknown feature id 99"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ScSteerError, match=msg):
+            graph_run(run, str(prompts), tmp_path / "x", lm=lm, progress=False, **kw)
+    with pytest.raises(ScSteerError, match="empty"):
+        graph_run(run, str(tmp_path / "empty.txt"), tmp_path / "x", lm=lm, progress=False)
+    import shutil
+    shutil.copytree(run, tmp_path / "missing")
+    shutil.rmtree(tmp_path / "missing" / "saes" / "resid_post.2")
+    with pytest.raises(ScSteerError, match="no SAE for resid_post.2"):
+        graph_run(tmp_path / "missing", str(prompts), tmp_path / "x", lm=lm, progress=False)
+    other = make_sae(SAEConfig(architecture="relu", d_in=32, d_sae=40, model_name="some/other-model"))
+    shutil.copytree(run, tmp_path / "foreign")
+    other.save(tmp_path / "foreign" / "saes" / "resid_post.1")
+    assert main(["graph", "--run", str(tmp_path / "foreign"), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "trained on model 'some/other-model'" in capsys.readouterr().err
