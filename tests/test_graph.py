@@ -5,6 +5,7 @@ import torch
 from sc_steer import ScSteerError, open_model
 from sc_steer.data import iter_batches, iter_rows, pad_token_id
 from sc_steer.graph.measure import measure_pair, source_means
+from sc_steer.graph.naive import naive_effects
 from sc_steer.sae import SAEConfig, make_sae
 
 
@@ -26,49 +27,6 @@ def setup(tiny_model_dirs):
     return lm, batches, random_sae("relu", 32, 40, 0), random_sae("topk", 32, 48, 1, k=6)
 
 
-def naive_effects(lm, batches, sae_n, sae_next, layer, sources, target_value=None):
-    """One full forward per ablated feature, hooks on block n (edit) and block n+1 (read)."""
-    blocks = lm.hf.model.layers
-    rows = {}
-
-    def run(batch, edit):
-        got = {}
-
-        def edit_hook(_m, _i, out):
-            h = out[0] if isinstance(out, tuple) else out
-            if edit is not None:
-                h = edit(h)
-            return (h,) + out[1:] if isinstance(out, tuple) else h
-
-        def read_hook(_m, _i, out):
-            got["h"] = out[0] if isinstance(out, tuple) else out
-
-        hs = [blocks[layer].register_forward_hook(edit_hook), blocks[layer + 1].register_forward_hook(read_hook)]
-        with torch.no_grad():
-            lm.hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        for hd in hs:
-            hd.remove()
-        return got["h"]
-
-    for i in sources:
-        diffs, pres = [], []
-        for b in batches:
-            clean = run(b, None)
-            keep = b.keep
-
-            def edit(h, i=i, keep=keep):
-                f = sae_n.encode(h)[..., i]
-                v = torch.zeros_like(f) if target_value is None else torch.full_like(f, target_value)
-                return h + ((v - f) * keep)[..., None] * sae_n.W_dec[i]
-
-            abl = run(b, edit)
-            diffs.append((sae_next.encode(abl) - sae_next.encode(clean))[keep])
-            pres.append((sae_next.pre_acts(abl) - sae_next.pre_acts(clean))[keep])
-        d, p = torch.cat(diffs), torch.cat(pres)
-        rows[i] = (d.mean(0), d.std(0, unbiased=False), p.mean(0), len(d))
-    return rows
-
-
 @pytest.mark.parametrize("mode", ["zero", "clamp"])
 def test_batched_block_ablation_equals_full_forward_hooks(setup, mode):
     lm, batches, sae0, sae1 = setup
@@ -77,7 +35,7 @@ def test_batched_block_ablation_equals_full_forward_hooks(setup, mode):
     assert len(sources) >= 8
     value = 0.5 if mode == "clamp" else None
     got = measure_pair(lm, 0, sae0, sae1, batches, sources, mode=mode, value=value, chunk=5)
-    ref = naive_effects(lm, batches, sae0, sae1, 0, sources.tolist(), target_value=value)
+    ref = naive_effects(lm, 0, sae0, sae1, batches, sources.tolist(), value=value)
     for row, i in enumerate(sources.tolist()):
         mean, std, pre, n = ref[i]
         assert got.count == n
@@ -133,7 +91,7 @@ def test_attribution_is_the_directional_derivative(setup):
     with torch.no_grad():
         delta = (-sae0.encode(h)[..., i] * b.keep)[..., None] * sae0.W_dec[i]
         eps = 1e-3
-        obj = lambda x: (target_sae.encode(run_block(lm, 1, args, kwargs, x, 1)) * b.keep[..., None]).sum((0, 1))  # noqa: E731
+        obj = lambda x: (target_sae.encode(run_block(lm, 1, args, kwargs, x, torch.arange(len(x)))) * b.keep[..., None]).sum((0, 1))  # noqa: E731
         fd = (obj(h + eps * delta) - obj(h - eps * delta)) / (2 * eps) / int(b.keep.sum())
     torch.testing.assert_close(attr[0], fd, atol=2e-4, rtol=2e-2)
 
@@ -222,3 +180,25 @@ def test_graph_bad_input(tiny_graph_run, tmp_path, capsys):
     assert main(["graph", "--run", str(tmp_path / "foreign"), "--prompts", str(prompts), "--out",
                  str(tmp_path / "y")]) == 2
     assert "trained on model 'some/other-model'" in capsys.readouterr().err
+
+
+def test_scripted_ablation_agrees_with_the_graph_measurement(setup):
+    from sc_steer.graph.experiments import Ablation, ablation_experiment
+
+    lm, batches, sae0, sae1 = setup
+    prompts = ["In the beginning God created the heaven and the earth.", "To be, or not to be: 1 2 3 4 5.",
+               "thou art more lovely and more temperate", "cat, true cat (noun): feline mammal"]
+    _, fires = source_means(lm, 0, sae0, batches)
+    i = int(torch.nonzero(fires > 0)[0, 0])
+    pair = measure_pair(lm, 0, sae0, sae1, batches, [i])
+    j = int(pair.effect[0].abs().argmax())
+    rep = ablation_experiment(lm, {"resid_post.0": sae0, "resid_post.1": sae1}, prompts, [Ablation(0, i)],
+                              targets=[(1, j)])
+    t = rep["targets"][f"L1/F{j}"]
+    assert t["delta"] == pytest.approx(float(pair.effect[0, j]), abs=1e-5)
+    assert rep["positions"] == pair.count and rep["kl"] > 0
+    assert len(rep["last_token"]) == 4 and len(rep["promoted"]) == 10
+    with pytest.raises(ScSteerError, match="unknown feature id 999"):
+        ablation_experiment(lm, {"resid_post.0": sae0}, prompts, [Ablation(0, 999)])
+    with pytest.raises(ScSteerError, match="no SAE for resid_post.2"):
+        ablation_experiment(lm, {"resid_post.0": sae0}, prompts, [Ablation(0, 1)], targets=[(2, 0)])

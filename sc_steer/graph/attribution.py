@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..data import TokenBatch
-from ..models import LM, unwrap
+from ..models import LM
 from ..sae import SAE
-from ..sites import Site
-from .measure import capture_block_inputs
+from .measure import capture_block_inputs, run_block
 
 
 def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[TokenBatch],
@@ -49,8 +48,7 @@ def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[Tok
 
 def run_block_grad(lm: LM, layer: int, args: tuple, kwargs: dict, hidden: torch.Tensor) -> torch.Tensor:
     """Block ``layer`` on the captured inputs with ``hidden`` swapped in, gradients enabled."""
-    block = lm.module(Site("resid_post", layer))
-    return unwrap(block(hidden, *args[1:], **kwargs))
+    return run_block(lm, layer, args, kwargs, hidden, torch.arange(hidden.shape[0]))
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

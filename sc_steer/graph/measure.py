@@ -84,23 +84,24 @@ class _StopForward(Exception):
     """Ends the capture forward right after the block of interest."""
 
 
-def _tile(x, k: int, b: int):
-    """Repeat batch-shaped tensors (first dim == b) k times, recursively through tuples; others as they are."""
+def _rows(x, rows: torch.Tensor, b: int):
+    """Select batch rows of batch-shaped tensors (first dim == b), recursively through tuples; tensors
+    that broadcast over the batch (first dim 1) and non-tensors pass through."""
     if torch.is_tensor(x):
-        return x.repeat(k, *([1] * (x.dim() - 1))) if x.dim() and x.shape[0] == b and b > 1 else x
+        return x[rows.to(x.device)] if x.dim() and x.shape[0] == b and b > 1 else x
     if isinstance(x, tuple):
-        return tuple(_tile(v, k, b) for v in x)
+        return tuple(_rows(v, rows, b) for v in x)
     return x
 
 
-def run_block(lm: LM, layer: int, args: tuple, kwargs: dict, hidden: torch.Tensor, k: int) -> torch.Tensor:
-    """Block ``layer`` on ``hidden [k*B, T, d]`` (k stacked variants of one captured batch of B rows)."""
+def run_block(lm: LM, layer: int, args: tuple, kwargs: dict, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Block ``layer`` on ``hidden [m, T, d]``, whose row r stands for row ``rows[r]`` of the captured batch
+    (its mask, positions and other inputs are taken from there)."""
     b = args[0].shape[0]
     block = lm.module(Site("resid_post", layer))
-    new_args = (hidden,) + tuple(_tile(a, k, b) for a in args[1:])
-    new_kwargs = {key: _tile(v, k, b) for key, v in kwargs.items()}
-    with torch.no_grad():
-        return unwrap(block(*new_args, **new_kwargs))
+    new_args = (hidden,) + tuple(_rows(a, rows, b) for a in args[1:])
+    new_kwargs = {key: _rows(v, rows, b) for key, v in kwargs.items()}
+    return unwrap(block(*new_args, **new_kwargs))
 
 
 def check_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE) -> None:
@@ -133,7 +134,8 @@ def source_means(lm: LM, layer: int, sae: SAE, batches: list[TokenBatch]) -> tup
 @torch.no_grad()
 def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterable[TokenBatch],
                  sources: torch.Tensor | list[int], *, mode: str = "zero", value: float | None = None,
-                 where: str = "all", chunk: int = 16, means: torch.Tensor | None = None) -> PairEffects:
+                 where: str = "all", chunk: int = 16, max_rows: int = 64,
+                 means: torch.Tensor | None = None) -> PairEffects:
     """Exact effects of ablating each of ``sources`` (layer ``layer``) on all features of ``layer + 1``."""
     check_pair(lm, layer, sae_n, sae_next)
     if mode not in MODES:
@@ -162,33 +164,48 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
         args, kwargs, out = capture_block_inputs(lm, layer + 1, b)
         h = args[0]
         keep = b.keep.to(h.device)
-        m = keep.float()[..., None]                                    # [B, T, 1]
         f_n = sae_n.encode(h.float())                                  # [B, T, Sn]
-        pre_clean = sae_next.pre_acts(out.float())
-        g_clean = sae_next.activate(pre_clean)                         # [B, T, J]
-        clean_sum += (g_clean * m).sum((0, 1)).double().cpu()
-        n_pos = int(keep.sum())
-        count += n_pos
+        pre_clean = sae_next.pre_acts(out.float())                     # [B, T, J]
+        g_clean = sae_next.activate(pre_clean)
+        clean_sum += (g_clean * keep[..., None]).sum((0, 1)).double().cpu()
+        count += int(keep.sum())
+        T = h.shape[1]
         for lo in range(0, S, chunk):
             ids = sources[lo:lo + chunk].to(h.device)
-            k = len(ids)
             f_i = f_n[..., ids].permute(2, 0, 1)                       # [k, B, T]
-            src_sum[lo:lo + k] += (f_i * keep).sum((1, 2)).double().cpu()
-            target = {"zero": torch.zeros_like(f_i), "clamp": torch.full_like(f_i, value or 0.0),
-                      "mean": means[ids.cpu()].to(h.device)[:, None, None].expand_as(f_i) if means is not None else None}[mode]
+            src_sum[lo:lo + len(ids)] += (f_i * keep).sum((1, 2)).double().cpu()
+            if mode == "zero":
+                target = torch.zeros_like(f_i)
+            elif mode == "clamp":
+                target = torch.full_like(f_i, value)
+            else:
+                target = means[ids.cpu()].to(h.device)[:, None, None].expand_as(f_i)
             scale = (target - f_i) * keep
             if where == "active":
                 scale = scale * (f_i > 0)
-            delta = scale[..., None] * W[ids][:, None, None, :]          # [k, B, T, d]
-            hk = (h.float()[None] + delta).to(h.dtype).reshape(-1, *h.shape[1:])
-            out_k = run_block(lm, layer + 1, args, kwargs, hk, k).float().reshape(k, *out.shape)
-            pre_k = sae_next.pre_acts(out_k)
-            diff = sae_next.activate(pre_k) - g_clean[None]
-            skip_diff = sae_next.encode(out.float()[None] + delta) - g_clean[None]
-            acc["sum"][lo:lo + k] += (diff * m).sum((1, 2)).double().cpu()
-            acc["sq"][lo:lo + k] += (diff.pow(2) * m).sum((1, 2)).double().cpu()
-            acc["pre"][lo:lo + k] += ((pre_k - pre_clean[None]) * m).sum((1, 2)).double().cpu()
-            acc["skip"][lo:lo + k] += (skip_diff * m).sum((1, 2)).double().cpu()
+            # Only (source, prompt) rows the ablation touches are rerun, and only positions at or after
+            # the first touched one can change (causal attention): everything else has zero effect.
+            rows_k, rows_b = (scale != 0).any(-1).nonzero(as_tuple=True)
+            skip_dir = W[ids] @ sae_next.W_enc                         # [k, J]: a unit edit's effect on pre-acts
+            for r0 in range(0, len(rows_k), max_rows):
+                rk, rb = rows_k[r0:r0 + max_rows], rows_b[r0:r0 + max_rows]
+                sc = scale[rk, rb]                                     # [m, T]
+                hin = (h[rb].float() + sc[..., None] * W[ids[rk]][:, None, :]).to(h.dtype)
+                out_m = run_block(lm, layer + 1, args, kwargs, hin, rb).float()
+                touched = sc != 0
+                first = touched.float().argmax(1)
+                changed = (torch.arange(T, device=h.device)[None] >= first[:, None]) & keep[rb]
+                pm, pt = changed.nonzero(as_tuple=True)
+                pre_new = sae_next.pre_acts(out_m[pm, pt])
+                diff = sae_next.activate(pre_new) - g_clean[rb[pm], pt]
+                kk = (rk[pm] + lo).cpu()
+                acc["sum"].index_add_(0, kk, diff.double().cpu())
+                acc["sq"].index_add_(0, kk, diff.double().pow(2).cpu())
+                acc["pre"].index_add_(0, kk, (pre_new - pre_clean[rb[pm], pt]).double().cpu())
+                qm, qt = touched.nonzero(as_tuple=True)
+                pre_skip = pre_clean[rb[qm], qt] + sc[qm, qt, None] * skip_dir[rk[qm]]
+                skip_diff = sae_next.activate(pre_skip) - g_clean[rb[qm], qt]
+                acc["skip"].index_add_(0, (rk[qm] + lo).cpu(), skip_diff.double().cpu())
     if count == 0:
         raise ScSteerError("the prompt set has no text tokens")
     mean = acc["sum"] / count

@@ -21,14 +21,20 @@ from .measure import PairEffects, measure_pair, source_means
 
 def prompt_batches(lm: LM, prompts: str, *, ctx: int = 64, batch_size: int = 8, max_prompts: int = 64,
                    split: str = "line") -> tuple[list, str]:
-    """Prompts from a data spec (a .txt file is one prompt per line); returns batches and a content hash."""
+    """Prompts from a data spec (a .txt file is one prompt per line; longer documents are cut to their
+    first ``ctx`` tokens); returns batches and a content hash."""
     docs = []
     for d in iter_documents(prompts, split=split):
         docs.append(d)
         if len(docs) >= max_prompts:
             break
-    rows = iter_rows(docs, lm.tokenizer, ctx)
-    batches = list(iter_batches(rows, batch_size, ctx, pad_token_id(lm.tokenizer)))
+    firsts, seen = [], set()
+    for row in iter_rows(docs, lm.tokenizer, ctx):  # a prompt is one row: the first ctx tokens of a document
+        d = next(x for x in row.doc if x >= 0)
+        if d not in seen:
+            seen.add(d)
+            firsts.append(row)
+    batches = list(iter_batches(firsts, batch_size, ctx, pad_token_id(lm.tokenizer)))
     if not batches or sum(int(b.keep.sum()) for b in batches) == 0:
         raise ScSteerError(f"prompt set {prompts!r} is empty")
     return batches, hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]

@@ -1,0 +1,58 @@
+"""The reference method the batched measurement is checked and benchmarked against: one full model
+forward per ablated feature, with plain transformers forward hooks (an edit at block n, a read at
+block n+1). Slow by design; used by the tests and ``bench/graph.py``."""
+from __future__ import annotations
+
+import torch
+
+from ..models import LM, unwrap
+from ..sae import SAE
+from ..sites import Site
+
+
+def _forward(lm: LM, layer: int, batch, edit=None) -> torch.Tensor:
+    got = {}
+
+    def edit_hook(_m, _i, out):
+        if edit is None:
+            return None
+        h = edit(unwrap(out))
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    def read_hook(_m, _i, out):
+        got["h"] = unwrap(out)
+
+    hooks = [lm.module(Site("resid_post", layer)).register_forward_hook(edit_hook),
+             lm.module(Site("resid_post", layer + 1)).register_forward_hook(read_hook)]
+    try:
+        with torch.no_grad():
+            lm.hf(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return got["h"]
+
+
+@torch.no_grad()
+def naive_effects(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list, sources: list[int],
+                  value: float | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """{source: (mean effect [J], std [J], mean pre-activation delta [J], positions)}; zero ablation
+    unless ``value`` (clamp) is given."""
+    clean = [_forward(lm, layer, b) for b in batches]
+    out = {}
+    for i in sources:
+        diffs, pres = [], []
+        for b, hc in zip(batches, clean):
+            keep = b.keep.to(hc.device)
+
+            def edit(h, i=i, keep=keep):
+                f = sae_n.encode(h.float())[..., i]
+                v = torch.zeros_like(f) if value is None else torch.full_like(f, value)
+                return (h.float() + ((v - f) * keep)[..., None] * sae_n.W_dec[i]).to(h.dtype)
+
+            ha = _forward(lm, layer, b, edit)
+            diffs.append((sae_next.encode(ha.float()) - sae_next.encode(hc.float()))[keep])
+            pres.append((sae_next.pre_acts(ha.float()) - sae_next.pre_acts(hc.float()))[keep])
+        d, p = torch.cat(diffs), torch.cat(pres)
+        out[i] = (d.mean(0), d.std(0, unbiased=False), p.mean(0), len(d))
+    return out
