@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="demo:heldout")
     p.add_argument("--sites", help="only these SAE sites (default: all in the run)")
     p.add_argument("--max-tokens", type=int, default=200_000)
-    p.add_argument("--top-n", type=int, default=20, help="top contexts kept per unit")
+    p.add_argument("--top-n", type=int, default=100, help="top activations kept per unit (scored; 10 are shown)")
     p.add_argument("--window", type=int, default=8, help="tokens either side of a top activation")
     p.add_argument("--min-count", type=int, default=5, help="occurrences a token needs for the top-token table")
     p.add_argument("--no-neurons", action="store_true", help="skip the residual-dimension and MLP-neuron baseline")

@@ -123,7 +123,7 @@ def unit_records(lm: LM, us: UnitSet, stats: UnitStats, tokens: torch.Tensor, st
 
 
 def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_tokens: int = 200_000,
-              ctx: int = 256, batch_size: int = 16, top_n: int = 20, window: int = 8, top_k_tokens: int = 10,
+              ctx: int = 256, batch_size: int = 16, top_n: int = 100, window: int = 8, top_k_tokens: int = 10,
               min_count: int = 5, neurons: bool = True, sample: int = 12, seed: int = 0,
               progress: bool = True) -> dict:
     """Stream ``data`` through the model once; write per-unit JSONL, Markdown tables and a summary.
