@@ -26,7 +26,9 @@ def main() -> None:
     ap.add_argument("--max-prompts", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--layer", type=int, default=1)
-    ap.add_argument("--sources", type=int, default=64, help="how many active source features (most active first)")
+    ap.add_argument("--sources", type=int, default=64, help="how many active source features")
+    ap.add_argument("--select", default="random", choices=["random", "top"],
+                    help="random active features (what `--sources active` graphs are made of) or the most active")
     ap.add_argument("--chunk", type=int, default=16)
     args = ap.parse_args()
     lm = open_model(read_run(args.run)["model"])
@@ -35,7 +37,11 @@ def main() -> None:
     batches, _ = prompt_batches(lm, args.prompts, ctx=args.ctx, max_prompts=args.max_prompts, batch_size=16)
     means, fires = source_means(lm, args.layer, a, batches)
     active = torch.nonzero(fires > 0)[:, 0]
-    sources = active[means[active].topk(min(args.sources, len(active))).indices].sort().values
+    n = min(args.sources, len(active))
+    if args.select == "top":
+        sources = active[means[active].topk(n).indices].sort().values
+    else:
+        sources = active[torch.randperm(len(active), generator=torch.Generator().manual_seed(0))[:n]].sort().values
 
     t = time.perf_counter()
     ours = measure_pair(lm, args.layer, a, b, batches, sources, chunk=args.chunk)
@@ -45,7 +51,8 @@ def main() -> None:
     t_naive = time.perf_counter() - t
     err = max(float((ours.effect[r] - ref[i][0]).abs().max()) for r, i in enumerate(sources.tolist()))
     err_pre = max(float((ours.pre_delta[r] - ref[i][2]).abs().max()) for r, i in enumerate(sources.tolist()))
-    print(f"model {lm.name}, layer {args.layer} -> {args.layer + 1}: {len(sources)} sources x {b.cfg.d_sae} targets, "
+    print(f"model {lm.name}, layer {args.layer} -> {args.layer + 1}: {len(sources)} {args.select} active sources "
+          f"(of {len(active)}) x {b.cfg.d_sae} targets, "
           f"{ours.count:,} positions in {len(batches)} prompt batches ({args.max_prompts} prompts x <= {args.ctx} tokens)")
     print(f"naive (one full forward per feature): {t_naive:7.2f} s")
     print(f"batched block-(n+1) ablation        : {t_ours:7.2f} s  (also computes std, skip/through split)")

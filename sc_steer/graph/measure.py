@@ -155,7 +155,8 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
     if mode == "mean" and means is None:
         means, _ = source_means(lm, layer, sae_n, batches)
     S, J = len(sources), sae_next.cfg.d_sae
-    acc = {k: torch.zeros(S, J, dtype=torch.float64) for k in ("sum", "sq", "pre", "skip")}
+    acc = {k: torch.zeros(S, J, dtype=torch.float64) for k in ("sum", "sq", "skip")}
+    dout = torch.zeros(S, lm.width(Site("resid_post", layer + 1)), dtype=torch.float64)
     clean_sum = torch.zeros(J, dtype=torch.float64)
     src_sum = torch.zeros(S, dtype=torch.float64)
     count = 0
@@ -187,6 +188,8 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
             # the first touched one can change (causal attention): everything else has zero effect.
             rows_k, rows_b = (scale != 0).any(-1).nonzero(as_tuple=True)
             skip_dir = W[ids] @ sae_next.W_enc                         # [k, J]: a unit edit's effect on pre-acts
+            part_sum, part_sq, part_skip = (torch.zeros(len(ids), J, device=h.device) for _ in range(3))
+            part_dout = torch.zeros(len(ids), h.shape[-1], device=h.device)
             for r0 in range(0, len(rows_k), max_rows):
                 rk, rb = rows_k[r0:r0 + max_rows], rows_b[r0:r0 + max_rows]
                 sc = scale[rk, rb]                                     # [m, T]
@@ -196,21 +199,26 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
                 first = touched.float().argmax(1)
                 changed = (torch.arange(T, device=h.device)[None] >= first[:, None]) & keep[rb]
                 pm, pt = changed.nonzero(as_tuple=True)
-                pre_new = sae_next.pre_acts(out_m[pm, pt])
-                diff = sae_next.activate(pre_new) - g_clean[rb[pm], pt]
-                kk = (rk[pm] + lo).cpu()
-                acc["sum"].index_add_(0, kk, diff.double().cpu())
-                acc["sq"].index_add_(0, kk, diff.double().pow(2).cpu())
-                acc["pre"].index_add_(0, kk, (pre_new - pre_clean[rb[pm], pt]).double().cpu())
+                out_p = out_m[pm, pt]
+                diff = sae_next.activate(sae_next.pre_acts(out_p)) - g_clean[rb[pm], pt]
+                kk = rk[pm]
+                part_sum.index_add_(0, kk, diff)
+                part_sq.index_add_(0, kk, diff.pow(2))
+                # pre-activations are linear in the block output: sum the output change, project once at the end
+                part_dout.index_add_(0, kk, out_p - out.float()[rb[pm], pt])
                 qm, qt = touched.nonzero(as_tuple=True)
                 pre_skip = pre_clean[rb[qm], qt] + sc[qm, qt, None] * skip_dir[rk[qm]]
-                skip_diff = sae_next.activate(pre_skip) - g_clean[rb[qm], qt]
-                acc["skip"].index_add_(0, (rk[qm] + lo).cpu(), skip_diff.double().cpu())
+                part_skip.index_add_(0, rk[qm], sae_next.activate(pre_skip) - g_clean[rb[qm], qt])
+            sl = slice(lo, lo + len(ids))
+            acc["sum"][sl] += part_sum.double().cpu()
+            acc["sq"][sl] += part_sq.double().cpu()
+            acc["skip"][sl] += part_skip.double().cpu()
+            dout[sl] += part_dout.double().cpu()
     if count == 0:
         raise ScSteerError("the prompt set has no text tokens")
     mean = acc["sum"] / count
     var = (acc["sq"] / count - mean.pow(2)).clamp_min(0)
     return PairEffects(layer=layer, sources=sources, effect=mean.float(), effect_std=var.sqrt().float(),
-                       pre_delta=(acc["pre"] / count).float(), skip=(acc["skip"] / count).float(), count=count,
+                       pre_delta=(dout / count @ sae_next.W_enc.detach().double().cpu()).float(), skip=(acc["skip"] / count).float(), count=count,
                        clean_mean=(clean_sum / count).float(), source_mean=(src_sum / count).float(),
                        config={"mode": mode, "value": value, "where": where})
