@@ -112,6 +112,66 @@ def cmd_graph(args) -> None:
     print("-> " + ", ".join(str(p) for p in paths.values()))
 
 
+def _parse_interventions(args):
+    from .steer import Intervention, Recipe
+
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe([])
+    for mode in ("add", "remove", "clamp", "scale"):
+        for spec in getattr(args, mode) or []:
+            parts = spec.split(":")
+            need = 2 if mode == "remove" else 3
+            if len(parts) != need or not parts[1].lstrip("-").isdigit():
+                form = "SITE:FEATURE" if mode == "remove" else "SITE:FEATURE:VALUE"
+                raise ScSteerError(f"--{mode} {spec!r}: expected {form}, e.g. resid_post.1:837" + ("" if mode == "remove" else ":8"))
+            try:
+                coeff = float(parts[2]) if need == 3 else 0.0
+            except ValueError:
+                raise ScSteerError(f"--{mode} {spec!r}: {parts[2]!r} is not a number") from None
+            recipe.interventions.append(Intervention(parts[0], int(parts[1]), mode, coeff, args.positions))
+    return recipe
+
+
+def cmd_steer(args) -> None:
+    import textwrap
+
+    from .models import open_model
+    from .pipeline import load_run_saes, read_run
+    from .steer import generate
+
+    lm = _open(args) if args.model else open_model(read_run(args.run)["model"])
+    saes = load_run_saes(args.run)
+    recipe = _parse_interventions(args)
+    if not recipe.interventions:
+        raise ScSteerError("nothing to steer with: give --add/--remove/--clamp/--scale or --recipe")
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+              seed=args.seed)
+    base = generate(lm, args.prompt, None, saes, **kw)
+    steered = generate(lm, args.prompt, recipe, saes, **kw)
+    width = 58
+    for p, b, s in zip(args.prompt, base, steered):
+        print(f"\nprompt: {p!r}")
+        left = textwrap.wrap(b.replace("\n", " / "), width) or [""]
+        right = textwrap.wrap(s.replace("\n", " / "), width) or [""]
+        print(f"{'baseline':<{width}} | steered")
+        print("-" * width + "-+-" + "-" * width)
+        for i in range(max(len(left), len(right))):
+            print(f"{(left[i] if i < len(left) else ''):<{width}} | {right[i] if i < len(right) else ''}")
+    if args.save_recipe:
+        print(f"\nrecipe -> {recipe.save(args.save_recipe)}")
+
+
+def cmd_app(args) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "apps" / "playground.py"
+    if not path.exists():
+        raise ScSteerError(f"the playground app is not installed next to the package ({path})")
+    spec = importlib.util.spec_from_file_location("sc_steer_playground", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.launch(args.run, host=args.host, port=args.port)
+
+
 def cmd_demo(args) -> None:
     import time
 
@@ -124,7 +184,8 @@ def cmd_demo(args) -> None:
     print(markdown_table(results))
     print((Path(args.out) / "interpret.md").read_text())
     print(f"demo finished in {time.time() - t:.0f} s. Results in {args.out}/: eval.md, eval.json, saes/<site>/, "
-          "training_curves.png, interpret.md, browser/index.html, features/, neurons/, activations/")
+          "training_curves.png, interpret.md, browser/index.html, features/, neurons/, graph/, activations/. "
+          f"Next: sc-steer app --run {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,7 +279,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attribution", action="store_true")
     p.set_defaults(func=cmd_graph)
 
-    p = sub.add_parser("demo", help="collect -> train -> eval -> interpret on the shipped demo model, offline")
+    p = sub.add_parser("steer", help="generate with SAE features added / removed; baseline and steered side by side")
+    p.add_argument("--run", required=True, help="a run folder with saes/")
+    _add_model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--add", action="append", metavar="SITE:FEATURE:COEFF", help="add COEFF x the feature's direction")
+    p.add_argument("--remove", action="append", metavar="SITE:FEATURE", help="error-preserving ablation, every step")
+    p.add_argument("--clamp", action="append", metavar="SITE:FEATURE:VALUE", help="set the feature to VALUE")
+    p.add_argument("--scale", action="append", metavar="SITE:FEATURE:FACTOR", help="multiply the feature")
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "last"])
+    p.add_argument("--recipe", help="a recipe JSON (interventions above are appended)")
+    p.add_argument("--save-recipe", help="write the recipe used to this JSON file")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("app", help="the Gradio steering playground for a run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_app)
+
+    p = sub.add_parser("demo", help="collect -> train -> eval -> interpret -> graph on the shipped demo model, offline")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--collect-tokens", type=int, default=300_000)
     p.add_argument("--train-tokens", type=int, help="training tokens per SAE (default 1,228,800)")

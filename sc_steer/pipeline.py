@@ -133,4 +133,8 @@ def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_
     train_from_store(out / "activations", config_from_dict(cfg), out, resume=True, progress=progress)
     results = eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)
     interpret_run(out, "demo:heldout", lm=lm, max_tokens=interpret_tokens, progress=progress)
+    from .graph.run import graph_run
+
+    graph_run(out, "demo:heldout", out / "graph", lm=lm, sources="top:12", prune="top_k", amount=2,
+              max_prompts=32, progress=progress)
     return results

@@ -72,3 +72,4 @@ def test_demo_pipeline_smoke(tmp_path):
     assert set(ev) == {f"resid_post.{i}" for i in range(4)}
     assert all(0 < r["fvu"] < 1 and r["l0"] <= 32 for r in ev.values())
     assert (out / "browser" / "index.html").exists() and (out / "interpret.md").exists()
+    assert (out / "graph" / "graph.json").exists()

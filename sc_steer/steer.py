@@ -1,0 +1,316 @@
+"""Steering generation with SAE features (activation additions), applied at every generation step.
+
+A recipe is a list of interventions, each at a site (``resid_post.{i}``):
+
+* ``add``    -- ``h += coeff * W_dec[i]`` (unit decoder row), or ``coeff * vector`` for a raw vector;
+* ``remove`` -- error-preserving ablation ``h -= f_i(h) W_dec[i]``, recomputed from the current h;
+* ``clamp``  -- ``h += (coeff - f_i(h)) W_dec[i]`` (set the feature to ``coeff``);
+* ``scale``  -- ``h += (coeff - 1) f_i(h) W_dec[i]``.
+
+Positions: ``all`` (every position of every step), ``prompt`` (the prompt, at the prefill step),
+``generated`` (the newly generated tokens, at the decoding steps), ``last`` (the newest position of
+each step). With the KV cache the prefill step sees ``[B, prompt_len, d]`` and later steps ``[B, 1, d]``;
+the edit runs inside nnsight's ``tracer.all()`` so it reaches every step. A raw ``vector`` of shape
+``[L, d]`` (an ActAdd difference) is added to the first ``L`` prompt positions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ScSteerError
+from .models import LM
+from .sae import SAE
+from .sites import Site
+
+MODES = ("add", "remove", "clamp", "scale")
+POSITIONS = ("all", "prompt", "generated", "last")
+
+
+@dataclass
+class Intervention:
+    site: str
+    feature: int | None = None
+    mode: str = "add"
+    coeff: float = 1.0
+    positions: str = "all"
+    vector: list | None = None      # raw direction [d] or ActAdd sequence [L, d] instead of a feature
+
+    def check(self, lm: LM, saes: dict[str, SAE]) -> None:
+        Site.parse(self.site, lm.n_layers)
+        if self.mode not in MODES:
+            raise ScSteerError(f"intervention mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.positions not in POSITIONS:
+            raise ScSteerError(f"positions {self.positions!r}: expected one of {', '.join(POSITIONS)}")
+        if (self.feature is None) == (self.vector is None):
+            raise ScSteerError(f"intervention at {self.site}: give exactly one of feature= or vector=")
+        if self.vector is not None:
+            v = torch.as_tensor(self.vector)
+            if v.shape[-1] != lm.d_model or v.dim() not in (1, 2):
+                raise ScSteerError(f"vector at {self.site}: expected shape [{lm.d_model}] or [L, {lm.d_model}], "
+                                   f"got {list(v.shape)}")
+            if self.mode != "add":
+                raise ScSteerError("a raw vector can only be added (mode='add')")
+            return
+        if self.site not in saes:
+            raise ScSteerError(f"no SAE for {self.site} (have: {', '.join(saes) or 'none'})")
+        d_sae = saes[self.site].cfg.d_sae
+        if not isinstance(self.feature, int) or not 0 <= self.feature < d_sae:
+            raise ScSteerError(f"feature id {self.feature!r} is out of range for {self.site} (0-{d_sae - 1})")
+
+
+@dataclass
+class Recipe:
+    interventions: list[Intervention] = field(default_factory=list)
+    name: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            d = json.loads(text)
+            known = set(Intervention.__dataclass_fields__)
+            items = []
+            for x in d.get("interventions", []):
+                unknown = set(x) - known
+                if unknown:
+                    raise ScSteerError(f"recipe: unknown intervention key(s) {', '.join(sorted(unknown))}")
+                items.append(Intervention(**x))
+            return cls(items, d.get("name", ""))
+        except (json.JSONDecodeError, TypeError, AttributeError) as e:
+            raise ScSteerError(f"recipe is not valid JSON of the expected shape ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        if not Path(path).exists():
+            raise ScSteerError(f"recipe file {str(path)!r} does not exist")
+        return cls.from_json(Path(path).read_text())
+
+
+def step_mask(it: Intervention, shape: tuple[int, int], prefill: bool, prompt_mask: torch.Tensor | None,
+              device) -> torch.Tensor | None:
+    """Where ``it`` applies at one generation step (None: not at this step)."""
+    if it.positions == "prompt" and not prefill or it.positions == "generated" and prefill:
+        return None
+    where = torch.ones(shape, dtype=torch.bool, device=device)
+    if prefill and prompt_mask is not None:
+        where &= prompt_mask.to(device).bool()
+    if it.positions == "last":
+        where[:, :-1] = False
+    return where
+
+
+def edit_hidden(h: torch.Tensor, items: list[Intervention], saes: dict[str, SAE],
+                masks: list[torch.Tensor | None], align_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply interventions to ``h [B, T, d]``, each where its mask ``[B, T]`` is True (None: skip it).
+
+    An ActAdd sequence ``[L, d]`` is added at positions ``align_start[b] ...`` (the first real prompt
+    token of each row) and only when given ``align_start``.
+    """
+    out = h.float()
+    B, T, _ = h.shape
+    for it, where in zip(items, masks):
+        if where is None:
+            continue
+        if it.vector is not None:
+            v = torch.as_tensor(it.vector, dtype=torch.float32, device=h.device)
+            if v.dim() == 1:
+                out = out + it.coeff * where[..., None] * v
+            elif align_start is not None:
+                for b in range(B):
+                    s0 = int(align_start[b])
+                    n = min(len(v), T - s0)
+                    out[b, s0:s0 + n] += it.coeff * v[:n] * where[b, s0:s0 + n, None]
+            continue
+        sae = saes[it.site]
+        w = sae.W_dec[it.feature].detach().to(h.device)
+        if it.mode == "add":
+            amount = torch.full((B, T), float(it.coeff), device=h.device)
+        else:
+            f = sae.encode(out)[..., it.feature]
+            amount = {"remove": -f, "clamp": it.coeff - f, "scale": (it.coeff - 1) * f}[it.mode]
+        out = out + (amount * where)[..., None] * w
+    return out.to(h.dtype)
+
+
+def _tokenize(lm: LM, prompts: list[str]) -> dict:
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"].to(lm.device), "attention_mask": enc["attention_mask"].to(lm.device)}
+
+
+def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dict[str, SAE] | None = None, *,
+             max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Continuations of ``prompts`` (text after each prompt), steered by ``recipe`` at every step."""
+    import nnsight
+
+    saes = saes or {}
+    items = list(recipe.interventions) if recipe else []
+    for it in items:
+        it.check(lm, saes)
+    if not prompts or any(not p for p in prompts):
+        raise ScSteerError("generate: give one or more non-empty prompts")
+    if max_new_tokens < 1:
+        raise ScSteerError(f"max_new_tokens {max_new_tokens!r}: expected an integer >= 1")
+    inputs = _tokenize(lm, prompts)
+    by_site: dict[Site, list[Intervention]] = {}
+    for it in items:
+        by_site.setdefault(Site.parse(it.site, lm.n_layers), []).append(it)
+    sites = sorted(by_site, key=lambda s: s.order)
+    gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                  "pad_token_id": lm.tokenizer.pad_token_id}
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    torch.manual_seed(seed)
+    mask = inputs["attention_mask"]
+    if not sites:
+        with torch.no_grad():
+            ids = lm.hf.generate(**inputs, **gen_kwargs)
+    else:
+        with torch.no_grad(), warnings.catch_warnings(), lm.nn.generate(**gen_kwargs) as tracer:
+            # an open tracer.all() loop ends with a "never reached" note by design
+            warnings.filterwarnings("ignore", message=".*was never reached.*")
+            step = [0]  # outer object: the loop body runs once per generation step, prefill first
+            with tracer.invoke(inputs):
+                for _ in tracer.all():
+                    prefill = step[0] == 0
+                    for site in sites:
+                        env = lm.envoy(site)
+                        out = env.output
+                        h = out[0] if isinstance(out, tuple) else out
+                        masks = [step_mask(it, h.shape[:2], prefill, mask, h.device) for it in by_site[site]]
+                        start = (1 - mask).sum(1) if prefill else None
+                        new = edit_hidden(h, by_site[site], saes, masks, start)
+                        env.output = (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+                    step[0] += 1
+            with tracer.invoke():
+                ids = nnsight.save(tracer.result)
+    n = inputs["input_ids"].shape[1]
+    return [lm.tokenizer.decode(row[n:], skip_special_tokens=True) for row in ids]
+
+
+def actadd_vector(lm: LM, site: str, positive: str, negative: str) -> torch.Tensor:
+    """ActAdd: activations of ``positive`` minus ``negative`` at ``site``, position by position ``[L, d]``
+    (the shorter prompt is padded with space tokens, as in the original method)."""
+    import nnsight
+
+    tok = lm.tokenizer
+    a, b = tok(positive)["input_ids"], tok(negative)["input_ids"]
+    space = tok(" ", add_special_tokens=False)["input_ids"] or [tok.pad_token_id]
+    n = max(len(a), len(b))
+    a, b = a + space * (n - len(a)), b + space * (n - len(b))
+    ids = torch.tensor([a, b], device=lm.device)
+    s = Site.parse(site, lm.n_layers)
+    with torch.no_grad(), lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) as tracer:
+        h = nnsight.save(lm.site_value(s))
+        tracer.stop()
+    return (h[0] - h[1]).float().cpu()
+
+
+def decompose(vector: torch.Tensor, sae: SAE, k: int = 10) -> dict:
+    """Which SAE features make up a steering vector: by cosine with decoder rows and by encoder projection."""
+    v = torch.as_tensor(vector, dtype=torch.float32)
+    if v.dim() == 2:
+        v = v.sum(0)
+    W = sae.W_dec.detach().float()
+    cos = (W @ v) / (W.norm(dim=1) * v.norm()).clamp_min(1e-12)
+    proj = v @ sae.W_enc.detach().float()
+    top = cos.topk(k)
+    enc = proj.topk(k)
+    return {"by_cosine": [[int(i), float(c)] for c, i in zip(top.values, top.indices)],
+            "by_encoder": [[int(i), float(c)] for c, i in zip(enc.values, enc.indices)]}
+
+
+def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Intervention], saes: dict[str, SAE],
+                    watch: list[tuple[str, int]]) -> tuple[torch.Tensor, dict]:
+    """Logits of one sequence ``[1, T]`` with the recipe applied where generation would have applied it,
+    and the activations of the watched (site, feature) pairs (after any edit at that site)."""
+    import nnsight
+
+    T = ids.shape[1]
+    by_site: dict[Site, list[Intervention]] = {}
+    for it in items:
+        by_site.setdefault(Site.parse(it.site, lm.n_layers), []).append(it)
+    watched = {Site.parse(s, lm.n_layers) for s, _ in watch}
+    sites = sorted(set(by_site) | watched, key=lambda s: s.order)
+    pos = torch.arange(T, device=ids.device)[None]
+    region = {"all": pos >= 0, "prompt": pos < n_prompt, "generated": pos >= n_prompt, "last": pos >= n_prompt - 1}
+    seen: dict = {}
+    with torch.no_grad(), lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        for site in sites:
+            env = lm.envoy(site)
+            out = env.output
+            h = out[0] if isinstance(out, tuple) else out
+            if site in by_site:
+                its = by_site[site]
+                h = edit_hidden(h, its, saes, [region[it.positions] for it in its], torch.zeros(1, dtype=torch.long))
+                env.output = (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+            for s, f in watch:
+                if Site.parse(s, lm.n_layers) == site:
+                    seen[(s, f)] = nnsight.save(saes[s].encode(h.float())[0, :, f])
+        logits = nnsight.save(lm.nn.output.logits)
+    return logits[0].float(), seen
+
+
+def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, SAE], *, max_new_tokens: int = 30,
+                    target_tokens: list[str] = (), watch: list[tuple[str, int]] = ()) -> dict:
+    """What a recipe does, per prompt, along its own (greedy) steered continuation:
+
+    * ``kl_per_step``: KL(steered || baseline) of the next-token distribution at each generated step;
+    * ``target_logprob_change``: mean change of each target token's log-probability over those steps;
+    * ``watch``: mean activation of chosen (site, feature) pairs over the generated tokens, steered vs baseline;
+    * ``perplexity``: the unsteered model's perplexity of the steered continuation (a fluency proxy),
+      next to that of the baseline continuation.
+    """
+    for it in recipe.interventions:
+        it.check(lm, saes)
+    for s, f in watch:
+        if s not in saes or not 0 <= f < saes[s].cfg.d_sae:
+            raise ScSteerError(f"watch ({s}, {f}): no such SAE feature")
+    tok = lm.tokenizer
+    target_ids = {}
+    for t in target_tokens:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ScSteerError(f"target token {t!r} is {len(ids)} tokens; give single tokens")
+        target_ids[t] = ids[0]
+    report = []
+    for prompt in prompts:
+        steered = generate(lm, [prompt], recipe, saes, max_new_tokens=max_new_tokens)[0]
+        baseline = generate(lm, [prompt], None, saes, max_new_tokens=max_new_tokens)[0]
+        p_ids = tok(prompt, return_tensors="pt")["input_ids"].to(lm.device)
+        n = p_ids.shape[1]
+        row = {"prompt": prompt, "steered": steered, "baseline": baseline}
+        for name, text in (("steered", steered), ("baseline", baseline)):
+            c_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(lm.device)
+            ids = torch.cat([p_ids, c_ids], 1)
+            base_logits, base_seen = _teacher_forced(lm, ids, n, [], saes, watch)
+            lp = torch.log_softmax(base_logits[n - 1:-1], -1)
+            tgt = ids[0, n:]
+            row[f"perplexity_{name}"] = float((-lp.gather(-1, tgt[:, None])).mean().exp()) if len(tgt) else float("nan")
+            if name == "steered":
+                st_logits, st_seen = _teacher_forced(lm, ids, n, recipe.interventions, saes, watch)
+                lq = torch.log_softmax(st_logits[n - 1:-1], -1)
+                row["kl_per_step"] = [float(x) for x in (lq.exp() * (lq - lp)).sum(-1)]
+                row["target_logprob_change"] = {t: float((lq[:, i] - lp[:, i]).mean()) for t, i in target_ids.items()}
+                row["watch"] = {f"{s}:{f}": {"steered": float(st_seen[(s, f)][n:].mean()) if len(tgt) else 0.0,
+                                             "baseline": float(base_seen[(s, f)][n:].mean()) if len(tgt) else 0.0}
+                                for s, f in watch}
+        report.append(row)
+    return {"recipe": json.loads(recipe.to_json()), "prompts": report}

@@ -1,0 +1,125 @@
+"""The Gradio playground: API through gradio_client, concurrent users, and a real headless browser."""
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from sc_steer import open_model
+from sc_steer.interpret import interpret
+from sc_steer.sae import SAEConfig, make_sae
+from sc_steer.steer import Intervention, Recipe, generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dirs, tmp_path_factory):
+    import playground
+
+    run = tmp_path_factory.mktemp("apprun")
+    torch.manual_seed(5)
+    sae = make_sae(SAEConfig(architecture="relu", d_in=32, d_sae=40))
+    with torch.no_grad():
+        sae.W_enc.mul_(8.0)
+        sae.b_enc.fill_(-0.1)
+    sae.save(run / "saes" / "resid_post.1")
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
+    text = run / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth. To be, or not to be. " * 20)
+    lm = open_model(str(tiny_model_dirs["llama"]))
+    interpret(lm, {"resid_post.1": sae}, str(text), run, ctx=32, top_n=10, min_count=1, neurons=False,
+              progress=False)
+    port = free_port()
+    demo = playground.build(run)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield {"url": f"http://127.0.0.1:{port}/", "lm": lm, "saes": {"resid_post.1": sae}, "run": run}
+    demo.close()
+
+
+def recipe(feature, coeff, mode="add"):
+    return Recipe([Intervention("resid_post.1", feature, mode, coeff)])
+
+
+def test_gradio_client_gets_the_library_result(app):
+    from gradio_client import Client
+
+    client = Client(app["url"], verbose=False)
+    r = recipe(3, 8.0)
+    base, steered = client.predict("In the beginning", r.to_json(), 12, False, 1.0, 0, api_name="/steer")
+    kw = dict(max_new_tokens=12)
+    assert base == generate(app["lm"], ["In the beginning"], None, app["saes"], **kw)[0]
+    assert steered == generate(app["lm"], ["In the beginning"], r, app["saes"], **kw)[0]
+    assert steered != base
+
+
+def test_four_concurrent_clients_each_get_their_own_result(app):
+    from gradio_client import Client
+
+    jobs = [("In the beginning", recipe(3, 8.0)), ("To be, or not", recipe(7, -6.0)),
+            ("God created the heaven", recipe(11, 0.0, "remove")), ("the earth", recipe(2, 5.0, "clamp"))]
+    expected = [generate(app["lm"], [p], r, app["saes"], max_new_tokens=10)[0] for p, r in jobs]
+    results = [None] * 4
+
+    def call(i):
+        client = Client(app["url"], verbose=False)
+        results[i] = client.predict(jobs[i][0], jobs[i][1].to_json(), 10, False, 1.0, 0, api_name="/steer")[1]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == expected
+
+
+def test_bad_recipe_is_a_clear_error(app):
+    from gradio_client import Client
+
+    client = Client(app["url"], verbose=False)
+    with pytest.raises(Exception, match="out of range"):
+        client.predict("In the beginning", recipe(99, 1.0).to_json(), 5, False, 1.0, 0, api_name="/steer")
+
+
+def test_browser_adds_a_feature_and_sees_steered_text(app, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is needed for the browser test: apt-get install -y chromium")
+    shot = Path(os.environ.get("SC_STEER_SCREENSHOT_DIR", tmp_path)) / "playground.png"
+    errors = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(app["url"])
+        page.fill("#query textarea, #query input", "3")
+        page.click("#search")
+        page.wait_for_function("document.querySelector('#results').innerText.includes('resid_post.1')")
+        page.fill("#feature input", "3")
+        page.locator("#feature input").press("Enter")
+        page.click("#add")
+        page.wait_for_function("document.querySelector('#recipe') && document.querySelector('#recipe').innerText.includes('resid_post.1')")
+        page.fill("#prompt textarea", "In the beginning")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#steered textarea').value.length > 0", timeout=60000)
+        base = page.input_value("#baseline textarea")
+        steered = page.input_value("#steered textarea")
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert steered and base and steered != base
+    assert errors == []
