@@ -8,11 +8,10 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from sc_steer import open_model
 from sc_steer.interpret import interpret
-from sc_steer.sae import SAEConfig, make_sae
+from helpers import firing_sae
 from sc_steer.steer import Intervention, Recipe, generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
@@ -29,11 +28,7 @@ def app(tiny_model_dirs, tmp_path_factory):
     import playground
 
     run = tmp_path_factory.mktemp("apprun")
-    torch.manual_seed(5)
-    sae = make_sae(SAEConfig(architecture="relu", d_in=32, d_sae=40))
-    with torch.no_grad():
-        sae.W_enc.mul_(8.0)
-        sae.b_enc.fill_(-0.1)
+    sae = firing_sae()
     sae.save(run / "saes" / "resid_post.1")
     (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
     text = run / "t.txt"

@@ -7,15 +7,11 @@ from sc_steer.data import iter_batches, iter_rows, pad_token_id
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
 from sc_steer.sae import SAEConfig, make_sae
+from helpers import firing_sae
 
 
 def random_sae(arch, d_in, d_sae, seed, k=None):
-    torch.manual_seed(seed)
-    sae = make_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k))
-    with torch.no_grad():
-        sae.W_enc.mul_(8.0)
-        sae.b_enc.fill_(-0.1)
-    return sae
+    return firing_sae(arch, d_in, d_sae, seed, k)
 
 
 @pytest.fixture(scope="module")

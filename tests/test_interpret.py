@@ -8,6 +8,7 @@ from sc_steer import ScSteerError, open_model
 from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
 from sc_steer.interpret import UnitStats, interpret, load_unit, write_browser, write_plots
 from sc_steer.sae import SAEConfig, make_sae
+from helpers import firing_sae
 
 
 def brute_force_top(acts, rows, n, window):
@@ -68,11 +69,8 @@ def interpreted(tiny_model_dirs, tmp_path_factory):
             "thou art more lovely and more temperate: thee, thy, thine. " * 2]
     text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     lm = open_model(str(tiny_model_dirs["llama"]))
-    torch.manual_seed(1)
-    sae = make_sae(SAEConfig(architecture="relu", d_in=32, d_sae=48))
+    sae = firing_sae(d_sae=48, seed=1, gain=4.0, bias=-0.2)
     with torch.no_grad():
-        sae.W_enc.mul_(4.0)
-        sae.b_enc.fill_(-0.2)
         sae.W_enc[:, 5] = 0.0
         sae.b_enc[5] = -1.0     # feature 5 never fires
     summary = interpret(lm, {"resid_post.1": sae}, str(text), out, ctx=20, batch_size=2, top_n=6, window=4,

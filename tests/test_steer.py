@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sc_steer import ScSteerError, open_model
-from sc_steer.sae import SAEConfig, make_sae
+from helpers import firing_sae
 from sc_steer.steer import Intervention, Recipe, actadd_vector, decompose, generate
 
 PROMPTS = ["In the beginning God created", "To be, or not to be: that is"]
@@ -14,12 +14,7 @@ PROMPTS = ["In the beginning God created", "To be, or not to be: that is"]
 @pytest.fixture(scope="module")
 def steer_setup(tiny_model_dirs):
     lm = open_model(str(tiny_model_dirs["llama"]))
-    torch.manual_seed(5)
-    sae = make_sae(SAEConfig(architecture="relu", d_in=32, d_sae=40))
-    with torch.no_grad():
-        sae.W_enc.mul_(8.0)
-        sae.b_enc.fill_(-0.1)
-    return lm, {"resid_post.1": sae}
+    return lm, {"resid_post.1": firing_sae()}
 
 
 def hook_generate(lm, sae, prompts, item, max_new_tokens):
