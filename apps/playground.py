@@ -1,6 +1,7 @@
 """The steering playground: a thin Gradio UI over ``sc_steer.steer`` for one run directory.
 
     sc-steer app --run runs/demo            # http://127.0.0.1:7860
+    sc-steer app --run runs/demo --run runs/other   # several runs, chosen in the UI
 
 No science here: search reads the run's interpretation files, generation calls ``sc_steer.steer``.
 One model serves every user, so model calls go through one lock (and Gradio's queue); each browser
@@ -99,12 +100,15 @@ class Playground:
 
     def steer(self, prompt: str, recipe: Recipe, max_new_tokens: int, sample: bool, temperature: float,
               seed: int) -> tuple[str, str]:
+        return self.continuation(prompt, None, max_new_tokens, sample, temperature, seed), \
+            self.continuation(prompt, recipe, max_new_tokens, sample, temperature, seed)
+
+    def continuation(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool,
+                     temperature: float, seed: int) -> str:
         kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(sample), temperature=float(temperature),
                   seed=int(seed))
         with self.lock:
-            base = generate(self.lm, [prompt], None, self.saes, **kw)[0]
-            steered = generate(self.lm, [prompt], recipe, self.saes, **kw)[0]
-        return base, steered
+            return generate(self.lm, [prompt], recipe, self.saes, **kw)[0]
 
 
 def recipe_from_rows(rows) -> Recipe:
@@ -126,13 +130,17 @@ def python_snippet(recipe: Recipe, run: Path) -> str:
             f"recipe = Recipe([\n    {items}\n])\nprint(generate(lm, ['your prompt'], recipe, saes, max_new_tokens=40))\n")
 
 
-def build(run: str | Path) -> gr.Blocks:
-    pg = Playground(run)
-    sites = list(pg.saes)
+def build(runs: str | Path | list) -> gr.Blocks:
+    """The app over one or more run folders (each with its own model and SAEs; chosen in the UI)."""
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    pgs = {str(Path(r).resolve()): Playground(r) for r in runs}
+    first = next(iter(pgs.values()))
+    sites = list(first.saes)
     with gr.Blocks(title="sc-steer playground") as demo:
-        gr.Markdown(f"# sc-steer steering playground\nrun: `{pg.run}` · model: `{pg.lm.name}`")
+        gr.Markdown("# sc-steer steering playground")
         with gr.Row():
             with gr.Column(scale=1):
+                run_box = gr.Dropdown(list(pgs), value=str(first.run), label="run (model + SAEs)", elem_id="run")
                 site = gr.Dropdown(sites, value=sites[0], label="site")
                 query = gr.Textbox(label="search features (token, label or id)", elem_id="query")
                 search_btn = gr.Button("Search", elem_id="search")
@@ -162,12 +170,16 @@ def build(run: str | Path) -> gr.Blocks:
                     recipe_json = gr.Code(label="recipe JSON", language="json")
                     snippet = gr.Code(label="Python", language="python")
 
-        def do_search(q, s):
-            return pg.search(q, s)
+        def do_run(r):
+            ss = list(pgs[r].saes)
+            return gr.update(choices=ss, value=ss[0]), [], []
 
-        def do_select(evt: gr.SelectData, table):
+        def do_search(r, q, s):
+            return pgs[r].search(q, s)
+
+        def do_select(r, evt: gr.SelectData, table):
             row = table.values.tolist()[evt.index[0]] if hasattr(table, "values") else table[evt.index[0]]
-            return int(row[1]), pg.describe(row[0], int(row[1]))
+            return int(row[1]), pgs[r].describe(row[0], int(row[1]))
 
         def do_add(rows, s, f, m, c, p):
             data = rows.values.tolist() if hasattr(rows, "values") else list(rows or [])
@@ -175,30 +187,41 @@ def build(run: str | Path) -> gr.Blocks:
             data.append([s, int(f), m, float(c), p])
             return data
 
-        def do_generate(text, rows, n, smp, temp, sd, s, f):
-            recipe = recipe_from_rows(rows)
+        def do_generate(r, text, rows, n, smp, temp, sd, s, f):
+            """Streams: the baseline appears first, then the steered text, heatmap and exports."""
+            pg = pgs[r]
             try:
-                base, steered = pg.steer(text, recipe, n, smp, temp, sd)
-            except ScSteerError as e:
+                recipe = recipe_from_rows(rows)
+                for it in recipe.interventions:
+                    it.check(pg.lm, pg.saes)
+                base = pg.continuation(text, None, n, smp, temp, sd)
+                yield base, "", [], recipe.to_json(), python_snippet(recipe, pg.run)
+                steered = pg.continuation(text, recipe, n, smp, temp, sd)
+            except (ScSteerError, ValueError) as e:
                 raise gr.Error(str(e)) from None
             heat_v = pg.heatmap(text, s, int(f)) if f is not None else []
-            return base, steered, heat_v, recipe.to_json(), python_snippet(recipe, pg.run)
+            yield base, steered, heat_v, recipe.to_json(), python_snippet(recipe, pg.run)
 
-        def api_steer(text: str, recipe: str, n: int = 40, smp: bool = False, temp: float = 1.0, sd: int = 0):
+        def api_steer(text: str, recipe: str, n: int = 40, smp: bool = False, temp: float = 1.0, sd: int = 0,
+                      run: str = ""):
             try:
-                return pg.steer(text, Recipe.from_json(recipe), n, smp, temp, sd)
+                return pgs[run or str(first.run)].steer(text, Recipe.from_json(recipe), n, smp, temp, sd)
+            except KeyError:
+                raise gr.Error(f"unknown run {run!r}; this app serves {', '.join(pgs)}") from None
             except ScSteerError as e:
                 raise gr.Error(str(e)) from None
 
-        search_btn.click(do_search, [query, site], results)
-        query.submit(do_search, [query, site], results)
-        results.select(do_select, [results], [feature, details])
-        feature.change(lambda s, f: pg.describe(s, int(f or 0)), [site, feature], details)
+        run_box.change(do_run, [run_box], [site, results, recipe_rows])
+        search_btn.click(do_search, [run_box, query, site], results)
+        query.submit(do_search, [run_box, query, site], results)
+        results.select(do_select, [run_box, results], [feature, details])
+        feature.change(lambda r, s, f: pgs[r].describe(s, int(f or 0)), [run_box, site, feature], details)
         add_btn.click(do_add, [recipe_rows, site, feature, mode, coeff, positions], recipe_rows)
-        gen_btn.click(do_generate, [prompt, recipe_rows, max_new, sample, temperature, seed, site, feature],
+        gen_btn.click(do_generate, [run_box, prompt, recipe_rows, max_new, sample, temperature, seed, site, feature],
                       [base_out, steer_out, heat, recipe_json, snippet])
         api_in = [gr.Textbox(visible=False), gr.Textbox(visible=False), gr.Number(visible=False),
-                  gr.Checkbox(visible=False), gr.Number(visible=False), gr.Number(visible=False)]
+                  gr.Checkbox(visible=False), gr.Number(visible=False), gr.Number(visible=False),
+                  gr.Textbox(visible=False)]
         api_out = [gr.Textbox(visible=False), gr.Textbox(visible=False)]
         api_btn = gr.Button(visible=False)
         api_btn.click(api_steer, api_in, api_out, api_name="steer")
@@ -206,7 +229,7 @@ def build(run: str | Path) -> gr.Blocks:
     return demo
 
 
-def launch(run: str | Path, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    demo = build(run)
+def launch(runs: str | Path | list, host: str = "127.0.0.1", port: int = 7860, **kwargs):
+    demo = build(runs)
     demo.launch(server_name=host, server_port=port, show_api=True, **kwargs)
     return demo

@@ -297,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_steer)
 
-    p = sub.add_parser("app", help="the Gradio steering playground for a run")
-    p.add_argument("--run", required=True)
+    p = sub.add_parser("app", help="the Gradio steering playground for one or more runs")
+    p.add_argument("--run", action="append", required=True, help="a run folder (repeat to offer several)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.set_defaults(func=cmd_app)

@@ -36,10 +36,15 @@ def app(tiny_model_dirs, tmp_path_factory):
     lm = open_model(str(tiny_model_dirs["llama"]))
     interpret(lm, {"resid_post.1": sae}, str(text), run, ctx=32, top_n=10, min_count=1, neurons=False,
               progress=False)
+    run2 = tmp_path_factory.mktemp("apprun2")   # a second run with other SAEs, chosen per request
+    other = firing_sae(seed=11)
+    other.save(run2 / "saes" / "resid_post.1")
+    (run2 / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
     port = free_port()
-    demo = playground.build(run)
+    demo = playground.build([run, run2])
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield {"url": f"http://127.0.0.1:{port}/", "lm": lm, "saes": {"resid_post.1": sae}, "run": run}
+    yield {"url": f"http://127.0.0.1:{port}/", "lm": lm, "saes": {"resid_post.1": sae}, "run": run,
+           "run2": run2, "saes2": {"resid_post.1": other}}
     demo.close()
 
 
@@ -52,11 +57,23 @@ def test_gradio_client_gets_the_library_result(app):
 
     client = Client(app["url"], verbose=False)
     r = recipe(3, 8.0)
-    base, steered = client.predict("In the beginning", r.to_json(), 12, False, 1.0, 0, api_name="/steer")
+    base, steered = client.predict("In the beginning", r.to_json(), 12, False, 1.0, 0, "", api_name="/steer")
     kw = dict(max_new_tokens=12)
     assert base == generate(app["lm"], ["In the beginning"], None, app["saes"], **kw)[0]
     assert steered == generate(app["lm"], ["In the beginning"], r, app["saes"], **kw)[0]
     assert steered != base
+
+
+def test_a_second_run_is_served_with_its_own_saes(app):
+    from gradio_client import Client
+
+    client = Client(app["url"], verbose=False)
+    r = recipe(3, 8.0)
+    got = client.predict("In the beginning", r.to_json(), 10, False, 1.0, 0, str(app["run2"].resolve()),
+                         api_name="/steer")[1]
+    assert got == generate(app["lm"], ["In the beginning"], r, app["saes2"], max_new_tokens=10)[0]
+    with pytest.raises(Exception, match="unknown run"):
+        client.predict("In the beginning", r.to_json(), 5, False, 1.0, 0, "/etc", api_name="/steer")
 
 
 def test_four_concurrent_clients_each_get_their_own_result(app):
@@ -69,7 +86,7 @@ def test_four_concurrent_clients_each_get_their_own_result(app):
 
     def call(i):
         client = Client(app["url"], verbose=False)
-        results[i] = client.predict(jobs[i][0], jobs[i][1].to_json(), 10, False, 1.0, 0, api_name="/steer")[1]
+        results[i] = client.predict(jobs[i][0], jobs[i][1].to_json(), 10, False, 1.0, 0, "", api_name="/steer")[1]
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
     for t in threads:
@@ -84,7 +101,7 @@ def test_bad_recipe_is_a_clear_error(app):
 
     client = Client(app["url"], verbose=False)
     with pytest.raises(Exception, match="out of range"):
-        client.predict("In the beginning", recipe(99, 1.0).to_json(), 5, False, 1.0, 0, api_name="/steer")
+        client.predict("In the beginning", recipe(99, 1.0).to_json(), 5, False, 1.0, 0, "", api_name="/steer")
 
 
 def test_browser_adds_a_feature_and_sees_steered_text(app, tmp_path):
