@@ -65,6 +65,11 @@ def unwrap(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def rewrap(output: Any, hidden: torch.Tensor) -> Any:
+    """The inverse of ``unwrap``: ``hidden`` in place of the hidden state, any tuple structure kept."""
+    return (hidden,) + tuple(output[1:]) if isinstance(output, (tuple, list)) else hidden
+
+
 class LM:
     """An nnsight-wrapped causal LM plus the facts sc-steer needs: adapter, sites, tokenizer.
 

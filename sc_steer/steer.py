@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import ScSteerError
-from .models import LM
+from .models import LM, rewrap, unwrap
 from .sae import SAE
 from .sites import Site
 
@@ -193,11 +193,11 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
                     for site in sites:
                         env = lm.envoy(site)
                         out = env.output
-                        h = out[0] if isinstance(out, tuple) else out
+                        h = unwrap(out)
                         masks = [step_mask(it, h.shape[:2], prefill, mask, h.device) for it in by_site[site]]
                         start = (1 - mask).sum(1) if prefill else None
                         new = edit_hidden(h, by_site[site], saes, masks, start)
-                        env.output = (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+                        env.output = rewrap(out, new)
                     step[0] += 1
             with tracer.invoke():
                 ids = nnsight.save(tracer.result)
@@ -256,11 +256,11 @@ def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Interv
         for site in sites:
             env = lm.envoy(site)
             out = env.output
-            h = out[0] if isinstance(out, tuple) else out
+            h = unwrap(out)
             if site in by_site:
                 its = by_site[site]
                 h = edit_hidden(h, its, saes, [region[it.positions] for it in its], torch.zeros(1, dtype=torch.long))
-                env.output = (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+                env.output = rewrap(out, h)
             for s, f in watch:
                 if Site.parse(s, lm.n_layers) == site:
                     seen[(s, f)] = nnsight.save(saes[s].encode(h.float())[0, :, f])

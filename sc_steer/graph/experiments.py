@@ -14,7 +14,7 @@ import torch
 
 from ..data import iter_batches, iter_rows, pad_token_id
 from ..errors import ScSteerError
-from ..models import LM
+from ..models import LM, rewrap, unwrap
 from ..sae import SAE
 from ..sites import Site
 from .measure import MODES, WHERE
@@ -78,7 +78,7 @@ def ablation_experiment(lm: LM, saes: dict[str, SAE], prompts: list[str], ablati
                     sae = saes[str(site)]
                     env = lm.envoy(site)
                     out = env.output
-                    h = out[0] if isinstance(out, tuple) else out
+                    h = unwrap(out)
                     mine = [a for a in ablations if a.layer == layer]
                     if edited and mine:
                         f = sae.encode(h.float())
@@ -91,7 +91,7 @@ def ablation_experiment(lm: LM, saes: dict[str, SAE], prompts: list[str], ablati
                                 scale = scale * (fi > 0)
                             delta = delta + scale[..., None] * sae.W_dec[a.feature]
                         h = (h.float() + delta).to(h.dtype)
-                        env.output = (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+                        env.output = rewrap(out, h)
                     for t in targets:
                         if t[0] == layer:
                             saved[t] = nnsight.save(sae.encode(h.float())[..., t[1]])

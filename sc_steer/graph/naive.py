@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models import LM, unwrap
+from ..models import LM, rewrap, unwrap
 from ..sae import SAE
 from ..sites import Site
 
@@ -17,7 +17,7 @@ def _forward(lm: LM, layer: int, batch, edit=None) -> torch.Tensor:
         if edit is None:
             return None
         h = edit(unwrap(out))
-        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+        return rewrap(out, h)
 
     def read_hook(_m, _i, out):
         got["h"] = unwrap(out)

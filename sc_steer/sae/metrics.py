@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
-from ..models import LM, unwrap
+from ..models import LM, rewrap, unwrap
 from ..sites import Site
 from .base import SAE
 
@@ -37,7 +37,7 @@ def _replace(env, fn) -> None:
     """Inside a trace: set a module's output to fn(hidden), keeping any tuple structure."""
     out = env.output
     new = fn(unwrap(out))
-    env.output = (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+    env.output = rewrap(out, new)
 
 
 def _ce(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
