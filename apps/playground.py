@@ -105,10 +105,39 @@ class Playground:
 
     def continuation(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool,
                      temperature: float, seed: int) -> str:
+        text = ""
+        for text in self.stream(prompt, recipe, max_new_tokens, sample, temperature, seed):
+            pass
+        return text
+
+    def stream(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool, temperature: float,
+               seed: int):
+        """Yield the continuation as it grows, token by token (generation holds the model lock)."""
+        from transformers import TextIteratorStreamer
+
         kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(sample), temperature=float(temperature),
                   seed=int(seed))
-        with self.lock:
-            return generate(self.lm, [prompt], recipe, self.saes, **kw)[0]
+        streamer = TextIteratorStreamer(self.lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        result: dict = {}
+
+        def work():
+            try:
+                with self.lock:
+                    result["text"] = generate(self.lm, [prompt], recipe, self.saes, streamer=streamer, **kw)[0]
+            except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        yield result["text"]  # the exact decoded continuation (the streamer's pieces may differ in spacing)
 
 
 def recipe_from_rows(rows) -> Recipe:
@@ -188,15 +217,19 @@ def build(runs: str | Path | list) -> gr.Blocks:
             return data
 
         def do_generate(r, text, rows, n, smp, temp, sd, s, f):
-            """Streams: the baseline appears first, then the steered text, heatmap and exports."""
+            """Streams token by token: the baseline first, then the steered text; then the heatmap."""
             pg = pgs[r]
             try:
                 recipe = recipe_from_rows(rows)
                 for it in recipe.interventions:
                     it.check(pg.lm, pg.saes)
-                base = pg.continuation(text, None, n, smp, temp, sd)
-                yield base, "", [], recipe.to_json(), python_snippet(recipe, pg.run)
-                steered = pg.continuation(text, recipe, n, smp, temp, sd)
+                exports = recipe.to_json(), python_snippet(recipe, pg.run)
+                base = ""
+                for base in pg.stream(text, None, n, smp, temp, sd):
+                    yield base, "", [], *exports
+                steered = ""
+                for steered in pg.stream(text, recipe, n, smp, temp, sd):
+                    yield base, steered, [], *exports
             except (ScSteerError, ValueError) as e:
                 raise gr.Error(str(e)) from None
             heat_v = pg.heatmap(text, s, int(f)) if f is not None else []

@@ -156,8 +156,12 @@ def _tokenize(lm: LM, prompts: list[str]) -> dict:
 
 def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dict[str, SAE] | None = None, *,
              max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """Continuations of ``prompts`` (text after each prompt), steered by ``recipe`` at every step."""
+             top_p: float = 1.0, seed: int = 0, streamer=None) -> list[str]:
+    """Continuations of ``prompts`` (text after each prompt), steered by ``recipe`` at every step.
+
+    ``streamer`` is passed to ``transformers`` generate (e.g. a ``TextIteratorStreamer``) to receive
+    tokens as they are produced.
+    """
     import nnsight
 
     saes = saes or {}
@@ -177,6 +181,8 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
                   "pad_token_id": lm.tokenizer.pad_token_id}
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    if streamer is not None:  # e.g. transformers' TextIteratorStreamer, for one prompt
+        gen_kwargs["streamer"] = streamer
     torch.manual_seed(seed)
     mask = inputs["attention_mask"]
     if not sites:

@@ -127,9 +127,14 @@ def test_browser_adds_a_feature_and_sees_steered_text(app, tmp_path):
         page.wait_for_function("document.querySelector('#recipe') && document.querySelector('#recipe').innerText.includes('resid_post.1')")
         page.fill("#prompt textarea", "In the beginning")
         page.click("#generate")
-        page.wait_for_function("document.querySelector('#steered textarea').value.length > 0", timeout=60000)
+        # the UI's defaults: add, coefficient 10, all positions, 40 new tokens, greedy
+        want_base = generate(app["lm"], ["In the beginning"], None, app["saes"], max_new_tokens=40)[0]
+        want = generate(app["lm"], ["In the beginning"], recipe(3, 10.0), app["saes"], max_new_tokens=40)[0]
+        page.wait_for_function("w => document.querySelector('#steered textarea').value === w", arg=want,
+                               timeout=60000)
         base = page.input_value("#baseline textarea")
         steered = page.input_value("#steered textarea")
+        assert base == want_base
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
