@@ -9,11 +9,11 @@ layer-2 features it moves most and on next-token predictions; then clamps it to 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from sc_steer import open_model
+from sc_steer import ScSteerError, open_model
+from sc_steer.interpret import load_unit
 from sc_steer.graph.experiments import Ablation, ablation_experiment
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.data import iter_batches, iter_rows, pad_token_id
@@ -26,15 +26,10 @@ PROMPTS = ["Ge1:3 And God said, Let there be light: and there was light.",
 
 
 def label(run, layer: int, feature: int) -> str:
-    path = f"{run}/features/resid_post.{layer}.jsonl"
     try:
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if i == feature:
-                    return json.loads(line)["label"]
-    except FileNotFoundError:
-        pass
-    return "?"
+        return load_unit(run, f"resid_post.{layer}", feature)["label"]
+    except ScSteerError:  # the run has not been interpreted
+        return "?"
 
 
 def main() -> None:

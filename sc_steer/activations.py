@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
 from .errors import ScSteerError
+from .files import atomic_write, atomic_write_text
 from .models import DTYPES, LM
 from .sites import Site
 
@@ -34,9 +34,7 @@ META_KEYS = ("tokens", "doc", "row", "pos")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def run_sites(lm: LM, batch: TokenBatch, sites: list[Site]) -> dict[Site, torch.Tensor]:
@@ -176,9 +174,8 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
 def _write_shard(out: Path, manifest: dict, buf: dict, sites: list[Site], rows_end: int) -> None:
     tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
     name = f"shard_{len(manifest['shards']):05d}.safetensors"
-    tmp = out / "shards" / (name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "rows_end": str(rows_end)})
-    os.replace(tmp, out / "shards" / name)
+    atomic_write(out / "shards" / name,
+                 lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "rows_end": str(rows_end)}))
     norms = {str(s): float(tensors[f"act.{s}"].double().norm(dim=-1).sum()) for s in sites}
     manifest["shards"].append({"file": name, "n_tokens": len(tensors["tokens"]), "rows_end": rows_end,
                                "norm_sums": norms})

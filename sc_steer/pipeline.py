@@ -19,6 +19,7 @@ import torch
 
 from .activations import ActivationStore, collect
 from .errors import ScSteerError
+from .files import atomic_write_text
 from .models import LM, open_model
 from .sae import SAE, load_sae
 from .sae.config import TrainConfig
@@ -30,9 +31,7 @@ def _write_run_json(run: Path, info: dict) -> None:
     run.mkdir(parents=True, exist_ok=True)
     path = run / "run.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    tmp = path.with_name("run.json.tmp")
-    tmp.write_text(json.dumps({**old, **info}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({**old, **info}, indent=1))
 
 
 def read_run(run: str | Path) -> dict:

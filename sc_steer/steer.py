@@ -16,7 +16,6 @@ the edit runs inside nnsight's ``tracer.all()`` so it reaches every step. A raw 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import ScSteerError
+from .files import atomic_write_text
 from .models import LM, rewrap, unwrap
 from .sae import SAE
 from .sites import Site
@@ -88,11 +88,7 @@ class Recipe:
             raise ScSteerError(f"recipe is not valid JSON of the expected shape ({e})") from None
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:

@@ -1,7 +1,6 @@
 """The Gradio playground: API through gradio_client, concurrent users, and a real headless browser."""
 import json
 import os
-import shutil
 import socket
 import sys
 import threading
@@ -11,7 +10,7 @@ import pytest
 
 from sc_steer import open_model
 from sc_steer.interpret import interpret
-from helpers import firing_sae
+from helpers import firing_sae, launch_chromium
 from sc_steer.steer import Intervention, Recipe, generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
@@ -106,15 +105,10 @@ def test_bad_recipe_is_a_clear_error(app):
 
 def test_browser_adds_a_feature_and_sees_steered_text(app, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("Chromium is needed for the browser test: apt-get install -y chromium")
     shot = Path(os.environ.get("SC_STEER_SCREENSHOT_DIR", tmp_path)) / "playground.png"
     errors = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(app["url"])

@@ -8,7 +8,7 @@ from sc_steer import ScSteerError, open_model
 from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
 from sc_steer.interpret import UnitStats, interpret, load_unit, write_browser, write_plots
 from sc_steer.sae import SAEConfig, make_sae
-from helpers import firing_sae
+from helpers import firing_sae, launch_chromium
 
 
 def brute_force_top(acts, rows, n, window):
@@ -155,11 +155,6 @@ def test_bad_input(interpreted, tiny_model_dirs, tmp_path):
 
 def test_browser_opens_without_errors_and_finds_a_feature_by_token(interpreted):
     playwright = pytest.importorskip("playwright.sync_api")
-    import shutil
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.fail("Chromium is needed for the browser test: apt-get install -y chromium")
     out, summary = interpreted["out"], interpreted["summary"]
     index = write_browser(out, summary)
     pngs = write_plots(out, summary)
@@ -169,9 +164,7 @@ def test_browser_opens_without_errors_and_finds_a_feature_by_token(interpreted):
     token = rec["top_tokens"][0]["token"].strip()
     errors = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        browser = launch_chromium(p)
         page = browser.new_page()
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import networkx as nx
 
+from ..files import atomic_write
+
 FORMATS = ("graphml", "gexf", "json", "dot", "svg", "png", "html")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def layered_positions(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
@@ -66,7 +61,7 @@ def draw(g: nx.DiGraph, path: Path, title: str = "") -> None:
         ax.spines[s].set_visible(False)
     ax.set_title(title or "feature graph (red: source supports target, blue: suppresses)", fontsize=10)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format=path.suffix[1:], dpi=130))
+    atomic_write(path, lambda p: fig.savefig(p, format=path.suffix[1:], dpi=130))
     plt.close(fig)
 
 
@@ -127,17 +122,17 @@ def export_graph(g: nx.DiGraph, out: str | Path, name: str = "graph", formats: t
     for fmt in formats:
         path = out / f"{name}.{fmt}"
         if fmt == "graphml":
-            _atomic(path, lambda p: nx.write_graphml(g, p))
+            atomic_write(path, lambda p: nx.write_graphml(g, p))
         elif fmt == "gexf":
-            _atomic(path, lambda p: nx.write_gexf(g, p))
+            atomic_write(path, lambda p: nx.write_gexf(g, p))
         elif fmt == "json":
-            _atomic(path, lambda p: p.write_text(json.dumps(nx.node_link_data(g, edges="links"), indent=1)))
+            atomic_write(path, lambda p: p.write_text(json.dumps(nx.node_link_data(g, edges="links"), indent=1)))
         elif fmt == "dot":
-            _atomic(path, lambda p: nx.nx_pydot.write_dot(_quoted(g), p))
+            atomic_write(path, lambda p: nx.nx_pydot.write_dot(_quoted(g), p))
         elif fmt in ("svg", "png"):
             draw(g, path, title)
         elif fmt == "html":
-            _atomic(path, lambda p: p.write_text(html_view(g, title or name)))
+            atomic_write(path, lambda p: p.write_text(html_view(g, title or name)))
         paths[fmt] = path
     return paths
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from ..files import atomic_write, atomic_write_text
 from .features import KIND_TITLES
 
 _PAGE = r"""<!doctype html>
@@ -99,17 +99,12 @@ def write_browser(out: str | Path, summary: dict) -> Path:
         records = [json.loads(line) for line in (out / info["file"]).read_text().splitlines()]
         script = f"data/{_safe(key)}.js"
         payload = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")
-        tmp = out / "browser" / (script + ".tmp")
-        tmp.write_text(f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = {payload};\n")
-        os.replace(tmp, out / "browser" / script)
+        atomic_write_text(out / "browser" / script,
+                          f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = {payload};\n")
         sets.append({"key": key, "script": script,
                      "title": f"{info['site']} · {KIND_TITLES[info['kind']]} ({info['live']}/{info['n_units']} live)"})
     page = _PAGE.replace("__SETS__", json.dumps(sets)).replace("__EDGES__", json.dumps(summary["hist_edges_log10"]))
-    index = out / "browser" / "index.html"
-    tmp = index.with_name("index.html.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, index)
-    return index
+    return atomic_write_text(out / "browser" / "index.html", page)
 
 
 def write_plots(out: str | Path, summary: dict) -> list[Path]:
@@ -144,8 +139,7 @@ def write_plots(out: str | Path, summary: dict) -> list[Path]:
     ax.set_title("Interpretability score: SAE features vs neurons")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p1 = out / "interpret_scores.png"
-    fig.savefig(p1, dpi=110)
+    p1 = atomic_write(out / "interpret_scores.png", lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kind in kinds:
@@ -154,7 +148,6 @@ def write_plots(out: str | Path, summary: dict) -> list[Path]:
     ax.set_xlabel("log10 firing density (fraction of tokens with activation > 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p2 = out / "density.png"
-    fig.savefig(p2, dpi=110)
+    p2 = atomic_write(out / "density.png", lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
     return [p1, p2]

@@ -8,7 +8,6 @@ contexts with per-token activations, logit lens, and the interpretability score.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from ..activations import run_sites
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
+from ..files import atomic_write_text
 from ..models import LM
 from ..sae import SAE
 from ..sae.metrics import check_sae_fits
@@ -78,13 +78,6 @@ def label_for(top_tokens: list[dict], contexts: list[dict]) -> str:
 def _sig(v: float, digits: int = 5) -> float:
     """Round to significant digits (small activations keep their precision in the JSON)."""
     return float(f"{v:.{digits}g}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def unit_records(lm: LM, us: UnitSet, stats: UnitStats, tokens: torch.Tensor, strings: list[str], *,
@@ -169,17 +162,17 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     rng = random.Random(seed)
     for us in sets:
         recs = unit_records(lm, us, stats[us.key], tokens, strings, top_k_tokens=top_k_tokens, min_count=min_count)
-        _write_atomic(out / us.folder / f"{us.site}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        atomic_write_text(out / us.folder / f"{us.site}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
         live = [r for r in recs if r["density"] > 0]
         picked = sorted(rng.sample(live, min(sample, len(live))), key=lambda r: r["id"])
-        _write_atomic(out / us.folder / f"{us.site}.md", markdown_table(us, picked))
+        atomic_write_text(out / us.folder / f"{us.site}.md", markdown_table(us, picked))
         summary["sets"][us.key] = {"kind": us.kind, "site": str(us.site), "n_units": us.n_units,
                                    "live": len(live), "file": f"{us.folder}/{us.site}.jsonl",
                                    "score": summarize([r["score"] for r in recs]),
                                    "entropy": summarize([r["entropy"] for r in recs])}
     summary["hist_edges_log10"] = HIST_EDGES.tolist()
-    _write_atomic(out / "interpret.json", json.dumps(summary, indent=1))
-    _write_atomic(out / "interpret.md", summary_markdown(summary))
+    atomic_write_text(out / "interpret.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "interpret.md", summary_markdown(summary))
     return summary
 
 

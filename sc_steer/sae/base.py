@@ -10,7 +10,6 @@ activations: the normalisation used while training is folded into the weights (s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ScSteerError
+from ..files import atomic_write, atomic_write_text
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
 
@@ -198,20 +198,14 @@ class SAE(nn.Module):
         """Write ``cfg.json`` + ``sae_weights.safetensors`` (+ ``sparsity.safetensors``) atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic(path / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
+        atomic_write(path / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
         if log_firing_freq is not None:
-            _atomic(path / SPARSITY_FILE, lambda p: save_file({"sparsity": log_firing_freq.float().cpu()}, str(p)))
-        _atomic(path / CFG_FILE, lambda p: p.write_text(json.dumps(self.saelens_cfg(), indent=1)))
+            atomic_write(path / SPARSITY_FILE, lambda p: save_file({"sparsity": log_firing_freq.float().cpu()}, str(p)))
+        atomic_write_text(path / CFG_FILE, json.dumps(self.saelens_cfg(), indent=1))
         return path
 
     def extra_repr(self) -> str:
         return f"{self.architecture}, d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}, k={self.cfg.k}"
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def make_sae(cfg: SAEConfig) -> SAE:

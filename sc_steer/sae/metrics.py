@@ -14,7 +14,6 @@ A prediction is scored when its target is a real text token.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
+from ..files import atomic_write_text
 from ..models import LM, rewrap, unwrap
 from ..sites import Site
 from .base import SAE
@@ -142,7 +142,5 @@ def write_results(results: dict[str, dict], out: str | Path, meta: dict | None =
     texts = (json.dumps({"meta": meta or {}, "sites": results}, indent=1),
              f"# SAE evaluation\n\n{json.dumps(meta or {})}\n\n" + markdown_table(results))
     for p, t in zip(paths, texts):
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(t)
-        os.replace(tmp, p)
+        atomic_write_text(p, t)
     return paths

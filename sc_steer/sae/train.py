@@ -14,7 +14,6 @@ import copy
 import itertools
 import json
 import math
-import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..errors import ScSteerError
+from ..files import atomic_write
 from .base import SAE, SAEConfig, make_sae
 from .config import SAETrainConfig, TrainConfig
 
@@ -206,9 +206,7 @@ class Trainer:
             tensors[f"{site}/since_fired"] = st.since_fired.cpu()
             tensors[f"{site}/fire_count"] = st.fire_count.cpu()
             meta["sites"][site] = {"scale": st.scale, "adam_steps": adam_steps, "sae_cfg": st.sae.cfg.__dict__}
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        save_file(tensors, str(tmp), metadata={"sc_steer": json.dumps(meta)})
-        os.replace(tmp, self.out / CHECKPOINT)
+        atomic_write(self.out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata={"sc_steer": json.dumps(meta)}))
 
     def _restore(self) -> None:
         path = self.out / CHECKPOINT
@@ -323,10 +321,8 @@ def plot_training_curves(log_path: Path, png: Path) -> None:
             ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 def train_sae(x: torch.Tensor, architecture: str = "topk", *, d_sae: int | None = None, k: int | None = 32,
