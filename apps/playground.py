@@ -1,18 +1,17 @@
-"""The steering playground: a thin Gradio UI over ``sc_steer.steer`` for one run directory.
+"""The steering playground: a thin Gradio UI over ``sc_steer.steer`` for one or more run directories.
 
     sc-steer app --run runs/demo            # http://127.0.0.1:7860
     sc-steer app --run runs/demo --run runs/other   # several runs, chosen in the UI
+    sc-steer app --run runs/demo --device cuda --dtype bfloat16
 
-No science here: search reads the run's interpretation files, generation calls ``sc_steer.steer``.
-One model serves every user, so model calls go through one lock (and Gradio's queue); each browser
-session keeps its own recipe in ``gr.State``. Only files under the run folder are read, and nothing
-is unpickled.
+No science here: search reads the run's interpretation files, generation calls ``sc_steer.steer``
+(through ``serving.Playground``). One model serves every user, so model calls go through one lock
+(and Gradio's queue); each browser session keeps its own recipe in the UI. Only files under the run
+folder are read, and nothing is unpickled.
 """
 from __future__ import annotations
 
-import json
 import os
-import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -21,123 +20,11 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from sc_steer.errors import ScSteerError  # noqa: E402
-from sc_steer.models import open_model  # noqa: E402
-from sc_steer.pipeline import load_run_saes, read_run  # noqa: E402
-from sc_steer.steer import Intervention, Recipe, generate  # noqa: E402
+from sc_steer.steer import Intervention, Recipe  # noqa: E402
+
+from .serving import Playground  # noqa: E402
 
 COLUMNS = ["site", "feature", "mode", "coeff", "positions"]
-
-
-class Playground:
-    """State shared by all users: the model, the SAEs, the interpretation index, and the model lock."""
-
-    def __init__(self, run: str | Path):
-        self.run = Path(run).resolve()
-        info = read_run(self.run)
-        self.lm = open_model(info["model"])
-        self.saes = load_run_saes(self.run)
-        self.lock = threading.Lock()
-        self.features: dict[str, list[dict]] = {}
-        for site in self.saes:
-            path = self._path("features", f"{site}.jsonl")
-            if path.exists():
-                self.features[site] = [json.loads(line) for line in path.read_text().splitlines()]
-        graph = self._path("graph", "graph.json")
-        self.graph = json.loads(graph.read_text()) if graph.exists() else None
-
-    def _path(self, *parts: str) -> Path:
-        p = self.run.joinpath(*parts).resolve()
-        if self.run not in p.parents and p != self.run:
-            raise ScSteerError(f"refusing to read {p}: outside the run folder")
-        return p
-
-    # -- search -----------------------------------------------------------------------------------
-    def search(self, query: str, site: str) -> list[list]:
-        q = (query or "").strip().lower()
-        rows = []
-        for rec in self.features.get(site, []):
-            if not q or str(rec["id"]) == q or q in rec["label"].lower() or \
-                    any(q == t["token"].strip().lower() for t in rec["top_tokens"]):
-                rows.append([site, rec["id"], rec["label"], round(rec["density"], 5)])
-            if len(rows) >= 50:
-                break
-        return rows
-
-    def describe(self, site: str, feature: int) -> str:
-        feats = self.features.get(site)
-        if not feats or not 0 <= feature < len(feats):
-            return f"{site} feature {feature}: no interpretation in this run"
-        rec = feats[feature]
-        lines = [f"### {site} #{feature}: {rec['label']}",
-                 f"density {100 * rec['density']:.3f}%, max {rec['max_act']:.2f}", "", "**Top contexts**"]
-        for c in rec["contexts"][:5]:
-            toks = [f"⟦{t}⟧" if i == c["max_index"] else t for i, t in enumerate(c["tokens"])]
-            lines.append("- `" + "".join(toks).replace("\n", " ").replace("`", "'") + f"` ({c['max']:.2f})")
-        if self.graph:
-            nid = f"L{site.split('.')[-1]}/F{feature}"
-            edges = [e for e in self.graph["links"] if nid in (e["source"], e["target"])]
-            if edges:
-                lines += ["", "**Ablation-graph neighbourhood**"]
-                lines += [f"- {e['source']} → {e['target']}: weight {e['weight']:.3g}" for e in edges[:12]]
-        return "\n".join(lines)
-
-    # -- model calls (serialised) ------------------------------------------------------------------
-    def heatmap(self, prompt: str, site: str, feature: int) -> list[tuple[str, float]]:
-        import nnsight
-
-        from sc_steer.sites import Site
-
-        if not prompt:
-            return []
-        with self.lock, torch.no_grad():
-            ids = self.lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
-            with self.lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) as tracer:
-                h = nnsight.save(self.lm.site_value(Site.parse(site, self.lm.n_layers)))
-                tracer.stop()
-            acts = self.saes[site].encode(h[0].float())[:, feature]
-        m = float(acts.max()) or 1.0
-        return [(self.lm.tokenizer.decode([t]), round(float(a) / m, 3)) for t, a in zip(ids[0].tolist()[1:], acts[1:])]
-
-    def steer(self, prompt: str, recipe: Recipe, max_new_tokens: int, sample: bool, temperature: float,
-              seed: int) -> tuple[str, str]:
-        return self.continuation(prompt, None, max_new_tokens, sample, temperature, seed), \
-            self.continuation(prompt, recipe, max_new_tokens, sample, temperature, seed)
-
-    def continuation(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool,
-                     temperature: float, seed: int) -> str:
-        text = ""
-        for text in self.stream(prompt, recipe, max_new_tokens, sample, temperature, seed):
-            pass
-        return text
-
-    def stream(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool, temperature: float,
-               seed: int):
-        """Yield the continuation as it grows, token by token (generation holds the model lock)."""
-        from transformers import TextIteratorStreamer
-
-        kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(sample), temperature=float(temperature),
-                  seed=int(seed))
-        streamer = TextIteratorStreamer(self.lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-        result: dict = {}
-
-        def work():
-            try:
-                with self.lock:
-                    result["text"] = generate(self.lm, [prompt], recipe, self.saes, streamer=streamer, **kw)[0]
-            except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
-                result["error"] = e
-                streamer.end()
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text
-        worker.join()
-        if "error" in result:
-            raise result["error"]
-        yield result["text"]  # the exact decoded continuation (the streamer's pieces may differ in spacing)
 
 
 def recipe_from_rows(rows) -> Recipe:
@@ -150,19 +37,23 @@ def recipe_from_rows(rows) -> Recipe:
     return Recipe(items)
 
 
-def python_snippet(recipe: Recipe, run: Path) -> str:
+def python_snippet(recipe: Recipe, pg: Playground) -> str:
     items = ",\n    ".join(f"Intervention({it.site!r}, {it.feature}, {it.mode!r}, {it.coeff}, {it.positions!r})"
                            for it in recipe.interventions)
-    return ("from sc_steer.models import open_model\nfrom sc_steer.pipeline import load_run_saes, read_run\n"
+    run, dtype = str(pg.run), str(pg.lm.dtype).removeprefix("torch.")
+    return ("from sc_steer.pipeline import load_run_saes, open_run_model\n"
             "from sc_steer.steer import Intervention, Recipe, generate\n\n"
-            f"lm = open_model(read_run({str(run)!r})['model'])\nsaes = load_run_saes({str(run)!r})\n"
+            f"lm = open_run_model({run!r}, device={str(pg.lm.device)!r}, dtype={dtype!r})\n"
+            f"saes = load_run_saes({run!r}, device=lm.device)\n"
             f"recipe = Recipe([\n    {items}\n])\nprint(generate(lm, ['your prompt'], recipe, saes, max_new_tokens=40))\n")
 
 
-def build(runs: str | Path | list) -> gr.Blocks:
-    """The app over one or more run folders (each with its own model and SAEs; chosen in the UI)."""
+def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
+          dtype: str | torch.dtype = "float32") -> gr.Blocks:
+    """The app over one or more run folders (each with its own model and SAEs; chosen in the UI), the
+    models opened on ``device`` in ``dtype``."""
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    pgs = {str(Path(r).resolve()): Playground(r) for r in runs}
+    pgs = {str(Path(r).resolve()): Playground(r, device=device, dtype=dtype) for r in runs}
     first = next(iter(pgs.values()))
     sites = list(first.saes)
     with gr.Blocks(title="sc-steer playground") as demo:
@@ -223,7 +114,7 @@ def build(runs: str | Path | list) -> gr.Blocks:
                 recipe = recipe_from_rows(rows)
                 for it in recipe.interventions:
                     it.check(pg.lm, pg.saes)
-                exports = recipe.to_json(), python_snippet(recipe, pg.run)
+                exports = recipe.to_json(), python_snippet(recipe, pg)
                 base = ""
                 for base in pg.stream(text, None, n, smp, temp, sd):
                     yield base, "", [], *exports
@@ -233,7 +124,7 @@ def build(runs: str | Path | list) -> gr.Blocks:
             except (ScSteerError, ValueError) as e:
                 raise gr.Error(str(e)) from None
             heat_v = pg.heatmap(text, s, int(f)) if f is not None else []
-            yield base, steered, heat_v, recipe.to_json(), python_snippet(recipe, pg.run)
+            yield base, steered, heat_v, recipe.to_json(), python_snippet(recipe, pg)
 
         def api_steer(text: str, recipe: str, n: int = 40, smp: bool = False, temp: float = 1.0, sd: int = 0,
                       run: str = ""):
@@ -262,7 +153,9 @@ def build(runs: str | Path | list) -> gr.Blocks:
     return demo
 
 
-def launch(runs: str | Path | list, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    demo = build(runs)
-    demo.launch(server_name=host, server_port=port, show_api=True, **kwargs)
+def launch(runs: str | Path | list, host: str = "127.0.0.1", port: int = 7860, *, device: str | torch.device = "cpu",
+           dtype: str | torch.dtype = "float32", **kwargs):
+    """Build the app and serve it (blocks unless ``prevent_thread_lock=True`` is passed)."""
+    demo = build(runs, device=device, dtype=dtype)
+    demo.launch(server_name=host, server_port=port, **kwargs)
     return demo

@@ -24,9 +24,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
+from .devices import DTYPES
 from .errors import ScSteerError
 from .files import atomic_write, atomic_write_text
-from .models import DTYPES, LM
+from .models import LM
 from .sites import Site
 
 FORMAT = "sc-steer.activations/1"

@@ -11,19 +11,29 @@ from pathlib import Path
 from .errors import ScSteerError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo", help="'demo' (shipped), a local folder or a hub id (default: demo)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (default: float32)")
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="where the model (and the SAEs with it) runs: cpu, cuda, "
+                   "cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="the model's dtype: float32, bfloat16, float16 or auto; "
+                   "SAEs stay float32 (default: float32)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, default: str | None = "demo") -> None:
+    p.add_argument("--model", default=default, help="'demo' (shipped), a local folder or a hub id "
+                   + ("(default: demo)" if default else "(default: the run's own model)"))
+    _add_device_args(p)
     p.add_argument("--remote", choices=["ndif", "local"], help="run traces on NDIF (needs NDIF_API_KEY), or "
                    "through nnsight's remote serialisation path locally")
 
 
 def _open(args):
+    """The model named by --model, or else by the run's run.json, on --device in --dtype."""
     from .models import open_model
+    from .pipeline import read_run
 
     remote = {"ndif": True, "local": "local", None: False}[args.remote]
-    return open_model(args.model, device=args.device, dtype=args.dtype, remote=remote)
+    model = args.model or read_run(args.run)["model"]
+    return open_model(model, device=args.device, dtype=args.dtype, remote=remote)
 
 
 def cmd_collect(args) -> None:
@@ -59,10 +69,13 @@ def cmd_train(args) -> None:
 
     cfg = _train_config(args)
     if args.activations:
-        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=args.device)
+        from .devices import resolve_device
+
+        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume,
+                                device=resolve_device(args.device))
     else:
         lm = _open(args)
-        saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=args.device)
+        saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=lm.device)
     print(f"trained {len(saes)} SAEs -> {args.out}/saes/ ({', '.join(saes)}); curves: {args.out}/training_curves.png")
 
 
@@ -70,8 +83,7 @@ def cmd_eval(args) -> None:
     from .pipeline import eval_run
     from .sae.metrics import markdown_table
 
-    lm = _open(args) if args.model else None
-    results = eval_run(args.run, args.data, lm=lm, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    results = eval_run(args.run, args.data, lm=_open(args), max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(markdown_table(results))
     print(f"-> {args.run}/eval.json, {args.run}/eval.md")
 
@@ -79,9 +91,8 @@ def cmd_eval(args) -> None:
 def cmd_interpret(args) -> None:
     from .pipeline import interpret_run
 
-    lm = _open(args) if args.model else None
     sites = [x.strip() for x in args.sites.split(",")] if args.sites else None
-    summary = interpret_run(args.run, args.data, lm=lm, max_tokens=args.max_tokens, sites=sites,
+    summary = interpret_run(args.run, args.data, lm=_open(args), max_tokens=args.max_tokens, sites=sites,
                             neurons=not args.no_neurons, top_n=args.top_n, window=args.window,
                             min_count=args.min_count)
     print((Path(args.run) / "interpret.md").read_text())
@@ -92,7 +103,7 @@ def cmd_interpret(args) -> None:
 def cmd_graph(args) -> None:
     from .graph.run import graph_run
 
-    lm = _open(args) if args.model else None
+    lm = _open(args)
     layers = None
     if args.layers:
         lo, _, hi = args.layers.partition("-")
@@ -134,12 +145,11 @@ def _parse_interventions(args):
 def cmd_steer(args) -> None:
     import textwrap
 
-    from .models import open_model
-    from .pipeline import load_run_saes, read_run
+    from .pipeline import load_run_saes
     from .steer import generate
 
-    lm = _open(args) if args.model else open_model(read_run(args.run)["model"])
-    saes = load_run_saes(args.run)
+    lm = _open(args)
+    saes = load_run_saes(args.run, device=lm.device)
     recipe = _parse_interventions(args)
     if not recipe.interventions:
         raise ScSteerError("nothing to steer with: give --add/--remove/--clamp/--scale or --recipe")
@@ -161,15 +171,10 @@ def cmd_steer(args) -> None:
 
 
 def cmd_app(args) -> None:
-    import importlib.util
+    from sc_steer_apps.playground import launch
 
-    path = Path(__file__).resolve().parent.parent / "apps" / "playground.py"
-    if not path.exists():
-        raise ScSteerError(f"the playground app is not installed next to the package ({path})")
-    spec = importlib.util.spec_from_file_location("sc_steer_playground", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.launch(args.run, host=args.host, port=args.port)
+    print(f"serving {', '.join(args.run)} on http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)
+    launch(args.run, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
 
 
 def cmd_demo(args) -> None:
@@ -180,7 +185,8 @@ def cmd_demo(args) -> None:
 
     t = time.time()
     results = demo(args.out, collect_tokens=args.collect_tokens, train_tokens=args.train_tokens,
-                   eval_tokens=args.eval_tokens, interpret_tokens=args.interpret_tokens)
+                   eval_tokens=args.eval_tokens, interpret_tokens=args.interpret_tokens, device=args.device,
+                   dtype=args.dtype)
     print(markdown_table(results))
     print((Path(args.out) / "interpret.md").read_text())
     print(f"demo finished in {time.time() - t:.0f} s. Results in {args.out}/: eval.md, eval.json, saes/<site>/, "
@@ -237,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="L0, FVU, dead/dense fractions, CE loss recovered and KL per site")
     p.add_argument("--run", required=True, help="a run folder with saes/")
-    _add_model_args(p)
-    p.set_defaults(model=None)
+    _add_model_args(p, default=None)
     p.add_argument("--data", default="demo:heldout")
     p.add_argument("--max-tokens", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=8)
@@ -247,8 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("interpret", help="top tokens, contexts, logit lens and scores for SAE features and "
                        "neurons; a static HTML browser")
     p.add_argument("--run", required=True, help="a run folder with saes/")
-    _add_model_args(p)
-    p.set_defaults(model=None)
+    _add_model_args(p, default=None)
     p.add_argument("--data", default="demo:heldout")
     p.add_argument("--sites", help="only these SAE sites (default: all in the run)")
     p.add_argument("--max-tokens", type=int, default=200_000)
@@ -260,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("graph", help="ablate features at layer n, measure layer n+1 features, export a graph")
     p.add_argument("--run", required=True, help="a run folder with saes/ (labels come from its interpretation)")
-    _add_model_args(p)
-    p.set_defaults(model=None)
+    _add_model_args(p, default=None)
     p.add_argument("--prompts", default="demo:heldout", help="a .txt file (one prompt per line) or a data spec")
     p.add_argument("--max-prompts", type=int, default=64)
     p.add_argument("--ctx", type=int, default=64)
@@ -281,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("steer", help="generate with SAE features added / removed; baseline and steered side by side")
     p.add_argument("--run", required=True, help="a run folder with saes/")
-    _add_model_args(p)
-    p.set_defaults(model=None)
+    _add_model_args(p, default=None)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--add", action="append", metavar="SITE:FEATURE:COEFF", help="add COEFF x the feature's direction")
     p.add_argument("--remove", action="append", metavar="SITE:FEATURE", help="error-preserving ablation, every step")
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", required=True, help="a run folder (repeat to offer several)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    _add_device_args(p)
     p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("demo", help="collect -> train -> eval -> interpret -> graph on the shipped demo model, offline")
@@ -309,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-tokens", type=int, help="training tokens per SAE (default 1,228,800)")
     p.add_argument("--eval-tokens", type=int, default=50_000)
     p.add_argument("--interpret-tokens", type=int, default=200_000)
+    _add_device_args(p)
     p.set_defaults(func=cmd_demo)
     return ap
 

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 
+from .devices import resolve_device, resolve_dtype
 from .errors import ScSteerError
 from .sites import Site, parse_sites
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -163,19 +162,19 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
-def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: str = "cpu", dtype: str = "float32",
-               remote: bool | str = False, revision: str | None = None) -> LM:
+def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = "float32", remote: bool | str = False, revision: str | None = None) -> LM:
     """Open a causal LM: ``"demo"``, a local folder, a hub id, or an already built transformers module.
 
-    ``dtype`` is one of float32, float16, bfloat16 or "auto" (the checkpoint's own). ``remote=True``
-    runs traces on NDIF (needs ``NDIF_API_KEY``; weights are never loaded here); ``remote="local"``
-    loads the weights here and runs every trace through nnsight's remote serialisation path.
+    ``device`` is where the model runs (cpu, cuda, cuda:N, ...); SAEs used with it follow it there.
+    ``dtype`` is one of float32, float16, bfloat16 or "auto" (the checkpoint's own). A module passed
+    directly stays where and as it is. ``remote=True`` runs traces on NDIF (needs ``NDIF_API_KEY``;
+    weights are never loaded here); ``remote="local"`` loads the weights here and runs every trace
+    through nnsight's remote serialisation path.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ScSteerError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)} or auto")
-    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    torch_dtype = resolve_dtype(dtype)
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
             raise ScSteerError("open_model: a module passed directly needs tokenizer=")
@@ -203,6 +202,7 @@ def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: s
 
         nn = TransformersModel(source, task="text-generation", revision=revision)  # meta weights only
         return LM(nn._module, nn.tokenizer, name, remote=True, nn_model=nn)
+    device = resolve_device(device)
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision)
         tok = tokenizer or AutoTokenizer.from_pretrained(source, revision=revision)
@@ -211,5 +211,5 @@ def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: s
     try:
         hf = hf.to(device)
     except (RuntimeError, AssertionError) as e:
-        raise ScSteerError(f"device {device!r}: {str(e).splitlines()[0]}") from e
+        raise ScSteerError(f"--device {device}: {str(e).splitlines()[0]}") from e
     return LM(hf.eval(), tok, name, remote=remote)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -72,8 +71,13 @@ def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ct
     return Trainer(cfg, source, out, info, meta, device, progress).run(resume=resume)
 
 
-def load_run_saes(run: str | Path, sites: list[str] | None = None) -> dict[str, SAE]:
-    """The SAEs of a run, by site name (all of them unless ``sites`` is given)."""
+def load_run_saes(run: str | Path, sites: list[str] | None = None, *,
+                  device: str | torch.device = "cpu") -> dict[str, SAE]:
+    """The SAEs of a run, by site name (all of them unless ``sites`` is given), on ``device``.
+
+    Pass the model's device (``lm.device``) to load them where they will be used; functions that take
+    a model and SAEs also move them there themselves (``sc_steer.devices.follow_model``).
+    """
     root = Path(run) / "saes"
     if not root.is_dir():
         raise ScSteerError(f"{str(run)!r} has no saes/ folder (train first)")
@@ -81,15 +85,23 @@ def load_run_saes(run: str | Path, sites: list[str] | None = None) -> dict[str, 
     missing = [s for s in names if not (root / s).is_dir()]
     if missing:
         raise ScSteerError(f"run {str(run)!r} has no SAE for {', '.join(missing)}")
-    return {s: load_sae(root / s) for s in names}
+    return {s: load_sae(root / s, device) for s in names}
+
+
+def open_run_model(run: str | Path, lm: LM | None = None, *, device: str | torch.device = "cpu",
+                   dtype: str | torch.dtype = "float32") -> LM:
+    """``lm`` if given, else the model the run was trained on, opened on ``device`` in ``dtype``."""
+    return lm if lm is not None else open_model(read_run(run)["model"], device=device, dtype=dtype)
 
 
 def eval_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None = None, max_tokens: int = 50_000,
-             batch_size: int = 8, progress: bool = True) -> dict[str, dict]:
-    """Evaluate a run's SAEs on held-out text; writes eval.json and eval.md into the run."""
-    info = read_run(run)
-    lm = lm or open_model(info["model"])
-    saes = load_run_saes(run)
+             batch_size: int = 8, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+             progress: bool = True) -> dict[str, dict]:
+    """Evaluate a run's SAEs on held-out text; writes eval.json and eval.md into the run.
+
+    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``."""
+    lm = open_run_model(run, lm, device=device, dtype=dtype)
+    saes = load_run_saes(run, device=lm.device)
     ctx = next(iter(saes.values())).cfg.context_size or 256
     t = time.time()
     results = evaluate_saes(lm, saes, data, ctx=ctx, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
@@ -99,13 +111,15 @@ def eval_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None = Non
 
 
 def interpret_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None = None, max_tokens: int = 200_000,
-                  sites: list[str] | None = None, neurons: bool = True, progress: bool = True, **options) -> dict:
-    """Interpret a run's SAEs (and the neuron baselines): JSONL, Markdown, browser and plots in the run."""
+                  sites: list[str] | None = None, neurons: bool = True, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype = "float32", progress: bool = True, **options) -> dict:
+    """Interpret a run's SAEs (and the neuron baselines): JSONL, Markdown, browser and plots in the run.
+
+    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``."""
     from .interpret import interpret, write_browser, write_plots
 
-    info = read_run(run)
-    lm = lm or open_model(info["model"])
-    saes = load_run_saes(run, sites)
+    lm = open_run_model(run, lm, device=device, dtype=dtype)
+    saes = load_run_saes(run, sites, device=lm.device)
     ctx = next(iter(saes.values())).cfg.context_size or 256
     summary = interpret(lm, saes, data, run, max_tokens=max_tokens, ctx=ctx, neurons=neurons, progress=progress,
                         **options)
@@ -119,17 +133,19 @@ DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800
 
 
 def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_tokens: int | None = None,
-         eval_tokens: int = 50_000, interpret_tokens: int = 200_000, progress: bool = True) -> dict[str, dict]:
-    """collect -> train -> eval -> interpret on the shipped demo model, offline. Rerunning resumes."""
+         eval_tokens: int = 50_000, interpret_tokens: int = 200_000, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype = "float32", progress: bool = True) -> dict[str, dict]:
+    """collect -> train -> eval -> interpret -> graph on the shipped demo model, offline, on ``device``
+    (SAEs train there too; the model runs in ``dtype``, SAEs in float32). Rerunning resumes."""
     from .sae.config import config_from_dict
 
     out = Path(out)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    lm = open_model("demo")
+    lm = open_model("demo", device=device, dtype=dtype)
     collect(lm, "resid_post.*", "demo", out / "activations", ctx=256, batch_size=16, max_tokens=collect_tokens,
             progress=progress)
     cfg = dict(DEMO_TRAIN, tokens=train_tokens or DEMO_TRAIN["tokens"])
-    train_from_store(out / "activations", config_from_dict(cfg), out, resume=True, progress=progress)
+    train_from_store(out / "activations", config_from_dict(cfg), out, resume=True, device=lm.device,
+                     progress=progress)
     results = eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)
     interpret_run(out, "demo:heldout", lm=lm, max_tokens=interpret_tokens, progress=progress)
     from .graph.run import graph_run

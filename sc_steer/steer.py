@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import follow_model
 from .errors import ScSteerError
 from .files import atomic_write_text
 from .models import LM, rewrap, unwrap
@@ -160,7 +161,7 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
     """
     import nnsight
 
-    saes = saes or {}
+    saes = follow_model(saes or {}, lm)
     items = list(recipe.interventions) if recipe else []
     for it in items:
         it.check(lm, saes)
@@ -227,10 +228,10 @@ def actadd_vector(lm: LM, site: str, positive: str, negative: str) -> torch.Tens
 
 def decompose(vector: torch.Tensor, sae: SAE, k: int = 10) -> dict:
     """Which SAE features make up a steering vector: by cosine with decoder rows and by encoder projection."""
-    v = torch.as_tensor(vector, dtype=torch.float32)
+    W = sae.W_dec.detach().float()
+    v = torch.as_tensor(vector).to(W.device, torch.float32)
     if v.dim() == 2:
         v = v.sum(0)
-    W = sae.W_dec.detach().float()
     cos = (W @ v) / (W.norm(dim=1) * v.norm()).clamp_min(1e-12)
     proj = v @ sae.W_enc.detach().float()
     top = cos.topk(k)
@@ -280,6 +281,7 @@ def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, 
     * ``perplexity``: the unsteered model's perplexity of the steered continuation (a fluency proxy),
       next to that of the baseline continuation.
     """
+    follow_model(saes, lm)
     for it in recipe.interventions:
         it.check(lm, saes)
     for s, f in watch:

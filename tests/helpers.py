@@ -1,4 +1,14 @@
 """Helpers shared by the tests."""
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import torch
 
 from sc_steer.sae import SAEConfig, make_sae
@@ -29,3 +39,58 @@ def launch_chromium(playwright):
     if path is None:
         pytest.fail("Chromium is needed for the browser tests: apt-get install -y chromium")
     return playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+
+
+def sc_steer_exe() -> str:
+    """The installed `sc-steer` console script of this interpreter's environment (as users call it)."""
+    exe = Path(sys.executable).parent / "sc-steer"
+    return str(exe) if exe.exists() else shutil.which("sc-steer")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    """Until ``url`` answers 200; fails early (with the server's output) if the server exits."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"no answer from {url} after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@contextlib.contextmanager
+def serve_app(args: list[str], cwd: Path, command: str | None = None):
+    """Start `sc-steer app ARGS --port P` (or the shell ``command`` plus ``--port P``) as a subprocess,
+    wait until it serves HTTP on 127.0.0.1, yield its URL, then stop it."""
+    port = free_port()
+    log = Path(cwd) / f"app-{port}.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    with log.open("w") as out:
+        if command is None:
+            cmd = [sc_steer_exe(), "app", *args, "--port", str(port)]
+        else:
+            cmd = ["bash", "-c", f"{command} --port {port}"]
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            wait_for_http(url, proc, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

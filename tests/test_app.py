@@ -1,8 +1,7 @@
-"""The Gradio playground: API through gradio_client, concurrent users, and a real headless browser."""
+"""The Gradio playground as users start it (`sc-steer app --run A --run B --port P`, a subprocess):
+API through gradio_client, concurrent users, and a real headless browser."""
 import json
 import os
-import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -10,22 +9,12 @@ import pytest
 
 from sc_steer import open_model
 from sc_steer.interpret import interpret
-from helpers import firing_sae, launch_chromium
+from helpers import firing_sae, launch_chromium, serve_app
 from sc_steer.steer import Intervention, Recipe, generate
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "apps"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dirs, tmp_path_factory):
-    import playground
-
     run = tmp_path_factory.mktemp("apprun")
     sae = firing_sae()
     sae.save(run / "saes" / "resid_post.1")
@@ -39,12 +28,9 @@ def app(tiny_model_dirs, tmp_path_factory):
     other = firing_sae(seed=11)
     other.save(run2 / "saes" / "resid_post.1")
     (run2 / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
-    port = free_port()
-    demo = playground.build([run, run2])
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield {"url": f"http://127.0.0.1:{port}/", "lm": lm, "saes": {"resid_post.1": sae}, "run": run,
-           "run2": run2, "saes2": {"resid_post.1": other}}
-    demo.close()
+    with serve_app(["--run", str(run), "--run", str(run2)], cwd=tmp_path_factory.mktemp("appcwd")) as url:
+        yield {"url": url, "lm": lm, "saes": {"resid_post.1": sae}, "run": run, "run2": run2,
+               "saes2": {"resid_post.1": other}}
 
 
 def recipe(feature, coeff, mode="add"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..data import TokenBatch
+from ..devices import follow_model
 from ..models import LM
 from ..sae import SAE
 from .measure import capture_block_inputs, run_block
@@ -22,6 +23,7 @@ def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[Tok
     With ``targets=None`` the objective is the total activation of all layer-(n+1) features, giving
     one column: how much each source drives layer n+1 overall.
     """
+    follow_model({"n": sae_n, "next": sae_next}, lm)
     cols = 1 if targets is None else len(targets)
     out = torch.zeros(len(sources), cols, dtype=torch.float64)
     count = 0

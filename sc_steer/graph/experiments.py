@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import iter_batches, iter_rows, pad_token_id
+from ..devices import follow_model
 from ..errors import ScSteerError
 from ..models import LM, rewrap, unwrap
 from ..sae import SAE
@@ -57,6 +58,7 @@ def ablation_experiment(lm: LM, saes: dict[str, SAE], prompts: list[str], ablati
 
     targets = list(targets)
     _check(lm, saes, list(ablations), targets)
+    follow_model(saes, lm)
     if not prompts:
         raise ScSteerError("ablation_experiment: the prompt set is empty")
     layers = sorted({a.layer for a in ablations} | {t[0] for t in targets})

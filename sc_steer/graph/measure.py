@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import TokenBatch
+from ..devices import follow_model
 from ..errors import ScSteerError
 from ..models import LM, unwrap
 from ..sae import SAE
@@ -117,6 +118,7 @@ def check_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE) -> None:
 @torch.no_grad()
 def source_means(lm: LM, layer: int, sae: SAE, batches: list[TokenBatch]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean activation (over text positions) and firing count of every layer-n feature on the prompts."""
+    follow_model(sae, lm)
     total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
     n = 0
@@ -138,6 +140,7 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
                  means: torch.Tensor | None = None) -> PairEffects:
     """Exact effects of ablating each of ``sources`` (layer ``layer``) on all features of ``layer + 1``."""
     check_pair(lm, layer, sae_n, sae_next)
+    follow_model({"n": sae_n, "next": sae_next}, lm)
     if mode not in MODES:
         raise ScSteerError(f"ablation mode {mode!r}: expected one of {', '.join(MODES)}")
     if where not in WHERE:

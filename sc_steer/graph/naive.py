@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import follow_model
 from ..models import LM, rewrap, unwrap
 from ..sae import SAE
 from ..sites import Site
@@ -38,6 +39,7 @@ def naive_effects(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list, 
                   value: float | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """{source: (mean effect [J], std [J], mean pre-activation delta [J], positions)}; zero ablation
     unless ``value`` (clamp) is given."""
+    follow_model({"n": sae_n, "next": sae_next}, lm)
     clean = [_forward(lm, layer, b) for b in batches]
     out = {}
     for i in sources:

@@ -78,20 +78,21 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
               sources: str | list[int] = "active", mode: str = "zero", value: float | None = None,
               where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
               attribute: bool = True, ctx: int = 64, max_prompts: int = 64, chunk: int = 16,
-              formats: tuple[str, ...] = FORMATS, name: str = "graph", progress: bool = True):
-    """Measure, prune and export the feature graph of a run's resid_post SAEs over ``layers``."""
-    from ..pipeline import load_run_saes, read_run
-    from ..models import open_model
+              formats: tuple[str, ...] = FORMATS, name: str = "graph", device: str | torch.device = "cpu",
+              dtype: str | torch.dtype = "float32", progress: bool = True):
+    """Measure, prune and export the feature graph of a run's resid_post SAEs over ``layers``.
+
+    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``."""
+    from ..pipeline import load_run_saes, open_run_model
 
     run = Path(run)
-    info = read_run(run)
-    lm = lm or open_model(info["model"])
+    lm = open_run_model(run, lm, device=device, dtype=dtype)
     layers = list(range(lm.n_layers - 1)) if layers is None else list(layers)
     for n in layers:
         if not 0 <= n < lm.n_layers - 1:
             raise ScSteerError(f"source layer {n}: needs a next layer; use 0-{lm.n_layers - 2}")
     needed = sorted({n for n in layers} | {n + 1 for n in layers})
-    saes = load_run_saes(run, [f"resid_post.{n}" for n in needed])
+    saes = load_run_saes(run, [f"resid_post.{n}" for n in needed], device=lm.device)
     for s, sae in saes.items():
         if sae.cfg.model_name and sae.cfg.model_name != lm.name:
             raise ScSteerError(f"the SAE for {s} was trained on model {sae.cfg.model_name!r}, not {lm.name!r}")

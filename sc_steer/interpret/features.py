@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..activations import run_sites
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
+from ..devices import follow_model
 from ..errors import ScSteerError
 from ..files import atomic_write_text
 from ..models import LM
@@ -130,6 +131,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
         if not isinstance(v, int) or v < lo:
             raise ScSteerError(f"{name} {v!r}: expected an integer >= {lo}")
     out = Path(out)
+    follow_model(saes, lm)
     sets = unit_sets(lm, saes, neurons)
     sites = sorted({us.site for us in sets}, key=lambda s: s.order)
     vocab = len(lm.tokenizer)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..devices import resolve_device
 from ..errors import ScSteerError
 from .base import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, config_from_dict, make_sae
 
@@ -44,7 +45,10 @@ def _check_shapes(tensors: dict[str, torch.Tensor], cfg: SAEConfig, where: Path)
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE folder written by sc-steer or SAELens, or a dictionary_learning ``ae.pt`` folder."""
+    """Load an SAE folder written by sc-steer or SAELens, or a dictionary_learning ``ae.pt`` folder.
+
+    Weights are float32 whatever the file's dtype; ``device`` is where they go (functions that take a
+    model move SAEs to the model's device themselves, see ``sc_steer.devices``)."""
     path = Path(path)
     if path.is_file() and path.name == "ae.pt":
         path = path.parent
@@ -57,7 +61,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     else:
         raise ScSteerError(f"{str(path)!r} holds no SAE (expected cfg.json + sae_weights.safetensors, "
                            "or ae.pt + config.json)")
-    return sae.to(device).eval()
+    return sae.to(resolve_device(device)).eval()
 
 
 def _load_saelens_layout(path: Path) -> SAE:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
+from ..devices import follow_model
 from ..errors import ScSteerError
 from ..files import atomic_write_text
 from ..models import LM, rewrap, unwrap
@@ -51,6 +52,7 @@ def evaluate_saes(lm: LM, saes: dict[str, SAE], data: str, *, ctx: int = 256, ba
     import nnsight
 
     sites = {str(s): s for s in lm.sites(list(saes))}
+    follow_model(saes, lm)
     for name, site in sites.items():
         check_sae_fits(lm, site, saes[name])
     ordered = sorted(sites.values(), key=lambda s: s.order)

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..devices import resolve_device
 from ..errors import ScSteerError
 from ..files import atomic_write
 from .base import SAE, SAEConfig, make_sae
@@ -122,11 +123,11 @@ class Trainer:
     """Owns the SAEs of one run; ``run()`` trains to the end (or until SIGTERM/SIGINT) and saves."""
 
     def __init__(self, cfg: TrainConfig, source: BatchSource, out: str | Path, site_info: dict[str, dict],
-                 meta: dict | None = None, device: str = "cpu", progress: bool = True):
+                 meta: dict | None = None, device: str | torch.device = "cpu", progress: bool = True):
         cfg.check()
         self.cfg, self.source, self.out = cfg, source, Path(out)
         self.site_info, self.meta = site_info, meta or {}
-        self.device, self.progress = torch.device(device), progress
+        self.device, self.progress = resolve_device(device), progress
         self.sites = list(site_info)
         self.states: dict[str, SiteState] = {}
         self.step = 0
@@ -286,10 +287,11 @@ class Trainer:
         self._stop = True
 
     def save(self) -> dict[str, SAE]:
-        """Fold the input scale into copies of the SAEs and write them under ``saes/<site>/``."""
+        """Fold the input scale into copies of the SAEs and write them under ``saes/<site>/``; the copies
+        are returned on the training device."""
         out = {}
         for site, st in self.states.items():
-            sae = copy.deepcopy(st.sae).cpu()
+            sae = copy.deepcopy(st.sae)
             sae.fold_input_scale(st.scale)
             tokens = max(1, self.step * self.cfg.batch_size)
             freq = (st.fire_count.cpu() / tokens).float()
@@ -326,9 +328,10 @@ def plot_training_curves(log_path: Path, png: Path) -> None:
 
 
 def train_sae(x: torch.Tensor, architecture: str = "topk", *, d_sae: int | None = None, k: int | None = 32,
-              tokens: int | None = None, batch_size: int = 4096, seed: int = 0, device: str = "cpu",
+              tokens: int | None = None, batch_size: int = 4096, seed: int = 0, device: str | torch.device = "cpu",
               progress: bool = False, out: str | Path | None = None, **sae_options) -> SAE:
-    """Train one SAE on an in-memory float tensor ``[N, d]`` and return it (raw-activation units).
+    """Train one SAE on an in-memory float tensor ``[N, d]`` and return it (raw-activation units), on
+    ``device`` (where it was trained; ``x`` may live anywhere).
 
     ``sae_options`` are fields of ``SAETrainConfig`` (``l1_coeff``, ``lr``, ``expansion``, ...);
     ``tokens`` defaults to 10 passes over ``x``. Writes its files to ``out`` (a temp folder if None).

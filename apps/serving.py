@@ -1,0 +1,128 @@
+"""What the playground serves, without any UI: per run folder, the model, its SAEs, the interpretation
+index and the graph, and one lock that serialises model calls.
+
+Kept apart from the Gradio code so that it can be used (and tested, e.g. on a GPU machine without
+Gradio) on its own. No science here either: generation is ``sc_steer.steer.generate``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import torch
+
+from sc_steer.errors import ScSteerError
+from sc_steer.pipeline import load_run_saes, open_run_model
+from sc_steer.steer import Recipe, generate
+
+
+class Playground:
+    """State shared by all users of one run: model, SAEs (on the model's device), index, and the lock."""
+
+    def __init__(self, run: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):
+        self.run = Path(run).resolve()
+        self.lm = open_run_model(self.run, device=device, dtype=dtype)
+        self.saes = load_run_saes(self.run, device=self.lm.device)
+        self.lock = threading.Lock()
+        self.features: dict[str, list[dict]] = {}
+        for site in self.saes:
+            path = self._path("features", f"{site}.jsonl")
+            if path.exists():
+                self.features[site] = [json.loads(line) for line in path.read_text().splitlines()]
+        graph = self._path("graph", "graph.json")
+        self.graph = json.loads(graph.read_text()) if graph.exists() else None
+
+    def _path(self, *parts: str) -> Path:
+        p = self.run.joinpath(*parts).resolve()
+        if self.run not in p.parents and p != self.run:
+            raise ScSteerError(f"refusing to read {p}: outside the run folder")
+        return p
+
+    # -- search -----------------------------------------------------------------------------------
+    def search(self, query: str, site: str) -> list[list]:
+        q = (query or "").strip().lower()
+        rows = []
+        for rec in self.features.get(site, []):
+            if not q or str(rec["id"]) == q or q in rec["label"].lower() or \
+                    any(q == t["token"].strip().lower() for t in rec["top_tokens"]):
+                rows.append([site, rec["id"], rec["label"], round(rec["density"], 5)])
+            if len(rows) >= 50:
+                break
+        return rows
+
+    def describe(self, site: str, feature: int) -> str:
+        feats = self.features.get(site)
+        if not feats or not 0 <= feature < len(feats):
+            return f"{site} feature {feature}: no interpretation in this run"
+        rec = feats[feature]
+        lines = [f"### {site} #{feature}: {rec['label']}",
+                 f"density {100 * rec['density']:.3f}%, max {rec['max_act']:.2f}", "", "**Top contexts**"]
+        for c in rec["contexts"][:5]:
+            toks = [f"⟦{t}⟧" if i == c["max_index"] else t for i, t in enumerate(c["tokens"])]
+            lines.append("- `" + "".join(toks).replace("\n", " ").replace("`", "'") + f"` ({c['max']:.2f})")
+        if self.graph:
+            nid = f"L{site.split('.')[-1]}/F{feature}"
+            edges = [e for e in self.graph["links"] if nid in (e["source"], e["target"])]
+            if edges:
+                lines += ["", "**Ablation-graph neighbourhood**"]
+                lines += [f"- {e['source']} → {e['target']}: weight {e['weight']:.3g}" for e in edges[:12]]
+        return "\n".join(lines)
+
+    # -- model calls (serialised) ------------------------------------------------------------------
+    def heatmap(self, prompt: str, site: str, feature: int) -> list[tuple[str, float]]:
+        import nnsight
+
+        from sc_steer.sites import Site
+
+        if not prompt:
+            return []
+        with self.lock, torch.no_grad():
+            ids = self.lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.lm.device)
+            with self.lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) as tracer:
+                h = nnsight.save(self.lm.site_value(Site.parse(site, self.lm.n_layers)))
+                tracer.stop()
+            acts = self.saes[site].encode(h[0]).cpu()[:, feature]
+        m = float(acts.max()) or 1.0
+        return [(self.lm.tokenizer.decode([t]), round(float(a) / m, 3)) for t, a in zip(ids[0].tolist()[1:], acts[1:])]
+
+    def steer(self, prompt: str, recipe: Recipe, max_new_tokens: int, sample: bool, temperature: float,
+              seed: int) -> tuple[str, str]:
+        return self.continuation(prompt, None, max_new_tokens, sample, temperature, seed), \
+            self.continuation(prompt, recipe, max_new_tokens, sample, temperature, seed)
+
+    def continuation(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool,
+                     temperature: float, seed: int) -> str:
+        text = ""
+        for text in self.stream(prompt, recipe, max_new_tokens, sample, temperature, seed):
+            pass
+        return text
+
+    def stream(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool, temperature: float,
+               seed: int):
+        """Yield the continuation as it grows, token by token (generation holds the model lock)."""
+        from transformers import TextIteratorStreamer
+
+        kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(sample), temperature=float(temperature),
+                  seed=int(seed))
+        streamer = TextIteratorStreamer(self.lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        result: dict = {}
+
+        def work():
+            try:
+                with self.lock:
+                    result["text"] = generate(self.lm, [prompt], recipe, self.saes, streamer=streamer, **kw)[0]
+            except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        yield result["text"]  # the exact decoded continuation (the streamer's pieces may differ in spacing)

@@ -1,0 +1,404 @@
+"""GPU benchmark at Llama-2-7B shape: every hot loop of sc-steer next to a reference, in one run.
+
+    python bench/gpu.py --out bench_gpu.json            # one CUDA GPU, a few minutes
+    python bench/gpu.py --small --device cpu            # the same script on a tiny shape (a dry run)
+
+Nothing is downloaded: the model is ``LlamaForCausalLM`` built from Llama-2-7B's config (hidden 4096,
+MLP 11008, 32 layers, 32 heads, vocab 32000) with random bf16 weights, and the demo tokenizer (its
+8k ids fit the vocabulary). Measured side by side in this run:
+
+* ceilings: bf16 matrix product rate and device-to-device copy bandwidth;
+* SAE training step (TopK, BatchTopK, JumpReLU, ReLU-L1; d_in 4096, d_sae 65536, k 64, batch 4096,
+  bf16 autocast): sc-steer's trainer step against a plain-torch dense step written here;
+* collection: last block and all blocks (to disk) against the plain forward; the all-blocks write
+  rate against a raw ``safetensors`` write of the same bytes to the same disk, synced;
+* training straight from the model (no disk cache), all 32 layers, tokens/s;
+* the feature graph (d_sae 32768): batched block-(n+1) ablation against one full forward per feature;
+* interpretation (d_sae 32768 plus the neuron baselines) tokens/s;
+* steering latency (one added vector; one removed feature) against transformers ``generate``.
+
+Timings synchronise the device; each is the median of repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from sc_steer.models import demo_model_path, open_model
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, d_sae=65536, graph_d_sae=32768, k=64, batch=4096, ctx=1024,
+               stream_d_sae=8192),
+    "small": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=8192, d_sae=1024, graph_d_sae=512, k=16, batch=512, ctx=128,
+                  stream_d_sae=256),
+}
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(fn, dev: torch.device, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds, device synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(dev)
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# -- ceilings ---------------------------------------------------------------------------------------
+def ceilings(dev: torch.device, small: bool) -> dict:
+    n = 1024 if small else 8192
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    mats = [(torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)) for _ in range(3)]
+    i = [0]
+
+    def mm():
+        a, b = mats[i[0] % 3]
+        i[0] += 1
+        a @ b
+
+    t = timed(mm, dev, repeats=10, warmup=3)
+    x = torch.randn(1 << (22 if small else 28), device=dev)   # 1 GiB fp32 on the GPU
+    y = torch.empty_like(x)
+    tc = timed(lambda: y.copy_(x), dev, repeats=10, warmup=2)
+    return {"matmul_tflops": 2 * n ** 3 / t / 1e12, "matmul_dtype": str(dtype).removeprefix("torch."),
+            "copy_gbs": 2 * x.numel() * 4 / tc / 1e9}
+
+
+# -- SAE training step ------------------------------------------------------------------------------
+def plain_step_fn(arch: str, d_in: int, d_sae: int, k: int, dev: torch.device, autocast: bool):
+    """A plain-torch dense training step: encoder, activation, dense decoder, MSE (+ L1), backward, Adam."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    params = {"W_enc": W_dec.T.contiguous().to(dev).requires_grad_(), "b_enc": torch.zeros(d_sae, device=dev,
+              requires_grad=True), "W_dec": W_dec.to(dev).requires_grad_(),
+              "b_dec": torch.zeros(d_in, device=dev, requires_grad=True)}
+    theta = torch.full((d_sae,), 0.1, device=dev)
+    opt = torch.optim.Adam(params.values(), lr=1e-4)
+
+    def step(x):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+            if arch == "topk":
+                v, i = pre.topk(k, dim=-1)
+                f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+            elif arch == "batchtopk":
+                flat = pre.relu().flatten()
+                v, i = flat.topk(k * x.shape[0])
+                f = torch.zeros_like(flat).scatter(0, i, v).view_as(pre)
+            elif arch == "jumprelu":
+                f = pre * (pre > theta)
+            else:
+                f = pre.relu()
+            x_hat = f @ params["W_dec"] + params["b_dec"]
+        loss = (x_hat.float() - x).pow(2).sum(-1).mean()
+        if arch == "relu":
+            loss = loss + 1e-3 * f.float().sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float) -> dict:
+    from sc_steer.sae.config import config_from_dict
+    from sc_steer.sae.train import Trainer, tensor_source
+
+    d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
+    data = [torch.randn(batch, d_in, device=dev) for _ in range(3)]
+    out = {}
+    for arch in ("topk", "batchtopk", "jumprelu", "relu"):
+        cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": batch * 1000, "autocast": autocast,
+                                "checkpoint_every": 1 << 30, "log_every": 1 << 30,
+                                "sae": {"architecture": arch, "d_sae": d_sae, "k": k}})
+        x_cpu = data[0].cpu()
+        tr = Trainer(cfg, tensor_source({"x": x_cpu}, batch, 0), tempfile.mkdtemp(prefix="sc_bench_"),
+                     {"x": {"d": d_in, "mean_norm": float(x_cpu.norm(dim=-1).mean())}}, device=dev, progress=False)
+        tr._init_states({"x": x_cpu})
+        st = tr.states["x"]
+        i = [0]
+
+        def ours():
+            tr._step_site(st, data[i[0] % 3])
+            tr.step += 1
+            i[0] += 1
+
+        t_ours = timed(ours, dev, repeats=10, warmup=3)
+        del tr, st
+        plain = plain_step_fn(arch, d_in, d_sae, k, dev, autocast)
+        t_plain = timed(lambda: plain(data[i[0] % 3]), dev, repeats=10, warmup=3)
+        del plain
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        flops = 10 * batch * d_in * d_sae  # dense-equivalent: 2 forward + 3 backward matmuls, 2 FLOPs each
+        out[arch] = {"ms": 1e3 * t_ours, "plain_ms": 1e3 * t_plain, "tokens_per_s": batch / t_ours,
+                     "pct_of_peak": 100 * flops / t_ours / (peak_tflops * 1e12)}
+    return out
+
+
+# -- model-side benchmarks --------------------------------------------------------------------------
+def build_model(dev: torch.device, s: dict):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{k: s[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads", "vocab_size")},
+                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    return open_model(model.eval(), tokenizer=tok)
+
+
+def token_batches(lm, ctx: int, rows: int, batch_size: int):
+    from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
+
+    it = iter_batches(iter_rows(iter_documents("demo:heldout"), lm.tokenizer, ctx), batch_size, ctx,
+                      pad_token_id(lm.tokenizer))
+    return [next(it) for _ in range(rows // batch_size)]
+
+
+def collection(lm, dev: torch.device, s: dict, work: Path) -> dict:
+    from safetensors.torch import save_file
+
+    from sc_steer import collect
+
+    ctx, bs, rows = s["ctx"], 4, 16
+    batches = token_batches(lm, ctx, rows, bs)
+    n_in = sum(int(b.attention_mask.sum()) for b in batches)
+    kept = sum(int(b.keep.sum()) for b in batches)
+
+    def plain():
+        with torch.no_grad():
+            for b in batches:
+                lm.hf(input_ids=b.input_ids.to(dev), attention_mask=b.attention_mask.to(dev))
+
+    def ours(sites):
+        out = work / "collect"
+        shutil.rmtree(out, ignore_errors=True)
+        collect(lm, sites, "demo:heldout", out, ctx=ctx, batch_size=bs, max_tokens=kept, progress=False)
+        os.sync()
+
+    last = f"resid_post.{lm.n_layers - 1}"
+    t_plain = timed(plain, dev, repeats=3)
+    t_last = timed(lambda: ours(last), dev, repeats=3)
+    t_all = timed(lambda: ours("resid_post.*"), dev, repeats=2)
+    nbytes = sum(p.stat().st_size for p in (work / "collect").rglob("*.safetensors"))
+    shapes = [(kept, lm.d_model)] * lm.n_layers
+    tensors = {f"act.{i}": torch.randn(*sh, dtype=lm.dtype) for i, sh in enumerate(shapes)}
+
+    def raw_write():
+        p = work / "raw.safetensors"
+        save_file(tensors, str(p))
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+        p.unlink()
+
+    t_raw = timed(raw_write, torch.device("cpu"), repeats=2)
+    raw_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    shutil.rmtree(work / "collect", ignore_errors=True)
+    return {"input_tokens": n_in, "plain_tok_s": n_in / t_plain, "last_block_tok_s": n_in / t_last,
+            "last_block_overhead_pct": 100 * (t_last / t_plain - 1), "all_blocks_tok_s": n_in / t_all,
+            "all_blocks_write_gbs": nbytes / t_all / 1e9, "raw_write_gbs": raw_bytes / t_raw / 1e9,
+            "write_fraction_of_raw": (nbytes / t_all) / (raw_bytes / t_raw)}
+
+
+def stream_training(lm, dev: torch.device, s: dict, work: Path) -> dict:
+    from sc_steer.pipeline import train_from_model
+    from sc_steer.sae.config import config_from_dict
+
+    steps = 12
+    cfg = config_from_dict({"sites": ["resid_post.*"], "batch_size": s["batch"], "tokens": s["batch"] * steps,
+                            "autocast": dev.type == "cuda", "checkpoint_every": 1 << 30,
+                            "sae": {"architecture": "topk", "d_sae": s["stream_d_sae"], "k": s["k"]}})
+    out = work / "stream"
+    t = time.perf_counter()
+    train_from_model(lm, "demo:heldout", cfg, out, ctx=256, device=dev, progress=False)
+    sync(dev)
+    dt = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"sites": lm.n_layers, "d_sae": s["stream_d_sae"], "tokens": s["batch"] * steps,
+            "tokens_per_s": s["batch"] * steps / dt, "seconds": dt,
+            "note": "includes filling the 131k-token shuffle buffer before the first step"}
+
+
+def random_topk_sae(d_in: int, d_sae: int, k: int, dev: torch.device, seed: int):
+    from sc_steer.sae import SAEConfig, make_sae
+
+    torch.manual_seed(seed)
+    return make_sae(SAEConfig("topk", d_in, d_sae, k=k)).to(dev).eval()
+
+
+def graph(lm, dev: torch.device, s: dict) -> dict:
+    from sc_steer.graph.measure import measure_pair
+    from sc_steer.graph.naive import naive_effects
+
+    n = lm.n_layers // 2
+    a = random_topk_sae(lm.d_model, s["graph_d_sae"], s["k"], dev, 1)
+    b = random_topk_sae(lm.d_model, s["graph_d_sae"], s["k"], dev, 2)
+    batches = token_batches(lm, 128, 8, 8)
+    few = list(range(0, 4 * 97, 97))
+    many = torch.randperm(s["graph_d_sae"], generator=torch.Generator().manual_seed(0))[:32].sort().values
+    t_naive = timed(lambda: naive_effects(lm, n, a, b, batches, few), dev, repeats=1)
+    res = {}
+    t_few = timed(lambda: res.setdefault("few", measure_pair(lm, n, a, b, batches, few)), dev, repeats=1)
+    ref = naive_effects(lm, n, a, b, batches, few)
+    err = max(float((res["few"].effect[r].cpu() - ref[i][0].cpu()).abs().max()) for r, i in enumerate(few))
+    t_many = timed(lambda: measure_pair(lm, n, a, b, batches, many), dev, repeats=1)
+    edges = len(many) * s["graph_d_sae"]
+    return {"layer": n, "positions": res["few"].count, "naive_s_per_source": t_naive / len(few),
+            "batched_s_per_source_4": t_few / len(few), "speedup_4_sources": t_naive / t_few,
+            "batched_edges_per_s_32_sources": edges / t_many, "max_abs_diff_vs_naive": err}
+
+
+def interpretation(lm, dev: torch.device, s: dict, work: Path) -> dict:
+    from sc_steer.interpret import interpret
+
+    n = lm.n_layers // 2
+    sae = random_topk_sae(lm.d_model, s["graph_d_sae"], s["k"], dev, 3)
+    tokens = 4096 if dev.type == "cuda" else 2048
+    res = {}
+    for neurons in (False, True):
+        t = time.perf_counter()
+        interpret(lm, {f"resid_post.{n}": sae}, "demo:heldout", work / f"interp{neurons}", max_tokens=tokens,
+                  ctx=256, neurons=neurons, progress=False)
+        res["with_neurons" if neurons else "sae_only"] = tokens / (time.perf_counter() - t)
+    return {"tokens": tokens, "tok_s": res, "units_sae": s["graph_d_sae"],
+            "units_neurons": lm.d_model + s["intermediate_size"]}
+
+
+def steering(lm, dev: torch.device, s: dict) -> dict:
+    from sc_steer.steer import Intervention, Recipe, _tokenize, generate
+
+    n = lm.n_layers // 4
+    sae = random_topk_sae(lm.d_model, s["graph_d_sae"], s["k"], dev, 4)
+    saes = {f"resid_post.{n}": sae}
+    prompt = ["Ge1:1 In the beginning God created the heaven and the earth."]
+    new = 64
+    lm.hf.generation_config.min_new_tokens = new
+    vec = torch.randn(lm.d_model).tolist()
+    add = Recipe([Intervention(f"resid_post.{n}", None, "add", 4.0, "all", vec)])
+    remove = Recipe([Intervention(f"resid_post.{n}", 5, "remove")])
+
+    def hf():
+        with torch.no_grad():
+            lm.hf.generate(**_tokenize(lm, prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=lm.tokenizer.pad_token_id)
+
+    out = {"hf_generate_ms_per_token": 1e3 * timed(hf, dev, repeats=3) / new}
+    out["add_vector_ms_per_token"] = 1e3 * timed(lambda: generate(lm, prompt, add, saes, max_new_tokens=new), dev,
+                                                 repeats=3) / new
+    out["remove_feature_ms_per_token"] = 1e3 * timed(lambda: generate(lm, prompt, remove, saes, max_new_tokens=new),
+                                                     dev, repeats=3) / new
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--small", action="store_true", help="a tiny shape, for a dry run on the CPU")
+    ap.add_argument("--out", default="bench_gpu.json", help="where the figures go (JSON)")
+    ap.add_argument("--only", help="comma-separated sections: ceilings,train,collect,stream,graph,interpret,steer")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as users run: TF32 for fp32 matmuls
+    s = SHAPES["small" if args.small else "7b"]
+    only = set(args.only.split(",")) if args.only else None
+    work = Path(tempfile.mkdtemp(prefix="sc_steer_bench_gpu_"))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    res: dict = {"device": name, "torch": torch.__version__, "shape": "small" if args.small else "llama-2-7b",
+                 "sections": {}, "errors": {}}
+
+    def run(section: str, fn) -> None:
+        if only and section not in only:
+            return
+        t = time.perf_counter()
+        try:
+            res["sections"][section] = fn()
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others' figures
+            res["errors"][section] = "".join(traceback.format_exception_only(type(e), e)).strip()
+            traceback.print_exc()
+        print(f"[{section}] {time.perf_counter() - t:.1f} s: {json.dumps(res['sections'].get(section))}", flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+    run("ceilings", lambda: ceilings(dev, args.small))
+    peak = res["sections"].get("ceilings", {}).get("matmul_tflops", 1.0)
+    run("train", lambda: sae_training(dev, s, dev.type == "cuda", peak))
+    lm = build_model(dev, s)
+    run("collect", lambda: collection(lm, dev, s, work))
+    run("graph", lambda: graph(lm, dev, s))
+    run("steer", lambda: steering(lm, dev, s))
+    run("interpret", lambda: interpretation(lm, dev, s, work))
+    run("stream", lambda: stream_training(lm, dev, s, work))
+    shutil.rmtree(work, ignore_errors=True)
+    print(summary(res))
+
+
+def summary(res: dict) -> str:
+    sec = res["sections"]
+    lines = [f"sc-steer GPU benchmark: {res['device']}, torch {res['torch']}, {res['shape']} shape"]
+    if "ceilings" in sec:
+        c = sec["ceilings"]
+        lines.append(f"ceilings: {c['matmul_dtype']} matmul {c['matmul_tflops']:.1f} TFLOP/s, copy {c['copy_gbs']:.0f} GB/s")
+    for arch, r in sec.get("train", {}).items():
+        lines.append(f"train step {arch:9s}: {r['ms']:7.1f} ms ({r['pct_of_peak']:.0f}% of peak, dense-equiv.) "
+                     f"| plain dense step {r['plain_ms']:7.1f} ms | ratio {r['ms'] / r['plain_ms']:.2f}")
+    if "collect" in sec:
+        c = sec["collect"]
+        lines.append(f"collect: plain fwd {c['plain_tok_s']:,.0f} tok/s | last block {c['last_block_tok_s']:,.0f} tok/s "
+                     f"({c['last_block_overhead_pct']:+.0f}%) | all blocks {c['all_blocks_tok_s']:,.0f} tok/s, "
+                     f"{c['all_blocks_write_gbs']:.2f} GB/s vs raw write {c['raw_write_gbs']:.2f} GB/s "
+                     f"({100 * c['write_fraction_of_raw']:.0f}%)")
+    if "stream" in sec:
+        c = sec["stream"]
+        lines.append(f"train from the model, {c['sites']} sites, d_sae {c['d_sae']}: {c['tokens_per_s']:,.0f} tok/s")
+    if "graph" in sec:
+        g = sec["graph"]
+        lines.append(f"graph L{g['layer']}->{g['layer'] + 1}: naive {g['naive_s_per_source']:.2f} s/source, batched "
+                     f"{g['batched_s_per_source_4']:.2f} s/source ({g['speedup_4_sources']:.1f}x), "
+                     f"{g['batched_edges_per_s_32_sources']:,.0f} edges/s at 32 sources, max diff "
+                     f"{g['max_abs_diff_vs_naive']:.1e}")
+    if "interpret" in sec:
+        i = sec["interpret"]
+        lines.append(f"interpret: {i['tok_s']['sae_only']:,.0f} tok/s (SAE only), {i['tok_s']['with_neurons']:,.0f} "
+                     "tok/s (with neuron baselines)")
+    if "steer" in sec:
+        st = sec["steer"]
+        lines.append(f"steer (64 tokens): HF generate {st['hf_generate_ms_per_token']:.1f} ms/tok | add vector "
+                     f"{st['add_vector_ms_per_token']:.1f} | remove feature {st['remove_feature_ms_per_token']:.1f}")
+    for k, v in res["errors"].items():
+        lines.append(f"ERROR in {k}: {v}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

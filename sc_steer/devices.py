@@ -1,0 +1,77 @@
+"""Where tensors live, decided in one place: the model's device decides, SAEs follow the model.
+
+* ``resolve_device`` / ``resolve_dtype`` turn the user's ``--device`` / ``--dtype`` into torch objects,
+  with one-line errors for devices this machine does not have.
+* ``follow_model`` moves SAEs onto the model's device (in place, like ``nn.Module.to``) and keeps
+  their own dtype: an fp32 SAE on a bf16 model computes in fp32 (``SAE.pre_acts`` casts its input)
+  and every caller casts what it writes back into the model to the model's dtype.
+
+Every function that takes a model and SAEs calls ``follow_model`` first, so SAEs loaded on the CPU
+(the default of ``load_sae``) work on a model on the GPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from .errors import ScSteerError
+
+if TYPE_CHECKING:
+    from .models import LM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+T = TypeVar("T")
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, ``mps`` (or any device type torch knows), checked against this machine."""
+    if spec is None or spec == "":
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ScSteerError(f"--device {spec!r}: expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ScSteerError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}"
+                               f"{', built without CUDA' if torch.version.cuda is None else ', no GPU visible'}); "
+                               "use --device cpu")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ScSteerError(f"--device {spec}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                               f"(cuda:0{f'-cuda:{n - 1}' if n > 1 else ''})")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ScSteerError(f"--device {spec}: MPS is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_dtype(spec: str | torch.dtype) -> torch.dtype | str:
+    """float32, float16, bfloat16 (a torch dtype), or "auto" (the checkpoint's own)."""
+    if isinstance(spec, torch.dtype):
+        if spec not in DTYPES.values():
+            raise ScSteerError(f"--dtype {spec}: expected one of {', '.join(DTYPES)} or auto")
+        return spec
+    if spec == "auto":
+        return "auto"
+    if spec not in DTYPES:
+        raise ScSteerError(f"--dtype {spec!r}: expected one of {', '.join(DTYPES)} or auto")
+    return DTYPES[spec]
+
+
+def follow_model(saes: T, lm: LM) -> T:
+    """Move one SAE, or a dict of them, onto ``lm``'s device (dtype kept); returns its argument.
+
+    A remote (NDIF) model lives on the meta device here: its SAEs stay where they are.
+    """
+    dev = lm.device
+    if dev.type == "meta":
+        return saes
+    for sae in (saes.values() if isinstance(saes, Mapping) else [saes]):
+        if sae is not None and sae.W_enc.device != dev:
+            sae.to(dev)
+    return saes
