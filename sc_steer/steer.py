@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -170,6 +170,9 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
     if max_new_tokens < 1:
         raise ScSteerError(f"max_new_tokens {max_new_tokens!r}: expected an integer >= 1")
     inputs = _tokenize(lm, prompts)
+    # raw vectors become tensors on the model's device once, not at every generation step
+    items = [replace(it, vector=torch.as_tensor(it.vector, dtype=torch.float32).to(lm.device))
+             if it.vector is not None else it for it in items]
     by_site: dict[Site, list[Intervention]] = {}
     for it in items:
         by_site.setdefault(Site.parse(it.site, lm.n_layers), []).append(it)

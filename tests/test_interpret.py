@@ -180,3 +180,24 @@ def test_browser_opens_without_errors_and_finds_a_feature_by_token(interpreted):
         page.screenshot(path=str(out / "browser_screenshot.png"))
         browser.close()
     assert errors == []
+
+
+def test_padded_vocabulary_gets_names_in_the_logit_lens(tokenizer, tmp_path):
+    """Models often have more unembedding rows than tokens (Pythia: 50304 rows, 50277 tokens); the logit
+    lens can rank those rows, and interpretation must name them instead of failing."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    n_tok = len(tokenizer)
+    cfg = LlamaConfig(vocab_size=n_tok + 64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():   # make the padded rows the ones every direction promotes most
+        model.lm_head.weight[n_tok:] = 0.0
+        model.lm_head.weight[n_tok] = 50 * model.model.norm.weight.new_ones(32)
+    lm = open_model(model, tokenizer=tokenizer)
+    sae = firing_sae(d_sae=16, seed=2)
+    interpret(lm, {"resid_post.0": sae}, "demo:heldout", tmp_path, max_tokens=300, ctx=32, neurons=False,
+              progress=False)
+    names = [p[0] for r in range(16) for p in load_unit(tmp_path, "resid_post.0", r)["logit_lens"]["promoted"]]
+    assert f"<unused {n_tok}>" in names

@@ -64,8 +64,12 @@ def unit_sets(lm: LM, saes: dict[str, SAE], neurons: bool = True) -> list[UnitSe
     return sets
 
 
-def token_strings(tokenizer) -> list[str]:
-    return [tokenizer.decode([i]) for i in range(len(tokenizer))]
+def token_strings(tokenizer, n: int | None = None) -> list[str]:
+    """The text of every token id below ``n`` (default: the tokenizer's size). Models often have more
+    unembedding rows than the tokenizer has tokens (padded vocabularies, e.g. Pythia's 50304 rows for
+    50277 tokens); the logit lens can rank those rows, so they get a name too."""
+    size = len(tokenizer)
+    return [tokenizer.decode([i]) if i < size else f"<unused {i}>" for i in range(max(size, n or 0))]
 
 
 def label_for(top_tokens: list[dict], contexts: list[dict]) -> str:
@@ -158,7 +162,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     if n == 0:
         raise ScSteerError(f"data {data!r} gave no tokens to interpret")
     tokens = torch.cat(all_tokens)
-    strings = token_strings(lm.tokenizer)
+    strings = token_strings(lm.tokenizer, int(lm.config.vocab_size))
     summary = {"model": lm.name, "data": data, "n_tokens": n, "top_n": top_n, "window": window,
                "min_count": min_count, "sets": {}}
     rng = random.Random(seed)
