@@ -237,3 +237,17 @@ def test_cli_device_errors_are_one_line(tiny_model_dirs, tmp_path, capsys):
         assert rc == 2 and len(lines) == 1, (args, device, err)
         assert lines[0].startswith(f"error: --device {device}: CUDA is not available"), (args, err)
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_cli_runs_a_bf16_model_with_fp32_sae_files(tiny_model_dirs, tmp_path, capsys):
+    """`--dtype bfloat16` against SAE files written in float32: a normal run, not an error."""
+    run = tmp_path / "run"
+    firing_sae().save(run / "saes" / "resid_post.1")
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    assert main(["eval", "--run", str(run), "--data", str(text), "--dtype", "bfloat16", "--max-tokens", "200"]) == 0
+    assert main(["steer", "--run", str(run), "--prompt", "In the beginning", "--add", "resid_post.1:3:6",
+                 "--dtype", "bfloat16", "--max-new-tokens", "4"]) == 0
+    assert "steered" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text())["sites"]["resid_post.1"]["l0"] > 0
