@@ -69,10 +69,7 @@ def cmd_train(args) -> None:
 
     cfg = _train_config(args)
     if args.activations:
-        from .devices import resolve_device
-
-        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume,
-                                device=resolve_device(args.device))
+        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=args.device)
     else:
         lm = _open(args)
         saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=lm.device)

@@ -64,14 +64,15 @@ def resolve_dtype(spec: str | torch.dtype) -> torch.dtype | str:
 
 
 def follow_model(saes: T, lm: LM) -> T:
-    """Move one SAE, or a dict of them, onto ``lm``'s device (dtype kept); returns its argument.
+    """Move one SAE, or a dict / tuple of them, onto ``lm``'s device (dtype kept); returns its argument.
 
     A remote (NDIF) model lives on the meta device here: its SAEs stay where they are.
     """
     dev = lm.device
     if dev.type == "meta":
         return saes
-    for sae in (saes.values() if isinstance(saes, Mapping) else [saes]):
+    items = saes.values() if isinstance(saes, Mapping) else saes if isinstance(saes, (tuple, list)) else [saes]
+    for sae in items:
         if sae is not None and sae.W_enc.device != dev:
             sae.to(dev)
     return saes

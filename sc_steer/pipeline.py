@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .activations import ActivationStore, collect
+from .devices import resolve_device
 from .errors import ScSteerError
 from .files import atomic_write_text
 from .models import LM, open_model
@@ -41,8 +42,9 @@ def read_run(run: str | Path) -> dict:
 
 
 def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-                     device: str = "cpu", progress: bool = True) -> dict[str, SAE]:
-    """Train one SAE per requested site from an activation collection on disk."""
+                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, SAE]:
+    """Train one SAE per requested site from an activation collection on disk, on ``device``."""
+    device = resolve_device(device)  # before anything is written
     store = ActivationStore(activations)
     from .sites import parse_sites
 
@@ -61,7 +63,7 @@ def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path,
 
 
 def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ctx: int = 256, resume: bool = False,
-                     device: str = "cpu", progress: bool = True) -> dict[str, SAE]:
+                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, SAE]:
     """Train straight from the model's activations, with no disk cache."""
     sites = lm.sites(cfg.sites)
     info = {str(s): {"d": lm.width(s), "module": lm.module_path(s)} for s in sites}

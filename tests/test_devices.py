@@ -224,7 +224,9 @@ def test_cli_device_errors_are_one_line(tiny_model_dirs, tmp_path, capsys):
                 ["eval", "--run", str(run)], ["interpret", "--run", str(run)],
                 ["graph", "--run", str(run), "--out", str(tmp_path / "g")],
                 ["steer", "--run", str(run), "--prompt", "In the", "--add", "resid_post.1:3:4"],
-                ["demo", "--out", str(tmp_path / "d")], ["app", "--run", str(run)]]
+                ["demo", "--out", str(tmp_path / "d")], ["app", "--run", str(run)],
+                ["train", "--activations", str(tmp_path / "c"), "--out", str(tmp_path / "t")],
+                ["train", "--model", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "t")]]
     for args in commands:
         device = "cuda:7" if args[0] == "eval" else "cuda"
         if args[0] == "steer":  # one as a user runs it, the installed script in a subprocess
@@ -236,7 +238,7 @@ def test_cli_device_errors_are_one_line(tiny_model_dirs, tmp_path, capsys):
         lines = [ln for ln in err.splitlines() if ln.strip() and "Loading weights" not in ln]
         assert rc == 2 and len(lines) == 1, (args, device, err)
         assert lines[0].startswith(f"error: --device {device}: CUDA is not available"), (args, err)
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    assert not any((tmp_path / d).exists() for d in ("c", "d", "g", "t"))
 
 
 def test_cli_runs_a_bf16_model_with_fp32_sae_files(tiny_model_dirs, tmp_path, capsys):

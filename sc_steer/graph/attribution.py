@@ -23,7 +23,7 @@ def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[Tok
     With ``targets=None`` the objective is the total activation of all layer-(n+1) features, giving
     one column: how much each source drives layer n+1 overall.
     """
-    follow_model({"n": sae_n, "next": sae_next}, lm)
+    follow_model((sae_n, sae_next), lm)
     cols = 1 if targets is None else len(targets)
     out = torch.zeros(len(sources), cols, dtype=torch.float64)
     count = 0

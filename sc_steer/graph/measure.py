@@ -140,7 +140,7 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
                  means: torch.Tensor | None = None) -> PairEffects:
     """Exact effects of ablating each of ``sources`` (layer ``layer``) on all features of ``layer + 1``."""
     check_pair(lm, layer, sae_n, sae_next)
-    follow_model({"n": sae_n, "next": sae_next}, lm)
+    follow_model((sae_n, sae_next), lm)
     if mode not in MODES:
         raise ScSteerError(f"ablation mode {mode!r}: expected one of {', '.join(MODES)}")
     if where not in WHERE:

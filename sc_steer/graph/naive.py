@@ -39,7 +39,7 @@ def naive_effects(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list, 
                   value: float | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """{source: (mean effect [J], std [J], mean pre-activation delta [J], positions)}; zero ablation
     unless ``value`` (clamp) is given."""
-    follow_model({"n": sae_n, "next": sae_next}, lm)
+    follow_model((sae_n, sae_next), lm)
     clean = [_forward(lm, layer, b) for b in batches]
     out = {}
     for i in sources:
