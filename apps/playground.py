@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from sc_steer.errors import ScSteerError  # noqa: E402
 from sc_steer.steer import Intervention, Recipe  # noqa: E402
 
-from .serving import Playground  # noqa: E402
+from .serving import Limits, Playground  # noqa: E402
 
 COLUMNS = ["site", "feature", "mode", "coeff", "positions"]
 
@@ -49,11 +49,11 @@ def python_snippet(recipe: Recipe, pg: Playground) -> str:
 
 
 def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
-          dtype: str | torch.dtype = "float32") -> gr.Blocks:
+          dtype: str | torch.dtype = "float32", limits: Limits = Limits()) -> gr.Blocks:
     """The app over one or more run folders (each with its own model and SAEs; chosen in the UI), the
     models opened on ``device`` in ``dtype``."""
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    pgs = {str(Path(r).resolve()): Playground(r, device=device, dtype=dtype) for r in runs}
+    pgs = {str(Path(r).resolve()): Playground(r, device=device, dtype=dtype, limits=limits) for r in runs}
     first = next(iter(pgs.values()))
     sites = list(first.saes)
     with gr.Blocks(title="sc-steer playground") as demo:
@@ -77,7 +77,8 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
                 recipe_rows = gr.Dataframe(headers=COLUMNS, datatype=["str", "number", "str", "number", "str"],
                                            interactive=True, label="recipe", elem_id="recipe")
                 with gr.Row():
-                    max_new = gr.Slider(1, 200, value=40, step=1, label="max new tokens")
+                    max_new = gr.Slider(1, limits.max_new_tokens, value=min(40, limits.max_new_tokens), step=1,
+                                        label="max new tokens")
                     sample = gr.Checkbox(label="sample", value=False)
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                     seed = gr.Number(label="seed", value=0, precision=0)
@@ -112,8 +113,7 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
             pg = pgs[r]
             try:
                 recipe = recipe_from_rows(rows)
-                for it in recipe.interventions:
-                    it.check(pg.lm, pg.saes)
+                pg.check_request(text, recipe, n, smp, temp, sd)
                 exports = recipe.to_json(), python_snippet(recipe, pg)
                 base = ""
                 for base in pg.stream(text, None, n, smp, temp, sd):
@@ -121,15 +121,16 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
                 steered = ""
                 for steered in pg.stream(text, recipe, n, smp, temp, sd):
                     yield base, steered, [], *exports
+                heat_v = pg.heatmap(text, s, f) if f is not None else []
             except (ScSteerError, ValueError) as e:
                 raise gr.Error(str(e)) from None
-            heat_v = pg.heatmap(text, s, int(f)) if f is not None else []
             yield base, steered, heat_v, recipe.to_json(), python_snippet(recipe, pg)
 
         def api_steer(text: str, recipe: str, n: int = 40, smp: bool = False, temp: float = 1.0, sd: int = 0,
                       run: str = ""):
             try:
-                return pgs[run or str(first.run)].steer(text, Recipe.from_json(recipe), n, smp, temp, sd)
+                pg = pgs[run or str(first.run)]
+                return pg.steer(text, pg.parse_recipe(recipe), n, smp, temp, sd)
             except KeyError:
                 raise gr.Error(f"unknown run {run!r}; this app serves {', '.join(pgs)}") from None
             except ScSteerError as e:
@@ -154,8 +155,8 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
 
 
 def launch(runs: str | Path | list, host: str = "127.0.0.1", port: int = 7860, *, device: str | torch.device = "cpu",
-           dtype: str | torch.dtype = "float32", **kwargs):
+           dtype: str | torch.dtype = "float32", limits: Limits = Limits(), **kwargs):
     """Build the app and serve it (blocks unless ``prevent_thread_lock=True`` is passed)."""
-    demo = build(runs, device=device, dtype=dtype)
+    demo = build(runs, device=device, dtype=dtype, limits=limits)
     demo.launch(server_name=host, server_port=port, **kwargs)
     return demo

@@ -8,20 +8,47 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sc_steer import validate
 from sc_steer.errors import ScSteerError
 from sc_steer.pipeline import load_run_saes, open_run_model
 from sc_steer.steer import Recipe, generate
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the shared model (set at launch: `sc-steer app --max-new-tokens ...`)."""
+
+    max_new_tokens: int = 200
+    max_prompt_tokens: int = 1024
+    seconds: float = 60.0           # per generation; it stops there and returns what it has
+    max_recipe_chars: int = 200_000
+
+    def check(self) -> Limits:
+        validate.integer("--max-new-tokens", self.max_new_tokens, 1)
+        validate.integer("--max-prompt-tokens", self.max_prompt_tokens, 1)
+        validate.number("--time-limit", self.seconds, 0, lo_open=True)
+        return self
+
+
+def as_int(name: str, value) -> int:
+    """Gradio hands numbers over as floats: 40.0 is 40, 40.5 is an error."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return validate.integer(name, value)
+
+
 class Playground:
     """State shared by all users of one run: model, SAEs (on the model's device), index, and the lock."""
 
-    def __init__(self, run: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):
+    def __init__(self, run: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+                 limits: Limits = Limits()):
         self.run = Path(run).resolve()
+        self.limits = limits.check()
         self.lm = open_run_model(self.run, device=device, dtype=dtype)
         self.saes = load_run_saes(self.run, device=self.lm.device)
         self.lock = threading.Lock()
@@ -77,6 +104,10 @@ class Playground:
 
         if not prompt:
             return []
+        if site not in self.saes:
+            raise ScSteerError(f"site {site!r}: this run has SAEs for {', '.join(self.saes)}")
+        feature = validate.integer("feature id", as_int("feature id", feature), 0, self.saes[site].cfg.d_sae - 1)
+        self.check_request(prompt, None, 1, False, 1.0, 0)
         with self.lock, torch.no_grad():
             ids = self.lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.lm.device)
             with self.lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}) as tracer:
@@ -85,6 +116,28 @@ class Playground:
             acts = self.saes[site].encode(h[0]).cpu()[:, feature]
         m = float(acts.max()) or 1.0
         return [(self.lm.tokenizer.decode([t]), round(float(a) / m, 3)) for t, a in zip(ids[0].tolist()[1:], acts[1:])]
+
+    def check_request(self, prompt, recipe: Recipe | None, max_new_tokens, sample, temperature, seed) -> dict:
+        """Every field of a generation request, checked against its type and this server's limits,
+        before the model lock is taken. Returns the generation keywords."""
+        lim = self.limits
+        validate.text("prompt", prompt, max_chars=8 * lim.max_prompt_tokens)
+        n_prompt = len(self.lm.tokenizer(prompt)["input_ids"])
+        if n_prompt > lim.max_prompt_tokens:
+            raise ScSteerError(f"prompt: {n_prompt:,} tokens, more than this server's limit of "
+                               f"{lim.max_prompt_tokens:,}")
+        n = validate.integer("max_new_tokens", as_int("max_new_tokens", max_new_tokens), 1, lim.max_new_tokens)
+        kw = dict(max_new_tokens=n, do_sample=validate.boolean("sample", sample),
+                  temperature=validate.number("temperature", temperature, 0, 100, lo_open=True),
+                  seed=validate.integer("seed", as_int("seed", seed), 0))
+        for it in (recipe.interventions if recipe else []):
+            it.check(self.lm, self.saes)
+        self.lm.check_positions(n_prompt + n, "prompt tokens + max_new_tokens")
+        return kw
+
+    def parse_recipe(self, text: str) -> Recipe:
+        validate.text("recipe", text, max_chars=self.limits.max_recipe_chars)
+        return Recipe.from_json(text)
 
     def steer(self, prompt: str, recipe: Recipe, max_new_tokens: int, sample: bool, temperature: float,
               seed: int) -> tuple[str, str]:
@@ -100,29 +153,42 @@ class Playground:
 
     def stream(self, prompt: str, recipe: Recipe | None, max_new_tokens: int, sample: bool, temperature: float,
                seed: int):
-        """Yield the continuation as it grows, token by token (generation holds the model lock)."""
+        """Yield the continuation as it grows, token by token (generation holds the model lock).
+
+        The request is checked against the limits first; generation stops at the time limit, and as
+        soon as the consumer stops listening (a client that went away), so the lock is soon free again.
+        """
         from transformers import TextIteratorStreamer
 
-        kw = dict(max_new_tokens=int(max_new_tokens), do_sample=bool(sample), temperature=float(temperature),
-                  seed=int(seed))
-        streamer = TextIteratorStreamer(self.lm.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        kw = self.check_request(prompt, recipe, max_new_tokens, sample, temperature, seed)
+        streamer = TextIteratorStreamer(self.lm.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=self.limits.seconds + 300)
+        cancel = threading.Event()
         result: dict = {}
 
         def work():
             try:
                 with self.lock:
-                    result["text"] = generate(self.lm, [prompt], recipe, self.saes, streamer=streamer, **kw)[0]
+                    if cancel.is_set():
+                        return
+                    result["text"] = generate(self.lm, [prompt], recipe, self.saes, streamer=streamer,
+                                              max_time=self.limits.seconds, cancel=cancel, **kw)[0]
             except Exception as e:  # noqa: BLE001 - re-raised in the caller's thread
                 result["error"] = e
+            finally:
                 streamer.end()
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text
-        worker.join()
+        try:
+            text = ""
+            for piece in streamer:
+                text += piece
+                yield text
+            worker.join()
+        finally:  # also when the consumer closes this generator early: stop the generation
+            cancel.set()
         if "error" in result:
             raise result["error"]
-        yield result["text"]  # the exact decoded continuation (the streamer's pieces may differ in spacing)
+        if "text" in result:
+            yield result["text"]  # the exact decoded continuation (the streamer's pieces may differ in spacing)

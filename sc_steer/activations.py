@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
 from .devices import DTYPES
 from .errors import ScSteerError
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, make_dir
 from .models import LM
 from .sites import Site
 
@@ -88,6 +88,9 @@ def _check_config(cfg: CollectConfig) -> None:
 
 def _prepare_folder(out: Path, header: dict) -> dict:
     """Start a new manifest, or reload a matching unfinished one. Foreign folders are refused."""
+    make_dir(out.parent)
+    if out.exists() and not out.is_dir():
+        raise ScSteerError(f"--out {str(out)!r} is a file, not a folder")
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         try:
@@ -102,7 +105,7 @@ def _prepare_folder(out: Path, header: dict) -> dict:
         return old
     if out.exists() and any(out.iterdir()):
         raise ScSteerError(f"output folder {str(out)!r} is not empty and holds no sc-steer manifest")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     return {**header, "status": "running", "shards": []}
 
 
@@ -120,6 +123,7 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     sites = sorted(sites, key=lambda s: s.order)
     cfg = CollectConfig(data=data, sites=tuple(map(str, sites)), **options)
     _check_config(cfg)
+    lm.check_positions(cfg.ctx)
     store_dtype = DTYPES[cfg.store_dtype] if cfg.store_dtype else lm.dtype
     out = Path(out)
     docs = iter_documents(data, field=cfg.field, split=cfg.split)
@@ -222,6 +226,12 @@ class ActivationStore:
         self.n_tokens = int(self.manifest["n_tokens"])
         self.shards = [self.path / "shards" / s["file"] for s in self.manifest["shards"]]
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Full batches need at least ``batch_size`` tokens in the collection."""
+        if self.n_tokens < batch_size:
+            raise ScSteerError(f"the collection {str(self.path)!r} holds {self.n_tokens:,} tokens, fewer than one "
+                               f"batch of {batch_size:,}: collect more tokens or use a smaller --batch-size")
+
     def _check_site(self, site: str | Site) -> str:
         name = str(site)
         if name not in self.manifest["sites"]:
@@ -270,6 +280,8 @@ class ActivationStore:
         keys = [f"act.{s}" for s in names]
         if batch_size < 1:
             raise ScSteerError(f"batch size {batch_size!r}: expected an integer >= 1")
+        if drop_last:  # with fewer tokens than a batch every epoch would yield nothing, forever
+            self.check_batch_size(batch_size)
         for epoch in range(epochs):
             rng = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             order = torch.randperm(len(self.shards), generator=rng).tolist() if shuffle else range(len(self.shards))

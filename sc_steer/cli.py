@@ -69,10 +69,12 @@ def cmd_train(args) -> None:
 
     cfg = _train_config(args)
     if args.activations:
-        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=args.device)
+        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=args.device,
+                                force=args.force)
     else:
         lm = _open(args)
-        saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=lm.device)
+        saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=lm.device,
+                                force=args.force)
     print(f"trained {len(saes)} SAEs -> {args.out}/saes/ ({', '.join(saes)}); curves: {args.out}/training_curves.png")
 
 
@@ -107,14 +109,20 @@ def cmd_graph(args) -> None:
         try:
             layers = list(range(int(lo), int(hi or lo) + 1))
         except ValueError:
-            raise ScSteerError(f"--layers {args.layers!r}: expected N or N-M (source layers)") from None
+            layers = []
+        if not layers:
+            raise ScSteerError(f"--layers {args.layers!r}: expected N or N-M with N <= M (source layers)")
     sources = args.sources
     if sources and sources[0].isdigit():
-        sources = [int(x) for x in sources.split(",")]
+        try:
+            sources = [int(x) for x in sources.split(",")]
+        except ValueError:
+            raise ScSteerError(f"--sources {args.sources!r}: expected active, top:N, attr:N or feature ids "
+                               "like 3,17,42") from None
     g, paths, corr = graph_run(args.run, args.prompts, args.out, lm=lm, layers=layers, sources=sources,
                                mode=args.mode, value=args.value, where=args.where, prune=args.prune,
                                amount=args.amount, rank_by=args.rank_by, attribute=not args.no_attribution,
-                               ctx=args.ctx, max_prompts=args.max_prompts, name=args.name)
+                               ctx=args.ctx, max_prompts=args.max_prompts, name=args.name, force=args.force)
     print(f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges; attribution vs exact (Pearson): "
           + ", ".join(f"{k} {v:.3f}" for k, v in corr.items()))
     print("-> " + ", ".join(str(p) for p in paths.values()))
@@ -169,9 +177,11 @@ def cmd_steer(args) -> None:
 
 def cmd_app(args) -> None:
     from sc_steer_apps.playground import launch
+    from sc_steer_apps.serving import Limits
 
+    limits = Limits(args.max_new_tokens, args.max_prompt_tokens, args.time_limit).check()
     print(f"serving {', '.join(args.run)} on http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)
-    launch(args.run, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+    launch(args.run, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits)
 
 
 def cmd_demo(args) -> None:
@@ -191,8 +201,15 @@ def cmd_demo(args) -> None:
           f"Next: sc-steer app --run {args.out}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one ``error:`` line (exit status 2), like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sc-steer", description="sparse autoencoders on LM activations: "
+    ap = _Parser(prog="sc-steer", description="sparse autoencoders on LM activations: "
                                  "collect, train, interpret, graph, steer")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -224,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: saes/<site>/, checkpoint, logs, curves")
     p.add_argument("--config", help="a .toml / .yaml / .json training config; flags below override it")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
     p.add_argument("--sites", help="e.g. resid_post.* or resid_post.1,resid_post.2")
     p.add_argument("--tokens", type=int, help="training tokens per SAE")
     p.add_argument("--batch-size", type=int)
@@ -277,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amount", type=float, default=5, help="k for top_k; a fraction for relative/cumulative")
     p.add_argument("--rank-by", default="weight", choices=["weight", "through"])
     p.add_argument("--no-attribution", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace another graph in --out")
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("steer", help="generate with SAE features added / removed; baseline and steered side by side")
@@ -300,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", required=True, help="a run folder (repeat to offer several)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="the most tokens one request may generate")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024, help="the longest prompt one request may send")
+    p.add_argument("--time-limit", type=float, default=60.0, help="seconds one generation may hold the model; "
+                   "it stops there and returns what it has (default: 60)")
     _add_device_args(p)
     p.set_defaults(func=cmd_app)
 

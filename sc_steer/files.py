@@ -1,18 +1,42 @@
-"""Atomic file writes: write beside the target, then rename, so a crash never leaves a half-written file."""
+"""Files and folders the library writes: atomic writes (a unique temporary file beside the target,
+synced, then renamed, so a crash never leaves a torn file) and output folders with clear errors."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import ScSteerError
+
+
+def make_dir(path: str | Path, what: str = "--out") -> Path:
+    """Create a folder and its parents; a one-line error (naming ``what``) where a file is in the way."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ScSteerError(f"{what} {str(path)!r}: {str(p)!r} is a file, not a folder")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ScSteerError(f"{what} {str(path)!r}: cannot create the folder ({e.strerror})") from None
+    return path
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary path next to ``path``, then move it into place."""
+    """Call ``write(tmp)`` on a unique temporary path next to ``path``, sync it, then move it into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    make_dir(path.parent, "output folder")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -134,6 +134,20 @@ class LM:
         except AttributeError as e:
             raise ScSteerError(f"model {self.name!r} has no module {path!r}; its adapter does not fit it") from e
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model was built for (None where the config does not say)."""
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            v = getattr(self.config, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def check_positions(self, n: int, what: str = "--ctx") -> None:
+        """Refuse sequences longer than the model's positions (they fail or silently degrade)."""
+        if self.max_positions is not None and n > self.max_positions:
+            raise ScSteerError(f"{what} {n:,}: model {self.name!r} handles at most {self.max_positions:,} positions")
+
     # -- running -------------------------------------------------------------------------------
     def trace(self, inputs: Any, **kwargs: Any):
         """``nn.trace`` with this model's remote setting."""

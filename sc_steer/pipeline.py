@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from .activations import ActivationStore, collect
+from . import validate
+from .data import data_fingerprint
 from .devices import resolve_device
 from .errors import ScSteerError
-from .files import atomic_write_text
+from .files import atomic_write_text, make_dir
 from .models import LM, open_model
 from .sae import SAE, load_sae
 from .sae.config import TrainConfig
@@ -27,22 +29,53 @@ from .sae.metrics import evaluate_saes, write_results
 from .sae.train import Trainer, model_source, store_source
 
 
-def _write_run_json(run: Path, info: dict) -> None:
-    run.mkdir(parents=True, exist_ok=True)
+# what makes two trainings the same run: a folder is only ever continued by the run that made it
+RUN_IDENTITY = ("model", "dataset", "sites", "train_config")
+
+
+def start_run(run: Path, info: dict, *, force: bool = False) -> None:
+    """Claim ``run`` for a training described by ``info`` and write its run.json.
+
+    The folder must be new, or hold this same run (``RUN_IDENTITY``: model, data fingerprint, sites,
+    config), so that a resume continues it and nothing foreign is mixed in. ``force=True`` starts
+    over: the old checkpoint and log go, and the old SAEs are replaced as a set at the end.
+    """
+    make_dir(run.parent)
+    if run.exists() and not run.is_dir():
+        raise ScSteerError(f"--out {str(run)!r} is a file, not a folder")
     path = run / "run.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    atomic_write_text(path, json.dumps({**old, **info}, indent=1))
+    if path.exists() and not force:
+        old = read_run(run)
+        new = json.loads(json.dumps(info))
+        differs = [k for k in RUN_IDENTITY if old.get(k) != new.get(k)]
+        if differs:
+            raise ScSteerError(f"--out {str(run)!r} holds another run (its {', '.join(differs)} differ); choose "
+                               "another --out, or pass --force to start over there")
+    elif not path.exists() and not force and run.is_dir() and any(run.iterdir()):
+        raise ScSteerError(f"--out {str(run)!r} is not empty and is not an sc-steer run; choose another --out, "
+                           "or pass --force to train there anyway")
+    if force:
+        for name in ("checkpoint.safetensors", "train_log.jsonl"):
+            (run / name).unlink(missing_ok=True)
+    make_dir(run)
+    atomic_write_text(path, json.dumps(info, indent=1))
 
 
 def read_run(run: str | Path) -> dict:
     path = Path(run) / "run.json"
     if not path.exists():
         raise ScSteerError(f"{str(run)!r} is not an sc-steer run (no run.json)")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScSteerError(f"{str(path)!r} is unreadable ({e}); it should be the JSON sc-steer train wrote") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), str) or not info["model"]:
+        raise ScSteerError(f"{str(path)!r} does not name the run's model (expected a JSON object with \"model\")")
+    return info
 
 
 def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, SAE]:
+                     device: str | torch.device = "cpu", force: bool = False, progress: bool = True) -> dict[str, SAE]:
     """Train one SAE per requested site from an activation collection on disk, on ``device``."""
     device = resolve_device(device)  # before anything is written
     store = ActivationStore(activations)
@@ -51,24 +84,30 @@ def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path,
     sites = [str(s) for s in parse_sites(cfg.sites, store.manifest["model"]["n_layers"])]
     for s in sites:
         store.d(s)  # checks the site was collected
+    store.check_batch_size(cfg.batch_size)
     info = {s: {"d": store.d(s), "mean_norm": store.mean_norm(s), "module": store.manifest["sites"][s].get("module")}
             for s in sites}
     c = store.manifest["config"]
     meta = {"model_name": store.manifest["model"]["name"], "context_size": c["ctx"], "prepend_bos": c["prepend_bos"],
             "dataset": c["data"]}
-    _write_run_json(Path(out), {"model": meta["model_name"], "activations": str(activations), "sites": sites,
-                                "train_config": cfg.to_dict()})
+    start_run(Path(out), {"model": meta["model_name"], "activations": str(activations),
+                          "dataset": {"sha256": store.manifest["dataset"]["sha256"], "n_tokens": store.n_tokens,
+                                      "collection": store.manifest["config"]},
+                          "sites": sites, "train_config": cfg.to_dict()}, force=force)
     trainer = Trainer(cfg, store_source(store, sites, cfg.batch_size, cfg.seed), out, info, meta, device, progress)
     return trainer.run(resume=resume)
 
 
 def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ctx: int = 256, resume: bool = False,
-                     device: str | torch.device = "cpu", progress: bool = True) -> dict[str, SAE]:
+                     device: str | torch.device = "cpu", force: bool = False, progress: bool = True) -> dict[str, SAE]:
     """Train straight from the model's activations, with no disk cache."""
     sites = lm.sites(cfg.sites)
+    validate.integer("--ctx", ctx, 2)
+    lm.check_positions(ctx)
     info = {str(s): {"d": lm.width(s), "module": lm.module_path(s)} for s in sites}
     meta = {"model_name": lm.name, "context_size": ctx, "prepend_bos": True, "dataset": data}
-    _write_run_json(Path(out), {"model": lm.name, "data": data, "sites": list(info), "train_config": cfg.to_dict()})
+    start_run(Path(out), {"model": lm.name, "data": data, "dataset": {"sha256": data_fingerprint(data), "ctx": ctx},
+                          "sites": list(info), "train_config": cfg.to_dict()}, force=force)
     source = model_source(lm, sites, data, cfg.batch_size, cfg.seed, ctx=ctx)
     return Trainer(cfg, source, out, info, meta, device, progress).run(resume=resume)
 
@@ -83,11 +122,28 @@ def load_run_saes(run: str | Path, sites: list[str] | None = None, *,
     root = Path(run) / "saes"
     if not root.is_dir():
         raise ScSteerError(f"{str(run)!r} has no saes/ folder (train first)")
-    names = sites or sorted((p.name for p in root.iterdir() if p.is_dir()), key=lambda s: (s.split(".")[0], int(s.split(".")[-1])))
+    names = sites or [str(s) for s in sorted(_site_folders(root), key=lambda s: s.order)]
+    if not names:
+        raise ScSteerError(f"{str(run)!r}: saes/ holds no SAE folders (train first)")
     missing = [s for s in names if not (root / s).is_dir()]
     if missing:
         raise ScSteerError(f"run {str(run)!r} has no SAE for {', '.join(missing)}")
     return {s: load_sae(root / s, device) for s in names}
+
+
+def _site_folders(root: Path) -> list:
+    """The folders of saes/ named like sites (resid_post.3); anything else there (a backup, a stray
+    folder) is not an SAE of this run and is left alone."""
+    from .sites import Site
+
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and not p.name.startswith("."):
+            try:
+                found.append(Site.parse(p.name))
+            except ScSteerError:
+                continue
+    return found
 
 
 def open_run_model(run: str | Path, lm: LM | None = None, *, device: str | torch.device = "cpu",

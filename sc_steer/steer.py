@@ -16,12 +16,15 @@ the edit runs inside nnsight's ``tracer.all()`` so it reaches every step. A raw 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from . import validate
 from .devices import follow_model
 from .errors import ScSteerError
 from .files import atomic_write_text
@@ -30,6 +33,7 @@ from .sae import SAE
 from .sites import Site
 
 MODES = ("add", "remove", "clamp", "scale")
+MAX_COEFF = 1e4   # |coefficient| beyond this only overflows the residual stream
 POSITIONS = ("all", "prompt", "generated", "last")
 
 
@@ -43,25 +47,30 @@ class Intervention:
     vector: list | None = None      # raw direction [d] or ActAdd sequence [L, d] instead of a feature
 
     def check(self, lm: LM, saes: dict[str, SAE]) -> None:
+        validate.text("intervention site", self.site)
         Site.parse(self.site, lm.n_layers)
-        if self.mode not in MODES:
-            raise ScSteerError(f"intervention mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        if self.positions not in POSITIONS:
-            raise ScSteerError(f"positions {self.positions!r}: expected one of {', '.join(POSITIONS)}")
+        validate.choice("intervention mode", self.mode, MODES)
+        validate.choice("positions", self.positions, POSITIONS)
+        validate.number(f"coefficient ({self.mode} at {self.site})", self.coeff, -MAX_COEFF, MAX_COEFF)
         if (self.feature is None) == (self.vector is None):
             raise ScSteerError(f"intervention at {self.site}: give exactly one of feature= or vector=")
         if self.vector is not None:
-            v = torch.as_tensor(self.vector)
-            if v.shape[-1] != lm.d_model or v.dim() not in (1, 2):
+            try:
+                v = torch.as_tensor(self.vector, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise ScSteerError(f"vector at {self.site}: expected a list of numbers (or a list of such lists)") from None
+            if v.dim() not in (1, 2) or v.shape[-1] != lm.d_model or not len(v):
                 raise ScSteerError(f"vector at {self.site}: expected shape [{lm.d_model}] or [L, {lm.d_model}], "
                                    f"got {list(v.shape)}")
             if self.mode != "add":
                 raise ScSteerError("a raw vector can only be added (mode='add')")
+            if not torch.isfinite(v).all():
+                raise ScSteerError(f"vector at {self.site}: holds NaN or infinite values")
             return
         if self.site not in saes:
             raise ScSteerError(f"no SAE for {self.site} (have: {', '.join(saes) or 'none'})")
         d_sae = saes[self.site].cfg.d_sae
-        if not isinstance(self.feature, int) or not 0 <= self.feature < d_sae:
+        if isinstance(self.feature, bool) or not isinstance(self.feature, int) or not 0 <= self.feature < d_sae:
             raise ScSteerError(f"feature id {self.feature!r} is out of range for {self.site} (0-{d_sae - 1})")
 
 
@@ -153,11 +162,13 @@ def _tokenize(lm: LM, prompts: list[str]) -> dict:
 
 def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dict[str, SAE] | None = None, *,
              max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, streamer=None) -> list[str]:
+             top_p: float = 1.0, seed: int = 0, streamer=None, max_time: float | None = None,
+             cancel: threading.Event | None = None) -> list[str]:
     """Continuations of ``prompts`` (text after each prompt), steered by ``recipe`` at every step.
 
     ``streamer`` is passed to ``transformers`` generate (e.g. a ``TextIteratorStreamer``) to receive
-    tokens as they are produced.
+    tokens as they are produced. Generation stops early (returning what it has) after ``max_time``
+    seconds or once ``cancel`` is set: how a server bounds a request.
     """
     import nnsight
 
@@ -165,11 +176,19 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
     items = list(recipe.interventions) if recipe else []
     for it in items:
         it.check(lm, saes)
-    if not prompts or any(not p for p in prompts):
-        raise ScSteerError("generate: give one or more non-empty prompts")
-    if max_new_tokens < 1:
-        raise ScSteerError(f"max_new_tokens {max_new_tokens!r}: expected an integer >= 1")
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ScSteerError("generate: give a list of one or more non-empty prompts")
+    for p in prompts:
+        validate.text("prompt", p)
+    validate.integer("max_new_tokens", max_new_tokens, 1)
+    validate.integer("seed", seed, 0)
+    validate.boolean("do_sample", do_sample)
+    if do_sample:
+        validate.number("temperature", temperature, 0, 100, lo_open=True)
+        validate.integer("top_k", top_k, 0)
+        validate.number("top_p", top_p, 0, 1, lo_open=True)
     inputs = _tokenize(lm, prompts)
+    lm.check_positions(inputs["input_ids"].shape[1] + max_new_tokens, "prompt tokens + max_new_tokens")
     # raw vectors become tensors on the model's device once, not at every generation step
     items = [replace(it, vector=torch.as_tensor(it.vector, dtype=torch.float32).to(lm.device))
              if it.vector is not None else it for it in items]
@@ -183,6 +202,8 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
         gen_kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
     if streamer is not None:  # e.g. transformers' TextIteratorStreamer, for one prompt
         gen_kwargs["streamer"] = streamer
+    if max_time is not None or cancel is not None:
+        gen_kwargs["stopping_criteria"] = _stop_after(max_time, cancel)
     torch.manual_seed(seed)
     mask = inputs["attention_mask"]
     if not sites:
@@ -209,6 +230,20 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
                 ids = nnsight.save(tracer.result)
     n = inputs["input_ids"].shape[1]
     return [lm.tokenizer.decode(row[n:], skip_special_tokens=True) for row in ids]
+
+
+def _stop_after(max_time: float | None, cancel: threading.Event | None):
+    """A transformers stopping criterion: the time budget is spent, or ``cancel`` was set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    deadline = None if max_time is None else time.monotonic() + validate.number("max_time", max_time, 0, lo_open=True)
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = (deadline is not None and time.monotonic() > deadline) or (cancel is not None and cancel.is_set())
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Stop()])
 
 
 def actadd_vector(lm: LM, site: str, positive: str, negative: str) -> torch.Tensor:

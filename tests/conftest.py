@@ -30,12 +30,12 @@ def _configs(vocab):
 
     return {
         "llama": LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              bos_token_id=1, eos_token_id=2, pad_token_id=3),
-        "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=32, n_layer=3, n_head=4, n_positions=512,
                            bos_token_id=1, eos_token_id=2),
         "gpt_neox": GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                  num_attention_heads=4, max_position_embeddings=128, bos_token_id=1,
+                                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=1,
                                   eos_token_id=2),
     }
 

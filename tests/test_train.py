@@ -73,8 +73,12 @@ def test_resume_with_a_different_config_is_refused(tiny_run, tmp_path, capsys):
     assert main(args) == 0
     rc = main(args + ["--resume", "--k", "5"])
     err = capsys.readouterr().err
-    assert rc == 2 and "config differs from the checkpoint's in sae" in err
+    assert rc == 2 and "holds another run (its train_config differ)" in err
     assert main(args) == 2 and "pass --resume" in capsys.readouterr().err
+    # --force starts over there with the new config; the SAEs are replaced as a set
+    assert main(args + ["--k", "5", "--force"]) == 0
+    assert json.loads((tmp_path / "r" / "saes" / "resid_post.0" / "cfg.json").read_text())["sc_steer"]["k"] == 5
+    assert not list((tmp_path / "r").glob(".saes-*"))
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from ..files import atomic_write
+from ..files import atomic_write, make_dir
 
 FORMATS = ("graphml", "gexf", "json", "dot", "svg", "png", "html")
 
@@ -117,7 +117,7 @@ def export_graph(g: nx.DiGraph, out: str | Path, name: str = "graph", formats: t
                  title: str = "") -> dict[str, Path]:
     """Write ``out/name.{graphml,gexf,json,dot,svg,png,html}``; returns the paths by format."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     paths = {}
     for fmt in formats:
         path = out / f"{name}.{fmt}"

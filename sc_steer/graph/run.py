@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
+from ..files import atomic_write, atomic_write_text, make_dir
 from ..models import LM
 from ..sae import SAE
 from .attribution import attribution, pearson
@@ -79,13 +82,23 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
               where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
               attribute: bool = True, ctx: int = 64, max_prompts: int = 64, chunk: int = 16,
               formats: tuple[str, ...] = FORMATS, name: str = "graph", device: str | torch.device = "cpu",
-              dtype: str | torch.dtype = "float32", progress: bool = True):
+              dtype: str | torch.dtype = "float32", force: bool = False, progress: bool = True):
     """Measure, prune and export the feature graph of a run's resid_post SAEs over ``layers``.
 
-    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``."""
+    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``. ``out`` must be new, empty,
+    or hold the graph of this same recipe; ``force=True`` replaces another graph there."""
     from ..pipeline import load_run_saes, open_run_model
 
-    run = Path(run)
+    run, out = Path(run), Path(out)
+    check_options(layers=layers, sources=sources, mode=mode, value=value, where=where, prune=prune, amount=amount,
+                  rank_by=rank_by, ctx=ctx, max_prompts=max_prompts)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ScSteerError(f"--name {name!r}: expected a plain file name (letters, digits, '_', '-', '.'), "
+                           "the exports are written as OUT/NAME.<format>")
+    recipe = {"run": str(run), "layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
+              "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx, "max_prompts": max_prompts,
+              "prompts": prompts, "name": name}
+    claim_output(out, recipe, force)
     lm = open_run_model(run, lm, device=device, dtype=dtype)
     layers = list(range(lm.n_layers - 1)) if layers is None else list(layers)
     for n in layers:
@@ -96,6 +109,7 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
     for s, sae in saes.items():
         if sae.cfg.model_name and sae.cfg.model_name != lm.name:
             raise ScSteerError(f"the SAE for {s} was trained on model {sae.cfg.model_name!r}, not {lm.name!r}")
+    lm.check_positions(ctx)
     batches, prompt_hash = prompt_batches(lm, prompts, ctx=ctx, max_prompts=max_prompts)
     pairs: list[PairEffects] = []
     attrs: dict[int, torch.Tensor] = {}
@@ -120,10 +134,10 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
             full[:, targets] = attr
             attrs[n] = full
             corr[f"L{n}"] = pearson(attr, pair.effect[:, targets])
-        Path(out).mkdir(parents=True, exist_ok=True)
-        save_file({"sources": pair.sources, "effect": pair.effect.contiguous(), "effect_std": pair.effect_std,
+        effects = {"sources": pair.sources, "effect": pair.effect.contiguous(), "effect_std": pair.effect_std,
                    "pre_delta": pair.pre_delta, "skip": pair.skip, "clean_mean": pair.clean_mean,
-                   "source_mean": pair.source_mean}, str(Path(out) / f"effects_L{n}.safetensors"))
+                   "source_mean": pair.source_mean}
+        atomic_write(out / f"effects_L{n}.safetensors", lambda p, t=effects: save_file(t, str(p)))
     provenance = {"model": lm.name, "prompts": prompts, "prompt_sha256": prompt_hash,
                   "sae_sha256": {s: file_hash(run / "saes" / s / "sae_weights.safetensors") for s in saes},
                   "config": {"layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
@@ -134,6 +148,62 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
     g = build_graph(pairs, prune=prune, amount=amount, rank_by=rank_by, nodes=labels, provenance=provenance,
                     attribution=attrs or None)
     paths = export_graph(g, out, name, formats, title=f"{lm.name}: feature graph, layers {layers[0]}-{layers[-1] + 1}")
-    (Path(out) / "recipe.json").write_text(json.dumps({"run": str(run), **provenance["config"], "prompts": prompts},
-                                                     indent=1))
+    atomic_write_text(out / RECIPE, json.dumps({**recipe, "layers": layers}, indent=1))
     return g, paths, corr
+
+
+RECIPE = "recipe.json"
+
+
+def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by, ctx, max_prompts) -> None:
+    """The graph options, checked before any work (names as the CLI flags)."""
+    from .build import PRUNE
+    from .measure import MODES, WHERE
+
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ScSteerError(f"--layers {layers!r}: expected a non-empty list of source layers")
+        for n in layers:
+            validate.integer("--layers", n, 0)
+    if isinstance(sources, (list, tuple)):
+        if not sources:
+            raise ScSteerError("--sources: the list of feature ids is empty")
+        for i in sources:
+            validate.integer("--sources", i, 0)
+    elif not isinstance(sources, str):
+        raise ScSteerError(f"--sources {sources!r}: expected active, top:N, attr:N or a list of feature ids")
+    validate.choice("--mode", mode, MODES)
+    if mode == "clamp":
+        if value is None:
+            raise ScSteerError("--mode clamp needs --value (the value the source feature is clamped to)")
+        validate.number("--value", value)
+    validate.choice("--where", where, WHERE)
+    validate.choice("--prune", prune, PRUNE)
+    if prune == "top_k":
+        validate.number("--amount", amount, 1)
+    else:
+        validate.number("--amount", amount, 0, 1, lo_open=True)
+    validate.choice("--rank-by", rank_by, ("weight", "through"))
+    validate.integer("--ctx", ctx, 2)
+    validate.integer("--max-prompts", max_prompts, 1)
+
+
+def claim_output(out: Path, recipe: dict, force: bool) -> None:
+    """A graph folder is new, empty, or holds the graph of this very recipe; ``force`` replaces another."""
+    make_dir(out.parent)
+    if out.exists() and not out.is_dir():
+        raise ScSteerError(f"--out {str(out)!r} is a file, not a folder")
+    if force or not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        old = json.loads((out / RECIPE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ScSteerError(f"--out {str(out)!r} is not empty and holds no graph recipe; choose a new folder or "
+                           "pass --force to write there anyway") from None
+    same = json.loads(json.dumps(recipe))
+    differs = sorted(k for k in same if k != "layers" and old.get(k) != same[k])
+    if recipe["layers"] is not None and old.get("layers") != recipe["layers"]:
+        differs.append("layers")
+    if differs:
+        raise ScSteerError(f"--out {str(out)!r} holds another graph (its {', '.join(differs)} differ); choose a new "
+                           "folder or pass --force to replace it")

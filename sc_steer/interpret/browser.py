@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text, make_dir
 from .features import KIND_TITLES
 
 _PAGE = r"""<!doctype html>
@@ -93,7 +93,7 @@ def write_browser(out: str | Path, summary: dict) -> Path:
     """Write ``browser/index.html`` and ``browser/data/*.js`` from the interpretation in ``out``."""
     out = Path(out)
     data_dir = out / "browser" / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(data_dir)
     sets = []
     for key, info in summary["sets"].items():
         records = [json.loads(line) for line in (out / info["file"]).read_text().splitlines()]

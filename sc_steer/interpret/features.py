@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..activations import run_sites
+from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..devices import follow_model
 from ..errors import ScSteerError
@@ -131,9 +132,10 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     if not saes:
         raise ScSteerError("interpret: no SAEs given")
     for name, v, lo in (("max_tokens", max_tokens, 1), ("top_n", top_n, 1), ("window", window, 0),
-                        ("min_count", min_count, 1), ("top_k_tokens", top_k_tokens, 1)):
-        if not isinstance(v, int) or v < lo:
-            raise ScSteerError(f"{name} {v!r}: expected an integer >= {lo}")
+                        ("min_count", min_count, 1), ("top_k_tokens", top_k_tokens, 1), ("batch_size", batch_size, 1),
+                        ("ctx", ctx, 2)):
+        validate.integer(name, v, lo)
+    lm.check_positions(ctx)
     out = Path(out)
     follow_model(saes, lm)
     sets = unit_sets(lm, saes, neurons)

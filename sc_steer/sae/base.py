@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ScSteerError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text, make_dir
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
 
@@ -197,7 +197,7 @@ class SAE(nn.Module):
     def save(self, path: str | Path, log_firing_freq: torch.Tensor | None = None) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` (+ ``sparsity.safetensors``) atomically."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        make_dir(path, "SAE folder")
         atomic_write(path / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
         if log_firing_freq is not None:
             atomic_write(path / SPARSITY_FILE, lambda p: save_file({"sparsity": log_firing_freq.float().cpu()}, str(p)))

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .. import validate
 from ..errors import ScSteerError
 from .base import ARCHITECTURES
 
@@ -37,27 +38,24 @@ class SAETrainConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.resolved_d_sae(d_in) / 2 ** 14)
 
     def check(self, where: str = "sae") -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ScSteerError(f"{where}.architecture {self.architecture!r}: expected one of "
-                               f"{', '.join(sorted(ARCHITECTURES))}")
-        if self.d_sae is not None and (not isinstance(self.d_sae, int) or self.d_sae < 1):
-            raise ScSteerError(f"{where}.d_sae {self.d_sae!r}: expected an integer >= 1")
-        if not isinstance(self.expansion, int) or self.expansion < 1:
-            raise ScSteerError(f"{where}.expansion {self.expansion!r}: expected an integer >= 1")
-        if ARCHITECTURES[self.architecture].needs_k and (not isinstance(self.k, int) or self.k < 1):
-            raise ScSteerError(f"{where}.k {self.k!r}: {self.architecture} needs an integer k >= 1")
+        v = validate
+        v.choice(f"{where}.architecture", self.architecture, sorted(ARCHITECTURES))
+        v.integer(f"{where}.expansion", self.expansion, 1)
+        if self.d_sae is not None:
+            v.integer(f"{where}.d_sae", self.d_sae, 1)
+        if ARCHITECTURES[self.architecture].needs_k or self.k is not None:
+            v.integer(f"{where}.k", self.k, 1)
+        if self.k_aux is not None:
+            v.integer(f"{where}.k_aux", self.k_aux, 1)
         for name in ("jumprelu_threshold", "jumprelu_bandwidth"):
-            if not getattr(self, name) > 0:
-                raise ScSteerError(f"{where}.{name} {getattr(self, name)!r}: expected a positive number")
+            v.number(f"{where}.{name}", getattr(self, name), 0, lo_open=True)
         for name in ("l1_coeff", "l0_coeff", "aux_coeff"):
-            if getattr(self, name) < 0:
-                raise ScSteerError(f"{where}.{name} {getattr(self, name)!r}: expected a value >= 0")
-        if self.lr is not None and not self.lr > 0:
-            raise ScSteerError(f"{where}.lr {self.lr!r}: expected a positive number")
-        if not 0 <= self.sparsity_warmup <= 1:
-            raise ScSteerError(f"{where}.sparsity_warmup {self.sparsity_warmup!r}: expected a fraction in [0, 1]")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise ScSteerError(f"{where}.b_dec_init {self.b_dec_init!r}: expected geometric_median, mean or zeros")
+            v.number(f"{where}.{name}", getattr(self, name), 0)
+        if self.lr is not None:
+            v.number(f"{where}.lr", self.lr, 0, lo_open=True)
+        v.number(f"{where}.sparsity_warmup", self.sparsity_warmup, 0, 1)
+        v.choice(f"{where}.b_dec_init", self.b_dec_init, ("geometric_median", "mean", "zeros"))
+        v.boolean(f"{where}.tied_init", self.tied_init)
 
 
 @dataclass
@@ -86,21 +84,27 @@ class TrainConfig:
         return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(self.tokens // 5, 1))
 
     def for_site(self, site: str) -> SAETrainConfig:
-        over = self.layers.get(site, {})
+        over = self.layers.get(site, {}) if isinstance(self.layers, dict) else {}
         return replace(self.sae, **over)
 
     def check(self) -> None:
+        v = validate
+        v.strings("sites", self.sites)
         for name in ("batch_size", "tokens", "checkpoint_every", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ScSteerError(f"{name} {v!r}: expected an integer >= 1")
+            v.integer(name, getattr(self, name), 1)
+        v.integer("seed", self.seed, 0)
         if self.tokens < self.batch_size:
             raise ScSteerError(f"tokens {self.tokens} is less than one batch ({self.batch_size})")
         for name in ("lr_warmup", "lr_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ScSteerError(f"{name} {getattr(self, name)!r}: expected a fraction in [0, 1)")
+            v.number(name, getattr(self, name), 0, 1, hi_open=True)
+        v.number("grad_clip", self.grad_clip, 0, lo_open=True)
+        if self.dead_tokens is not None:
+            v.integer("dead_tokens", self.dead_tokens, 1)
+        v.boolean("autocast", self.autocast)
         self.sae.check()
+        v.table("layers", self.layers)
         for site, over in self.layers.items():
+            v.table(f"layers.{site}", over)
             unknown = set(over) - {f.name for f in fields(SAETrainConfig)}
             if unknown:
                 raise ScSteerError(f"unknown key(s) in layers.{site}: {', '.join(sorted(unknown))}")
@@ -126,8 +130,11 @@ def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
     if bad:
         raise ScSteerError(f"unknown key(s) in {where} [sae]: {', '.join(sorted(bad))} "
                            f"(known: {', '.join(sorted(sae_known))})")
-    if isinstance(d.get("sites"), str):
-        d["sites"] = [s.strip() for s in d["sites"].split(",")]
+    if "sites" in d:
+        d["sites"] = validate.strings("sites", d["sites"])
+    if "layers" in d:
+        for site, over in validate.table("layers", d["layers"]).items():
+            validate.table(f"layers.{site}", over)
     cfg = TrainConfig(**d, sae=SAETrainConfig(**sae))
     cfg.check()
     return cfg

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..devices import follow_model
 from ..errors import ScSteerError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, make_dir
 from ..models import LM, rewrap, unwrap
 from ..sites import Site
 from .base import SAE
@@ -51,6 +52,10 @@ def evaluate_saes(lm: LM, saes: dict[str, SAE], data: str, *, ctx: int = 256, ba
     """Metrics per site (see the module docstring) over up to ``max_tokens`` text tokens of ``data``."""
     import nnsight
 
+    validate.integer("--max-tokens", max_tokens, 1)
+    validate.integer("--batch-size", batch_size, 1)
+    validate.integer("context length", ctx, 2)
+    lm.check_positions(ctx)
     sites = {str(s): s for s in lm.sites(list(saes))}
     follow_model(saes, lm)
     for name, site in sites.items():
@@ -139,7 +144,7 @@ def markdown_table(results: dict[str, dict]) -> str:
 def write_results(results: dict[str, dict], out: str | Path, meta: dict | None = None) -> tuple[Path, Path]:
     """``eval.json`` and ``eval.md`` in ``out`` (atomic writes)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     paths = (out / "eval.json", out / "eval.md")
     texts = (json.dumps({"meta": meta or {}, "sites": results}, indent=1),
              f"# SAE evaluation\n\n{json.dumps(meta or {})}\n\n" + markdown_table(results))

@@ -14,7 +14,10 @@ import copy
 import itertools
 import json
 import math
+import os
+import shutil
 import signal
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..errors import ScSteerError
-from ..files import atomic_write
+from ..files import atomic_write, make_dir
 from .base import SAE, SAEConfig, make_sae
 from .config import SAETrainConfig, TrainConfig
 
@@ -171,6 +174,8 @@ class Trainer:
             out = sae.train_forward(x)
         out.x_hat, out.pre = out.x_hat.float(), out.pre.float()
         loss, parts = sae.loss(x, out, ctx)
+        if not torch.isfinite(loss):
+            self._diverged(st.site, f"the loss is {float(loss)}")
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad()
@@ -191,9 +196,16 @@ class Trainer:
         return {"loss": loss.item(), "l0": l0, "fvu": fvu, "dead": dead, **parts}
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def _diverged(self, site: str, what: str) -> None:
+        kept = (f"the last good checkpoint ({self.out / CHECKPOINT}) is kept; --resume continues from it"
+                if (self.out / CHECKPOINT).exists() else "nothing was saved")
+        raise ScSteerError(f"training of {site} diverged at step {self.step}: {what} (try a lower lr); {kept}")
+
     def _checkpoint(self) -> None:
         tensors, meta = {}, {"step": self.step, "config": self.cfg.to_dict(), "sites": {}}
         for site, st in self.states.items():
+            if not all(bool(torch.isfinite(p).all()) for p in st.sae.parameters()):
+                self._diverged(site, "a weight is no longer finite")
             for k, v in st.sae.state_dict().items():
                 tensors[f"{site}/sae/{k}"] = v.detach().cpu().contiguous()
             names = dict(st.sae.named_parameters())
@@ -241,7 +253,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, SAE]:
         """Train to ``cfg.steps``; returns the SAEs in raw-activation units (also saved under saes/)."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_dir(self.out)
         has_ckpt = (self.out / CHECKPOINT).exists()
         if has_ckpt and not resume:
             raise ScSteerError(f"{str(self.out)!r} already holds a training checkpoint; pass --resume to "
@@ -290,13 +302,19 @@ class Trainer:
         """Fold the input scale into copies of the SAEs and write them under ``saes/<site>/``; the copies
         are returned on the training device."""
         out = {}
+        staging = self.out / f".saes-{uuid.uuid4().hex[:8]}"   # the run's SAE files are replaced as a set
         for site, st in self.states.items():
             sae = copy.deepcopy(st.sae)
             sae.fold_input_scale(st.scale)
             tokens = max(1, self.step * self.cfg.batch_size)
             freq = (st.fire_count.cpu() / tokens).float()
-            sae.save(self.out / "saes" / site, log_firing_freq=torch.log10(freq.clamp_min(1e-10)))
+            sae.save(staging / site, log_firing_freq=torch.log10(freq.clamp_min(1e-10)))
             out[site] = sae.eval()
+        final, old = self.out / "saes", self.out / f".saes-old-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
         plot_training_curves(self.out / LOG, self.out / "training_curves.png")
         return out
 
