@@ -148,6 +148,8 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     bar = tqdm(total=cfg.max_tokens, initial=n_tokens, unit="tok", desc="collect", disable=not progress)
     buf: dict[str, list[torch.Tensor]] = {}
     rows_end = start_row
+    if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
+        batches = iter(())  # killed after the last shard was listed: only the manifest is left to finish
     for batch in batches:
         acts = run_sites(lm, batch, sites)
         keep = batch.keep

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ScSteerError
+from .files import check_new_file
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -153,11 +154,13 @@ def cmd_steer(args) -> None:
     from .pipeline import load_run_saes
     from .steer import generate
 
-    lm = _open(args)
-    saes = load_run_saes(args.run, device=lm.device)
     recipe = _parse_interventions(args)
     if not recipe.interventions:
         raise ScSteerError("nothing to steer with: give --add/--remove/--clamp/--scale or --recipe")
+    if args.save_recipe:
+        check_new_file(args.save_recipe, "--save-recipe", args.force)
+    lm = _open(args)
+    saes = load_run_saes(args.run, device=lm.device)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
               seed=args.seed)
     base = generate(lm, args.prompt, None, saes, **kw)
@@ -309,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "last"])
     p.add_argument("--recipe", help="a recipe JSON (interventions above are appended)")
     p.add_argument("--save-recipe", help="write the recipe used to this JSON file")
+    p.add_argument("--force", action="store_true", help="let --save-recipe replace an existing file")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)

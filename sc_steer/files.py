@@ -25,6 +25,21 @@ def make_dir(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+def check_new_file(path: str | Path, what: str, force: bool = False) -> Path:
+    """A file about to be written: not a folder, and not an existing file unless ``force``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ScSteerError(f"{what} {str(path)!r} is a folder; expected a file name")
+    if path.exists() and not force:
+        raise ScSteerError(f"{what} {str(path)!r} already exists; choose another name or pass --force to replace it")
+    for p in path.parents:
+        if p.exists():
+            if not p.is_dir():
+                raise ScSteerError(f"{what} {str(path)!r}: {str(p)!r} is a file, not a folder")
+            break
+    return path
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a unique temporary path next to ``path``, sync it, then move it into place."""
     path = Path(path)

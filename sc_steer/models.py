@@ -198,7 +198,8 @@ def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: s
         raise ScSteerError(f"model: expected 'demo', a local folder or a hub id, got {model!r}")
     name = model
     source = str(demo_model_path()) if model == "demo" else model
-    if _looks_like_path(source):
+    local = _looks_like_path(source)
+    if local:
         path = Path(source).expanduser()
         if not path.is_dir():
             raise ScSteerError(f"model path {source!r} does not exist or is not a folder")
@@ -211,6 +212,9 @@ def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: s
         raise ScSteerError(f"could not load model {model!r}: {str(e).splitlines()[0]} "
                            "(offline? pass a local folder)") from e
     adapter_for(config.model_type)
+    if remote is True and local:
+        raise ScSteerError(f"--remote ndif: NDIF runs models from the hub by id; {model!r} is a local model here "
+                           "(use --remote local to try nnsight's remote path with it)")
     if remote is True:
         from nnsight import TransformersModel
 

@@ -69,6 +69,9 @@ class Intervention:
             return
         if self.site not in saes:
             raise ScSteerError(f"no SAE for {self.site} (have: {', '.join(saes) or 'none'})")
+        from .sae.metrics import check_sae_fits
+
+        check_sae_fits(lm, Site.parse(self.site, lm.n_layers), saes[self.site])
         d_sae = saes[self.site].cfg.d_sae
         if isinstance(self.feature, bool) or not isinstance(self.feature, int) or not 0 <= self.feature < d_sae:
             raise ScSteerError(f"feature id {self.feature!r} is out of range for {self.site} (0-{d_sae - 1})")

@@ -69,8 +69,13 @@ def _load_saelens_layout(path: Path) -> SAE:
     if not (path / WEIGHTS_FILE).exists():
         raise ScSteerError(f"{str(path)!r} has cfg.json but no {WEIGHTS_FILE}")
     tensors = _read_safetensors(path / WEIGHTS_FILE)
+    if not isinstance(raw, dict):
+        raise ScSteerError(f"{str(path / CFG_FILE)!r}: expected a JSON object of SAE settings")
     if "sc_steer" in raw:
-        cfg = config_from_dict(raw["sc_steer"])
+        try:
+            cfg = config_from_dict(raw["sc_steer"])
+        except (TypeError, AttributeError) as e:
+            raise ScSteerError(f"{str(path / CFG_FILE)!r}: its sc_steer block is incomplete ({e})") from None
     else:
         arch = raw.get("architecture", "standard")
         if arch not in _FROM_SAELENS:
@@ -110,11 +115,16 @@ def _load_dictionary_learning(path: Path) -> SAE:
     except Exception as e:  # noqa: BLE001 - weights_only refuses pickled code; truncated zips fail too
         raise ScSteerError(f"{str(path / 'ae.pt')!r} could not be read as a weights-only state dict "
                            f"({str(e).splitlines()[0]})") from None
-    if "encoder.weight" in state:
-        t = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"], "W_dec": state["decoder.weight"].T,
-             "b_dec": state["bias"] if "bias" in state else state["b_dec"]}
-    else:
-        t = {k: state[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k in state}
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ScSteerError(f"{str(path / 'ae.pt')!r} is not a state dict of tensors")
+    try:
+        if "encoder.weight" in state:
+            t = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
+                 "W_dec": state["decoder.weight"].T, "b_dec": state["bias"] if "bias" in state else state["b_dec"]}
+        else:
+            t = {k: state[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k in state}
+    except KeyError as e:
+        raise ScSteerError(f"{str(path / 'ae.pt')!r} has no tensor {e}") from None
     if "threshold" in state:
         t["threshold"] = state["threshold"].float().reshape(-1)
         if t["threshold"].numel() == 1:
@@ -124,6 +134,9 @@ def _load_dictionary_learning(path: Path) -> SAE:
     arch = _FROM_DICTIONARY_LEARNING[dict_class]
     if "W_enc" not in t:
         raise ScSteerError(f"{str(path / 'ae.pt')!r} has none of the expected weight names")
+    if t["W_enc"].dim() != 2:
+        raise ScSteerError(f"{str(path / 'ae.pt')!r}: the encoder weight has shape {tuple(t['W_enc'].shape)}, "
+                           "expected a matrix")
     cfg = SAEConfig(architecture=arch, d_in=int(t["W_enc"].shape[0]), d_sae=int(t["W_enc"].shape[1]),
                     k=k if arch in ("topk", "batchtopk") else None, model_name=trainer.get("lm_name"),
                     hook_module=trainer.get("submodule_name"))

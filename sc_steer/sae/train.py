@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..errors import ScSteerError
-from ..files import atomic_write, make_dir
+from ..files import atomic_write, atomic_write_text, make_dir
 from .base import SAE, SAEConfig, make_sae
 from .config import SAETrainConfig, TrainConfig
 
@@ -261,9 +261,9 @@ class Trainer:
         if resume and has_ckpt:
             self._restore()
         log_path = self.out / LOG
-        if log_path.exists():  # drop log lines written after the checkpoint we resume from
-            kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+        if log_path.exists():  # drop log lines written after the checkpoint we resume from (and a torn last one)
+            kept = [ln for ln in log_path.read_text().splitlines() if _log_step(ln) <= self.step]
+            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
         stream = self.source(self.step)
         if not self.states:
             first = next(stream)
@@ -317,6 +317,14 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
         plot_training_curves(self.out / LOG, self.out / "training_curves.png")
         return out
+
+
+def _log_step(line: str) -> float:
+    """The step of a train-log line; a line cut short by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def plot_training_curves(log_path: Path, png: Path) -> None:
