@@ -12,7 +12,6 @@ at batch boundaries, so a resumed run produces exactly the shards an uninterrupt
 """
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,8 +125,7 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     lm.check_positions(cfg.ctx)
     store_dtype = DTYPES[cfg.store_dtype] if cfg.store_dtype else lm.dtype
     out = Path(out)
-    docs = iter_documents(data, field=cfg.field, split=cfg.split)
-    docs = itertools.chain([next(docs)], docs)  # a missing, empty or malformed source fails before any write
+    docs = iter_documents(data, field=cfg.field, split=cfg.split)  # a bad source fails here, before any write
     header = {"format": FORMAT, "config": cfg.__dict__ | {"sites": list(cfg.sites)}, "model": lm.fingerprint(),
               "dataset": {"spec": data, "sha256": data_fingerprint(data)}}
     manifest = _prepare_folder(out, header)

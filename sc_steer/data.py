@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -101,7 +102,18 @@ def _local_files(spec: str) -> list[Path]:
 
 
 def iter_documents(spec: str, field: str = "text", split: str = "file") -> Iterator[str]:
-    """Yield the documents of a data spec in a fixed order (see the module docstring)."""
+    """The documents of a data spec in a fixed order (see the module docstring).
+
+    A missing, empty or malformed source fails here, when called, not later in the middle of a job
+    (the first document is read at once)."""
+    docs = _documents(spec, field, split)
+    first = next(docs)   # _documents raises rather than yield nothing
+    return itertools.chain([first], docs)
+
+
+def _documents(spec: str, field: str, split: str) -> Iterator[str]:
+    if not isinstance(spec, str) or not spec:
+        raise ScSteerError(f"data {spec!r}: expected demo, demo:heldout, a file, a folder or hf:NAME:SPLIT")
     if split not in SPLITS:
         raise ScSteerError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     if spec.startswith("hf:"):

@@ -40,6 +40,17 @@ def start_run(run: Path, info: dict, *, force: bool = False) -> None:
     config), so that a resume continues it and nothing foreign is mixed in. ``force=True`` starts
     over: the old checkpoint and log go, and the old SAEs are replaced as a set at the end.
     """
+    check_run(run, info, force=force)
+    if force:
+        for name in ("checkpoint.safetensors", "train_log.jsonl"):
+            (run / name).unlink(missing_ok=True)
+    make_dir(run)
+    atomic_write_text(run / "run.json", json.dumps(info, indent=1))
+
+
+def check_run(run: Path, info: dict, *, force: bool = False) -> None:
+    """Whether ``run`` may hold the run described by ``info`` (compared on the identity keys it has);
+    writes nothing."""
     make_dir(run.parent)
     if run.exists() and not run.is_dir():
         raise ScSteerError(f"--out {str(run)!r} is a file, not a folder")
@@ -47,18 +58,13 @@ def start_run(run: Path, info: dict, *, force: bool = False) -> None:
     if path.exists() and not force:
         old = read_run(run)
         new = json.loads(json.dumps(info))
-        differs = [k for k in RUN_IDENTITY if old.get(k) != new.get(k)]
+        differs = [k for k in RUN_IDENTITY if k in new and old.get(k) != new[k]]
         if differs:
             raise ScSteerError(f"--out {str(run)!r} holds another run (its {', '.join(differs)} differ); choose "
                                "another --out, or pass --force to start over there")
     elif not path.exists() and not force and run.is_dir() and any(run.iterdir()):
         raise ScSteerError(f"--out {str(run)!r} is not empty and is not an sc-steer run; choose another --out, "
                            "or pass --force to train there anyway")
-    if force:
-        for name in ("checkpoint.safetensors", "train_log.jsonl"):
-            (run / name).unlink(missing_ok=True)
-    make_dir(run)
-    atomic_write_text(path, json.dumps(info, indent=1))
 
 
 def read_run(run: str | Path) -> dict:
@@ -87,6 +93,7 @@ def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path,
     store.check_batch_size(cfg.batch_size)
     info = {s: {"d": store.d(s), "mean_norm": store.mean_norm(s), "module": store.manifest["sites"][s].get("module")}
             for s in sites}
+    cfg.check_widths({s: v["d"] for s, v in info.items()})
     c = store.manifest["config"]
     meta = {"model_name": store.manifest["model"]["name"], "context_size": c["ctx"], "prepend_bos": c["prepend_bos"],
             "dataset": c["data"]}
@@ -105,6 +112,7 @@ def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ct
     validate.integer("--ctx", ctx, 2)
     lm.check_positions(ctx)
     info = {str(s): {"d": lm.width(s), "module": lm.module_path(s)} for s in sites}
+    cfg.check_widths({s: v["d"] for s, v in info.items()})
     meta = {"model_name": lm.name, "context_size": ctx, "prepend_bos": True, "dataset": data}
     start_run(Path(out), {"model": lm.name, "data": data, "dataset": {"sha256": data_fingerprint(data), "ctx": ctx},
                           "sites": list(info), "train_config": cfg.to_dict()}, force=force)
@@ -198,12 +206,20 @@ def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_
     from .sae.config import config_from_dict
 
     out = Path(out)
+    cfg = config_from_dict(dict(DEMO_TRAIN, tokens=DEMO_TRAIN["tokens"] if train_tokens is None else train_tokens),
+                           where="--train-tokens")
+    validate.integer("--collect-tokens", collect_tokens, 1)
+    if collect_tokens < cfg.batch_size:
+        raise ScSteerError(f"--collect-tokens {collect_tokens:,}: fewer than one batch of the demo's training "
+                           f"({cfg.batch_size:,} tokens)")
+    validate.integer("--eval-tokens", eval_tokens, 1)
+    validate.integer("--interpret-tokens", interpret_tokens, 1)
     lm = open_model("demo", device=device, dtype=dtype)
+    # the folder is checked before the first write: a foreign run there is refused, not merged into
+    check_run(out, {"model": "demo", "sites": [str(s) for s in lm.sites(cfg.sites)], "train_config": cfg.to_dict()})
     collect(lm, "resid_post.*", "demo", out / "activations", ctx=256, batch_size=16, max_tokens=collect_tokens,
             progress=progress)
-    cfg = dict(DEMO_TRAIN, tokens=train_tokens or DEMO_TRAIN["tokens"])
-    train_from_store(out / "activations", config_from_dict(cfg), out, resume=True, device=lm.device,
-                     progress=progress)
+    train_from_store(out / "activations", cfg, out, resume=True, device=lm.device, progress=progress)
     results = eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)
     interpret_run(out, "demo:heldout", lm=lm, max_tokens=interpret_tokens, progress=progress)
     from .graph.run import graph_run

@@ -120,3 +120,59 @@ def test_browser_adds_a_feature_and_sees_steered_text(app, tmp_path):
         browser.close()
     assert steered and base and steered != base
     assert errors == []
+
+
+def test_a_huge_request_does_not_block_a_normal_one(tiny_model_dirs, tmp_path):
+    """Requests are bounded at launch: too many tokens or too long a prompt are refused at once, and a
+    long-but-allowed generation stops at the time limit, so a normal request behind it waits little."""
+    import time
+
+    from gradio_client import Client
+
+    run = tmp_path / "run"
+    firing_sae().save(run / "saes" / "resid_post.1")
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
+    rec = recipe(3, 8.0).to_json()
+    limits = ["--max-new-tokens", "480", "--max-prompt-tokens", "64", "--time-limit", "0.5"]
+    with serve_app(["--run", str(run), *limits], cwd=tmp_path) as url:
+        client = Client(url, verbose=False)
+        client.predict("In the", rec, 2, False, 1.0, 0, "", api_name="/steer")   # warm
+        for args, message in [(("In the", rec, 100000), "max_new_tokens 100000"),
+                              (("word " * 13000, rec, 5), "limit of 512"),
+                              (("word " * 80, rec, 5), "limit of 64")]:
+            t = time.monotonic()
+            with pytest.raises(Exception, match=message):
+                client.predict(*args, False, 1.0, 0, "", api_name="/steer")
+            assert time.monotonic() - t < 5
+        got = {}
+
+        def long_request():
+            t = time.monotonic()
+            got["long"] = Client(url, verbose=False).predict("In the", rec, 480, False, 1.0, 0, "", api_name="/steer")
+            got["long_s"] = time.monotonic() - t
+
+        th = threading.Thread(target=long_request)
+        th.start()
+        time.sleep(0.3)
+        t = time.monotonic()
+        base, steered = client.predict("In the beginning", rec, 8, False, 1.0, 0, "", api_name="/steer")
+        waited = time.monotonic() - t
+        th.join(timeout=60)
+    assert steered and base and waited < 5, waited
+    assert got["long_s"] < 10 and got["long"][0], got
+
+
+def test_generation_stops_at_its_time_limit_or_when_cancelled(app):
+    import time
+
+    from sc_steer.steer import generate
+
+    lm, saes = app["lm"], app["saes"]
+    t = time.monotonic()
+    short = generate(lm, ["In the beginning"], recipe(3, 8.0), saes, max_new_tokens=400, max_time=0.05)[0]
+    assert time.monotonic() - t < 3
+    full = generate(lm, ["In the beginning"], recipe(3, 8.0), saes, max_new_tokens=400)[0]
+    assert len(lm.tokenizer(short)["input_ids"]) < len(lm.tokenizer(full)["input_ids"])
+    stop = threading.Event()
+    stop.set()
+    assert len(generate(lm, ["In the beginning"], None, saes, max_new_tokens=400, cancel=stop)[0]) < len(full)

@@ -110,6 +110,15 @@ class TrainConfig:
                 raise ScSteerError(f"unknown key(s) in layers.{site}: {', '.join(sorted(unknown))}")
             self.for_site(site).check(f"layers.{site}")
 
+    def check_widths(self, widths: dict[str, int]) -> None:
+        """Each site's SAE shape (d_sae from the expansion, k <= d_sae), before any file is written."""
+        from .base import SAEConfig
+
+        for site, d_in in widths.items():
+            scfg = self.for_site(site)
+            SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=scfg.resolved_d_sae(d_in),
+                      k=scfg.k if ARCHITECTURES[scfg.architecture].needs_k else None, site=site)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

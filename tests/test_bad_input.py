@@ -1,0 +1,416 @@
+"""Bad input, everywhere a user can give it: every case must exit 2 (or raise the library's error) with
+one `error:` line that names the problem, no traceback, and no file changed in the workspace.
+
+Cases are grouped by where the input comes from: CLI flags per command, config files, run folders,
+SAE files, recipes, and the playground's request fields.
+"""
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sc_steer import ScSteerError
+from sc_steer.cli import main
+from helpers import firing_sae
+
+TEXT = "In the beginning God created the heaven and the earth. To be, or not to be: that is the question. " * 12
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_model_dirs, tmp_path_factory):
+    """A workspace: a model, text, a collection, a trained run, config files, recipes, broken folders."""
+    root = tmp_path_factory.mktemp("ws")
+    model = str(tiny_model_dirs["llama"])
+    (root / "good.txt").write_text(TEXT)
+    (root / "empty.txt").write_text("")
+    (root / "a_file").write_text("not a folder")
+    assert main(["collect", "--model", model, "--data", str(root / "good.txt"), "--out", str(root / "acts"),
+                 "--ctx", "32"]) == 0
+    assert main(["train", "--activations", str(root / "acts"), "--out", str(root / "run"), "--tokens", "256",
+                 "--batch-size", "128", "--expansion", "2", "--k", "4"]) == 0
+    other = root / "other_run"          # a run folder that is not the one the commands would make
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"model": model, "sites": ["resid_post.0"], "dataset": {"x": 1}}))
+    graph = root / "other_graph"
+    graph.mkdir()
+    (graph / "recipe.json").write_text(json.dumps({"run": "elsewhere", "mode": "zero"}))
+    (root / "notes").mkdir()
+    (root / "notes" / "mine.txt").write_text("my own file")
+    (root / "existing.json").write_text("{}")
+    configs = {
+        "layers5.toml": "layers = 5\n", "warmup.toml": 'lr_warmup = "x"\n', "sites5.toml": "sites = 5\n",
+        "seed.toml": 'seed = "abc"\n', "dead.toml": "dead_tokens = -5\n", "autocast.toml": 'autocast = "yes"\n',
+        "k.toml": '[sae]\nk = "x"\n', "layerk.toml": '[layers."resid_post.0"]\nk = 0\n', "unknown.toml": "foo = 1\n",
+        "sae_unknown.toml": "[sae]\nfoo = 1\n", "list.json": "[1, 2]", "broken.toml": "tokens = = 3\n",
+        "lrnan.yaml": "sae:\n  lr: .nan\n", "clip.toml": "grad_clip = 0\n", "decay.toml": "lr_decay = 1.5\n",
+        "batch.toml": "batch_size = 0\n", "sae_str.toml": 'sae = "topk"\n', "layer_str.toml": 'layers = {a = 3}\n',
+        "config.txt": "tokens = 3\n", "emptysites.toml": "sites = []\n",
+    }
+    for name, text in configs.items():
+        (root / name).write_text(text)
+    recipes = {
+        "r_bool.json": {"interventions": [{"site": "resid_post.1", "feature": True, "mode": "add", "coeff": 1.0}]},
+        "r_nan.json": {"interventions": [{"site": "resid_post.1", "feature": 1, "mode": "add", "coeff": math.nan}]},
+        "r_big.json": {"interventions": [{"site": "resid_post.1", "feature": 1, "mode": "add", "coeff": 1e300}]},
+        "r_mode.json": {"interventions": [{"site": "resid_post.1", "feature": 1, "mode": "boost", "coeff": 1.0}]},
+        "r_pos.json": {"interventions": [{"site": "resid_post.1", "feature": 1, "positions": "middle"}]},
+        "r_key.json": {"interventions": [{"site": "resid_post.1", "feature": 1, "strength": 2}]},
+        "r_site.json": {"interventions": [{"site": "resid_post.9", "feature": 1}]},
+        "r_nosae.json": {"interventions": [{"site": "mlp_out.1", "feature": 1}]},
+        "r_both.json": {"interventions": [{"site": "resid_post.1", "feature": 1, "vector": [0.0] * 32}]},
+        "r_vec.json": {"interventions": [{"site": "resid_post.1", "vector": [0.0] * 7}]},
+        "r_vecnan.json": {"interventions": [{"site": "resid_post.1", "vector": [math.inf] * 32}]},
+        "r_vecmode.json": {"interventions": [{"site": "resid_post.1", "vector": [0.0] * 32, "mode": "remove"}]},
+        "r_feat.json": {"interventions": [{"site": "resid_post.1", "feature": 10_000}]},
+        "r_str.json": {"interventions": [{"site": "resid_post.1", "feature": "3"}]},
+        "r_coeff_str.json": {"interventions": [{"site": "resid_post.1", "feature": 3, "coeff": "big"}]},
+        "r_shape.json": {"interventions": 5},
+    }
+    for name, obj in recipes.items():
+        (root / name).write_text(json.dumps(obj))
+    (root / "r_broken.json").write_text("{not json")
+    # broken run folders
+    for name, info in {"run_badjson": "{", "run_nomodel": "{}", "run_list": "[1]"}.items():
+        (root / name / "saes").mkdir(parents=True)
+        (root / name / "run.json").write_text(info)
+    (root / "run_nosaes").mkdir()
+    (root / "run_nosaes" / "run.json").write_text(json.dumps({"model": model}))
+    (root / "run_emptysaes" / "saes").mkdir(parents=True)
+    (root / "run_emptysaes" / "run.json").write_text(json.dumps({"model": model}))
+    wide = root / "run_wide"
+    firing_sae(d_in=24).save(wide / "saes" / "resid_post.1")
+    (wide / "run.json").write_text(json.dumps({"model": model}))
+    return {"root": root, "model": model}
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def R(ws, *parts):
+    return str(ws["root"].joinpath(*parts))
+
+
+def cli_cases():
+    """(id, argv builder, expected text in the error line)."""
+    M = lambda ws: ["--model", ws["model"]]  # noqa: E731
+    good = lambda ws: ["--data", R(ws, "good.txt")]  # noqa: E731
+    cases = []
+
+    def add(name, build, msg):
+        cases.append(pytest.param(build, msg, id=name))
+
+    # collect
+    base = lambda ws, *a: ["collect", *M(ws), *good(ws), "--out", R(ws, "new_acts"), *a]  # noqa: E731
+    for flag, vals, msg in [("--ctx", ["0", "1", "-5", "100000"], ["context length 0", "context length 1",
+                                                                   "context length -5", "at most 512 positions"]),
+                            ("--batch-size", ["0", "-1"], ["batch size 0", "batch size -1"]),
+                            ("--max-tokens", ["0", "-3"], ["max tokens 0", "max tokens -3"]),
+                            ("--shard-tokens", ["0"], ["shard tokens 0"]),
+                            ("--store-dtype", ["fp8", "int8"], ["store dtype 'fp8'", "store dtype 'int8'"]),
+                            ("--sites", ["resid_post.9", "resid_pre.1", "", "resid_post.x"],
+                             ["resid_post.9", "resid_pre", "site", "resid_post.x"]),
+                            ("--dtype", ["fp8", "half"], ["--dtype 'fp8'", "--dtype 'half'"]),
+                            ("--device", ["gpu0", "cuda"], ["--device 'gpu0'", "--device cuda"]),
+                            ("--split", ["words"], ["invalid choice: 'words'"]),
+                            ("--packing", ["zip"], ["invalid choice: 'zip'"]),
+                            ("--remote", ["aws"], ["invalid choice: 'aws'"])]:
+        for v, m in zip(vals, msg):
+            add(f"collect {flag} {v!r}", lambda ws, f=flag, v=v: base(ws, f, v), m)
+    add("collect missing model", lambda ws: ["collect", "--model", R(ws, "nope"), *good(ws), "--out",
+                                             R(ws, "new_acts")], "model path")
+    add("collect model is a file", lambda ws: ["collect", "--model", R(ws, "a_file"), *good(ws), "--out",
+                                               R(ws, "new_acts")], "model path")
+    add("collect empty text", lambda ws: ["collect", *M(ws), "--data", R(ws, "empty.txt"), "--out",
+                                          R(ws, "new_acts")], "is empty")
+    add("collect missing data", lambda ws: ["collect", *M(ws), "--data", R(ws, "nope.txt"), "--out",
+                                            R(ws, "new_acts")], "nope.txt")
+    add("collect --out is a file", lambda ws: ["collect", *M(ws), *good(ws), "--out", R(ws, "a_file")], "a file")
+    add("collect --out under a file", lambda ws: ["collect", *M(ws), *good(ws), "--out", R(ws, "a_file", "x")],
+        "a file")
+    add("collect --out foreign folder", lambda ws: ["collect", *M(ws), *good(ws), "--out", R(ws, "notes")],
+        "not empty")
+    add("collect --out other collection", lambda ws: base(ws, "--ctx", "16")[:-2] + ["--out", R(ws, "acts"),
+                                                                                    "--ctx", "16"], "different run")
+    add("collect --remote ndif on a local model", lambda ws: base(ws, "--remote", "ndif"), "local model")
+    add("collect --ctx not a number", lambda ws: base(ws, "--ctx", "x"), "invalid int value")
+    # train
+    tb = lambda ws, *a, out="new_run": ["train", "--activations", R(ws, "acts"), "--out", R(ws, out),  # noqa: E731
+                                        "--tokens", "256", "--batch-size", "128", *a]
+    for flag, vals in [("--lr", ["inf", "nan", "0", "-1", "-inf"]), ("--l1-coeff", ["nan", "-1", "inf"]),
+                       ("--l0-coeff", ["nan", "-0.5"]), ("--k", ["0", "-1"]), ("--expansion", ["0", "-2"]),
+                       ("--d-sae", ["0", "-8"]), ("--seed", ["-1"]), ("--checkpoint-every", ["0"]),
+                       ("--tokens", ["0", "-5", "10"]), ("--batch-size", ["0", "-1"])]:
+        for v in vals:
+            key = flag.lstrip("-").replace("-", "_")
+            msg = "less than one batch" if (flag, v) == ("--tokens", "10") else key
+            add(f"train {flag} {v}", lambda ws, f=flag, v=v: tb(ws, f, v), msg)
+    add("train --architecture gated", lambda ws: tb(ws, "--architecture", "gated"), "architecture 'gated'")
+    add("train --k larger than d_sae", lambda ws: tb(ws, "--d-sae", "8", "--k", "9"), "larger than d_sae")
+    for cfg, msg in [("layers5.toml", "layers 5"), ("warmup.toml", "lr_warmup 'x'"), ("sites5.toml", "sites 5"),
+                     ("seed.toml", "seed 'abc'"), ("dead.toml", "dead_tokens -5"), ("autocast.toml", "autocast 'yes'"),
+                     ("k.toml", "sae.k 'x'"), ("layerk.toml", "layers.resid_post.0.k 0"), ("unknown.toml", "foo"),
+                     ("sae_unknown.toml", "foo"), ("list.json", "table"), ("broken.toml", "does not parse"),
+                     ("lrnan.yaml", "sae.lr nan"), ("clip.toml", "grad_clip 0"), ("decay.toml", "lr_decay 1.5"),
+                     ("batch.toml", "batch_size 0"), ("sae_str.toml", "'sae' must be a table"),
+                     ("layer_str.toml", "layers.a 3"), ("config.txt", "expected .toml"), ("nope.toml", "does not exist"),
+                     ("emptysites.toml", "sites []")]:
+        add(f"train --config {cfg}", lambda ws, c=cfg: ["train", "--activations", R(ws, "acts"), "--out",
+                                                        R(ws, "new_run"), "--config", R(ws, c)], msg)
+    add("train missing activations", lambda ws: ["train", "--activations", R(ws, "nope"), "--out", R(ws, "new_run")],
+        "not an activation collection")
+    add("train fewer tokens than a batch", lambda ws: ["train", "--activations", R(ws, "acts"), "--out",
+                                                       R(ws, "new_run"), "--batch-size", "100000"], "fewer than one batch")
+    add("train --out is a file", lambda ws: tb(ws, out="a_file"), "a file")
+    add("train --out another run", lambda ws: tb(ws, out="other_run"), "holds another run")
+    add("train --out foreign folder", lambda ws: tb(ws, out="notes"), "not an sc-steer run")
+    add("train --out a finished run, new config", lambda ws: ["train", "--activations", R(ws, "acts"), "--out",
+                                                              R(ws, "run"), "--tokens", "512", "--batch-size", "128"],
+        "holds another run")
+    add("train --out a finished run, no --resume", lambda ws: ["train", "--activations", R(ws, "acts"), "--out",
+                                                               R(ws, "run"), "--tokens", "256", "--batch-size", "128",
+                                                               "--expansion", "2", "--k", "4"], "pass --resume")
+    add("train --model --ctx too long", lambda ws: ["train", *M(ws), *good(ws), "--out", R(ws, "new_run"), "--ctx",
+                                                    "4096", "--tokens", "256", "--batch-size", "128"], "at most 512")
+    add("train --lr not a number", lambda ws: tb(ws, "--lr", "fast"), "invalid float value")
+    # eval / interpret / graph / steer on broken runs
+    for cmd in ("eval", "interpret", "graph", "steer"):
+        extra = {"graph": ["--out", "G"], "steer": ["--prompt", "In the", "--add", "resid_post.1:1:4"]}.get(cmd, [])
+        for run, msg in [("nope", "no run.json"), ("run_badjson", "unreadable"), ("run_nomodel", "does not name"),
+                         ("run_list", "does not name"), ("run_nosaes", "no saes/ folder"),
+                         ("run_emptysaes", "no SAE")]:
+            add(f"{cmd} --run {run}", lambda ws, c=cmd, r=run, e=extra: [c, "--run", R(ws, r)] +
+                [R(ws, "new_graph") if x == "G" else x for x in e], msg)
+    add("eval wide SAE", lambda ws: ["eval", "--run", R(ws, "run_wide")], "d_in=24")
+    add("steer wide SAE", lambda ws: ["steer", "--run", R(ws, "run_wide"), "--prompt", "In the", "--add",
+                                      "resid_post.1:1:4"], "d_in=24")
+    add("interpret wide SAE", lambda ws: ["interpret", "--run", R(ws, "run_wide")], "d_in=24")
+    ev = lambda ws, *a: ["eval", "--run", R(ws, "run"), "--data", R(ws, "good.txt"), *a]  # noqa: E731
+    for flag, v, msg in [("--max-tokens", "0", "--max-tokens 0"), ("--max-tokens", "-1", "--max-tokens -1"),
+                         ("--batch-size", "0", "--batch-size 0"), ("--data", "nope.txt", "nope.txt"),
+                         ("--dtype", "fp4", "--dtype 'fp4'"), ("--device", "tpu", "--device 'tpu'")]:
+        add(f"eval {flag} {v}", lambda ws, f=flag, v=v: ev(ws, f, v), msg)
+    add("eval empty data", lambda ws: ev(ws, "--data", R(ws, "empty.txt")), "is empty")
+    it = lambda ws, *a: ["interpret", "--run", R(ws, "run"), "--data", R(ws, "good.txt"), *a]  # noqa: E731
+    for flag, v, msg in [("--top-n", "0", "top_n 0"), ("--window", "-1", "window -1"), ("--min-count", "0",
+                         "min_count 0"), ("--max-tokens", "0", "max_tokens 0"), ("--sites", "resid_post.7",
+                         "resid_post.7"), ("--sites", "mlp_out.1", "no SAE for mlp_out.1"),
+                         ("--data", "nope.txt", "nope.txt")]:
+        add(f"interpret {flag} {v}", lambda ws, f=flag, v=v: it(ws, f, v), msg)
+    gr = lambda ws, *a: ["graph", "--run", R(ws, "run"), "--prompts", R(ws, "good.txt"), "--out", R(ws, "new_graph"),  # noqa: E731
+                         *a]
+    for args, msg in [(["--layers", "2-1"], "--layers '2-1'"), (["--layers", "x"], "--layers 'x'"),
+                      (["--layers", "2"], "needs a next layer"), (["--layers", "5-6"], "needs a next layer"),
+                      (["--sources", "1,abc"], "--sources '1,abc'"), (["--sources", "top:0"], "top:0"),
+                      (["--sources", "foo"], "foo"), (["--sources", "999"], "unknown feature id 999"),
+                      (["--mode", "clamp"], "needs --value"), (["--mode", "clamp", "--value", "nan"], "--value nan"),
+                      (["--mode", "clamp", "--value", "inf"], "--value inf"), (["--mode", "half"], "invalid choice"),
+                      (["--amount", "0"], "--amount 0"), (["--prune", "relative", "--amount", "2"], "--amount 2"),
+                      (["--prune", "cumulative", "--amount", "nan"], "--amount nan"),
+                      (["--max-prompts", "0"], "--max-prompts 0"), (["--ctx", "1"], "--ctx 1"),
+                      (["--ctx", "100000"], "at most 512"), (["--name", "../escaped"], "--name '../escaped'"),
+                      (["--name", ""], "--name ''"), (["--name", ".hidden"], "--name '.hidden'"),
+                      (["--prompts", "nope.txt"], "nope.txt"), (["--where", "some"], "invalid choice")]:
+        add(f"graph {' '.join(args)}", lambda ws, a=args: gr(ws, *a) if a[0] != "--prompts" else
+            ["graph", "--run", R(ws, "run"), "--prompts", R(ws, a[1]), "--out", R(ws, "new_graph")], msg)
+    add("graph empty prompts", lambda ws: ["graph", "--run", R(ws, "run"), "--prompts", R(ws, "empty.txt"), "--out",
+                                           R(ws, "new_graph")], "is empty")
+    add("graph --out is a file", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "a_file")], "a file")
+    add("graph --out another graph", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "other_graph")], "holds another graph")
+    add("graph --out foreign folder", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "notes")], "holds no graph recipe")
+    st = lambda ws, *a: ["steer", "--run", R(ws, "run"), "--prompt", "In the beginning", *a]  # noqa: E731
+    for args, msg in [(["--add", "resid_post.1:3"], "SITE:FEATURE:VALUE"), (["--add", "resid_post.1:abc:1"],
+                      "SITE:FEATURE:VALUE"), (["--add", "resid_post.1:3:x"], "'x' is not a number"),
+                      (["--add", "resid_post.1:3:nan"], "finite"), (["--add", "resid_post.1:3:inf"], "finite"),
+                      (["--add", "resid_post.1:3:1e300"], "1e+300"), (["--add", "resid_post.9:3:1"], "resid_post.9"),
+                      (["--add", "resid_post.1:99999:1"], "out of range"), (["--add", "resid_post.1:-1:1"],
+                      "out of range"), (["--remove", "resid_post.1"], "SITE:FEATURE"),
+                      (["--remove", "resid_post.1:3:4"], "SITE:FEATURE"), (["--clamp", "resid_post.1:3"],
+                      "SITE:FEATURE:VALUE"), (["--scale", "resid_post.1:3:nan"], "finite"),
+                      (["--add", "mlp_out.1:3:1"], "no SAE for mlp_out.1"), ([], "nothing to steer with"),
+                      (["--add", "resid_post.1:3:4", "--max-new-tokens", "0"], "max_new_tokens 0"),
+                      (["--add", "resid_post.1:3:4", "--max-new-tokens", "100000"], "at most 512 positions"),
+                      (["--add", "resid_post.1:3:4", "--sample", "--temperature", "0"], "temperature 0"),
+                      (["--add", "resid_post.1:3:4", "--sample", "--temperature", "nan"], "temperature nan"),
+                      (["--add", "resid_post.1:3:4", "--seed", "-1"], "seed -1"),
+                      (["--add", "resid_post.1:3:4", "--positions", "middle"], "invalid choice"),
+                      (["--recipe", "nope.json"], "does not exist")]:
+        add(f"steer {' '.join(args) or 'no interventions'}", lambda ws, a=args: st(ws, *a), msg)
+    for name, msg in [("r_bool.json", "feature id True"), ("r_nan.json", "nan"), ("r_big.json", "1e+300"),
+                      ("r_mode.json", "'boost'"), ("r_pos.json", "'middle'"), ("r_key.json", "strength"),
+                      ("r_site.json", "resid_post.9"), ("r_nosae.json", "no SAE for mlp_out.1"),
+                      ("r_both.json", "exactly one of"), ("r_vec.json", "expected shape"), ("r_vecnan.json", "NaN"),
+                      ("r_vecmode.json", "only be added"), ("r_feat.json", "out of range"),
+                      ("r_str.json", "feature id '3'"), ("r_coeff_str.json", "'big'"), ("r_shape.json", "recipe"),
+                      ("r_broken.json", "not valid JSON")]:
+        add(f"steer --recipe {name}", lambda ws, n=name: st(ws, "--recipe", R(ws, n)), msg)
+    add("steer --save-recipe onto a file", lambda ws: st(ws, "--add", "resid_post.1:3:4", "--save-recipe",
+                                                         R(ws, "existing.json")), "already exists")
+    add("steer --save-recipe onto a folder", lambda ws: st(ws, "--add", "resid_post.1:3:4", "--save-recipe",
+                                                           R(ws, "notes")), "is a folder")
+    add("steer empty prompt", lambda ws: ["steer", "--run", R(ws, "run"), "--prompt", "", "--add",
+                                          "resid_post.1:3:4"], "prompt")
+    # demo and app
+    add("demo --collect-tokens 3000 (less than a batch)", lambda ws: ["demo", "--out", R(ws, "new_demo"),
+                                                                      "--collect-tokens", "3000"], "fewer than one batch")
+    add("demo --out is a file", lambda ws: ["demo", "--out", R(ws, "a_file")], "a file")
+    add("demo --out another run", lambda ws: ["demo", "--out", R(ws, "other_run"), "--collect-tokens", "4096",
+                                              "--train-tokens", "4096"], "holds another run")
+    add("demo --collect-tokens 0", lambda ws: ["demo", "--out", R(ws, "new_demo"), "--collect-tokens", "0"],
+        "--collect-tokens 0")
+    add("demo --dtype fp8", lambda ws: ["demo", "--out", R(ws, "new_demo"), "--dtype", "fp8"], "--dtype 'fp8'")
+    for args, msg in [(["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--time-limit", "0"], "--time-limit 0"),
+                      (["--time-limit", "nan"], "--time-limit nan"), (["--max-prompt-tokens", "-1"],
+                      "--max-prompt-tokens -1"), (["--port", "x"], "invalid int value")]:
+        add(f"app {' '.join(args)}", lambda ws, a=args: ["app", "--run", R(ws, "run"), *a], msg)
+    add("app --run missing", lambda ws: ["app", "--run", R(ws, "nope")], "no run.json")
+    add("no command", lambda ws: [], "required")
+    add("unknown command", lambda ws: ["fly"], "invalid choice")
+    add("unknown flag", lambda ws: ["eval", "--run", R(ws, "run"), "--fast"], "unrecognized arguments")
+    return cases
+
+
+@pytest.mark.parametrize("build, message", cli_cases())
+def test_cli_bad_input(ws, build, message, capsys):
+    argv = build(ws)
+    before = snapshot(ws["root"])
+    try:
+        rc = main(argv)
+    except SystemExit as e:   # argparse usage errors exit through SystemExit
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "Loading weights" not in ln and "Writing model" not in ln]
+    assert rc == 2, (argv, err)
+    assert len(lines) == 1 and lines[0].startswith("error:"), (argv, err)
+    assert message in lines[0], (message, lines[0])
+    assert "Traceback" not in err
+    assert snapshot(ws["root"]) == before, "a file in the workspace changed"
+    for new in ("new_acts", "new_run", "new_graph", "new_demo"):
+        assert not (ws["root"] / new).exists(), new
+
+
+# -- SAE files -----------------------------------------------------------------------------------
+def sae_file_cases():
+    from safetensors.torch import save_file
+
+    def saelens(d, cfg, tensors):
+        d.mkdir()
+        (d / "cfg.json").write_text(json.dumps(cfg))
+        if tensors is not None:
+            save_file(tensors, str(d / "sae_weights.safetensors"))
+
+    W = {"W_enc": torch.zeros(4, 6), "b_enc": torch.zeros(6), "W_dec": torch.zeros(6, 4), "b_dec": torch.zeros(4)}
+    ok = {"architecture": "standard", "d_in": 4, "d_sae": 6}
+    cases = {
+        "no cfg or weights": (lambda d: d.mkdir(), "holds no SAE"),
+        "cfg not json": (lambda d: (d.mkdir(), (d / "cfg.json").write_text("{")), "not readable JSON"),
+        "cfg a list": (lambda d: saelens(d, [1], W), "JSON object"),
+        "no weights file": (lambda d: saelens(d, ok, None), "no sae_weights"),
+        "missing d_in": (lambda d: saelens(d, {"architecture": "standard", "d_sae": 6}, W), "d_in None"),
+        "d_sae a string": (lambda d: saelens(d, {**ok, "d_sae": "6"}, W), "d_sae '6'"),
+        "unknown arch": (lambda d: saelens(d, {**ok, "architecture": "gated"}, W), "'gated' is not supported"),
+        "topk without k": (lambda d: saelens(d, {**ok, "architecture": "topk"}, W), "needs an integer k"),
+        "wrong shape": (lambda d: saelens(d, ok, {**W, "W_enc": torch.zeros(5, 6)}), "W_enc has shape"),
+        "missing tensor": (lambda d: saelens(d, ok, {k: v for k, v in W.items() if k != "b_dec"}), "'b_dec'"),
+        "jumprelu no threshold": (lambda d: saelens(d, {**ok, "architecture": "jumprelu"}, W), "threshold"),
+        "normalized": (lambda d: saelens(d, {**ok, "normalize_activations": "expected_average_only_in"}, W),
+                       "normalize_activations"),
+        "incomplete sc_steer block": (lambda d: saelens(d, {"sc_steer": {"architecture": "relu"}}, W), "incomplete"),
+        "truncated weights": (lambda d: (saelens(d, ok, W), (d / "sae_weights.safetensors").write_bytes(b"\x00" * 9)),
+                              "corrupt or truncated"),
+        "ae.pt garbage": (lambda d: (d.mkdir(), (d / "ae.pt").write_bytes(b"garbage")), "weights-only state dict"),
+        "ae.pt 1-d encoder": (lambda d: (d.mkdir(), torch.save({"encoder.weight": torch.zeros(6), "encoder.bias":
+                              torch.zeros(6), "decoder.weight": torch.zeros(4, 6), "bias": torch.zeros(4)},
+                              d / "ae.pt")), "expected a matrix"),
+        "ae.pt no bias": (lambda d: (d.mkdir(), torch.save({"encoder.weight": torch.zeros(6, 4), "encoder.bias":
+                          torch.zeros(6), "decoder.weight": torch.zeros(4, 6)}, d / "ae.pt")), "b_dec"),
+        "ae.pt wrong decoder": (lambda d: (d.mkdir(), torch.save({"encoder.weight": torch.zeros(6, 4), "encoder.bias":
+                                torch.zeros(6), "decoder.weight": torch.zeros(5, 6), "bias": torch.zeros(4)},
+                                d / "ae.pt")), "W_dec has shape"),
+        "ae.pt unknown class": (lambda d: (d.mkdir(), torch.save({"encoder.weight": torch.zeros(6, 4)}, d / "ae.pt"),
+                                (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "Gated"}}))),
+                                "'Gated' is not supported"),
+        "ae.pt not a dict": (lambda d: (d.mkdir(), torch.save([torch.zeros(2)], d / "ae.pt")), "state dict"),
+    }
+    return [pytest.param(make, msg, id=name) for name, (make, msg) in cases.items()]
+
+
+@pytest.mark.parametrize("make, message", sae_file_cases())
+def test_bad_sae_files(make, message, tmp_path):
+    from sc_steer.sae import load_sae
+
+    make(tmp_path / "sae")
+    with pytest.raises(ScSteerError, match=None) as e:
+        load_sae(tmp_path / "sae")
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_stray_folder_in_saes_is_left_alone(ws):
+    from sc_steer.pipeline import load_run_saes
+
+    stray = ws["root"] / "run" / "saes" / "backup"
+    stray.mkdir()
+    try:
+        assert list(load_run_saes(ws["root"] / "run")) == ["resid_post.0", "resid_post.1", "resid_post.2"]
+    finally:
+        stray.rmdir()
+
+
+# -- the playground's request fields ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def playground(ws):
+    from sc_steer_apps.serving import Limits, Playground
+
+    return Playground(ws["root"] / "run", limits=Limits(max_new_tokens=20, max_prompt_tokens=50, seconds=5))
+
+
+def api_cases():
+    rec = json.dumps({"interventions": [{"site": "resid_post.1", "feature": 3, "mode": "add", "coeff": 4.0}]})
+    return [pytest.param(*c, id=c[-1]) for c in [
+        ("In the", rec, 100000, False, 1.0, 0, "max_new_tokens 100000"),
+        ("In the", rec, 0, False, 1.0, 0, "max_new_tokens 0"),
+        ("In the", rec, 1.5, False, 1.0, 0, "max_new_tokens 1.5"),
+        ("In the", rec, math.nan, False, 1.0, 0, "max_new_tokens nan"),
+        ("In the", rec, "5", False, 1.0, 0, "max_new_tokens '5'"),
+        ("In the", rec, True, False, 1.0, 0, "max_new_tokens True"),
+        ("word " * 400, rec, 5, False, 1.0, 0, "limit of 400"),
+        ("word " * 60, rec, 5, False, 1.0, 0, "limit of 50"),
+        ("", rec, 5, False, 1.0, 0, "prompt ''"),
+        (None, rec, 5, False, 1.0, 0, "prompt None"),
+        ("In the", rec, 5, True, 0.0, 0, "temperature 0.0"),
+        ("In the", rec, 5, True, math.inf, 0, "temperature inf"),
+        ("In the", rec, 5, True, -1.0, 0, "temperature -1.0"),
+        ("In the", rec, 5, "yes", 1.0, 0, "sample 'yes'"),
+        ("In the", rec, 5, False, 1.0, -1, "seed -1"),
+        ("In the", rec, 5, False, 1.0, 0.5, "seed 0.5"),
+        ("In the", "{", 5, False, 1.0, 0, "not valid JSON"),
+        ("In the", "", 5, False, 1.0, 0, "recipe ''"),
+        ("In the", "x" * 300_000, 5, False, 1.0, 0, "limit of 200,000"),
+        ("In the", json.dumps({"interventions": [{"site": "resid_post.1", "feature": 3, "coeff": math.nan}]}), 5,
+         False, 1.0, 0, "coefficient"),
+        ("In the", json.dumps({"interventions": [{"site": "resid_post.1", "feature": True}]}), 5, False, 1.0, 0,
+         "feature id True"),
+        ("In the", json.dumps({"interventions": [{"site": "../../etc", "feature": 1}]}), 5, False, 1.0, 0, "site"),
+        ("In the", json.dumps({"interventions": [{"site": "resid_post.1", "feature": 99999}]}), 5, False, 1.0, 0,
+         "out of range"),
+    ]]
+
+
+@pytest.mark.parametrize("prompt, recipe, n, sample, temp, seed, message", api_cases())
+def test_api_fields(playground, prompt, recipe, n, sample, temp, seed, message):
+    with pytest.raises(ScSteerError) as e:
+        playground.steer(prompt, playground.parse_recipe(recipe), n, sample, temp, seed)
+    assert message in str(e.value), str(e.value)
+    assert not playground.lock.locked()
+
+
+def test_heatmap_fields(playground):
+    for site, feature, message in [("resid_post.7", 1, "site 'resid_post.7'"), ("resid_post.1", -1, "feature id -1"),
+                                   ("resid_post.1", 1e9, "feature id"), ("resid_post.1", "x", "feature id 'x'")]:
+        with pytest.raises(ScSteerError, match="") as e:
+            playground.heatmap("In the beginning", site, feature)
+        assert message in str(e.value)
