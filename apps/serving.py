@@ -6,6 +6,7 @@ Gradio) on its own. No science here either: generation is ``sc_steer.steer.gener
 """
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from dataclasses import dataclass
@@ -35,6 +36,34 @@ class Limits:
         return self
 
 
+class FairLock:
+    """The model lock, handed over in arrival order (``threading.Lock`` promises no order, so a busy
+    user could take it again and again while another waits): everyone waits at most for the
+    generations queued before theirs, each bounded by the request limits."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._held = False
+
+    def __enter__(self):
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            self._cond.wait_for(lambda: not self._held and self._queue[0] is ticket)
+            self._queue.popleft()
+            self._held = True
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        return self._held
+
+
 def as_int(name: str, value) -> int:
     """Gradio hands numbers over as floats: 40.0 is 40, 40.5 is an error."""
     if isinstance(value, float) and value.is_integer():
@@ -51,7 +80,7 @@ class Playground:
         self.limits = limits.check()
         self.lm = open_run_model(self.run, device=device, dtype=dtype)
         self.saes = load_run_saes(self.run, device=self.lm.device)
-        self.lock = threading.Lock()
+        self.lock = FairLock()
         self.features: dict[str, list[dict]] = {}
         for site in self.saes:
             path = self._path("features", f"{site}.jsonl")

@@ -50,8 +50,9 @@ def start_run(run: Path, info: dict, *, force: bool = False) -> None:
 
 def check_run(run: Path, info: dict, *, force: bool = False) -> None:
     """Whether ``run`` may hold the run described by ``info`` (compared on the identity keys it has);
-    writes nothing."""
+    writes nothing. The run's own activation collection may already be inside it (as the demo's is)."""
     make_dir(run.parent)
+    own = Path(info["activations"]).resolve() if info.get("activations") else None
     if run.exists() and not run.is_dir():
         raise ScSteerError(f"--out {str(run)!r} is a file, not a folder")
     path = run / "run.json"
@@ -62,7 +63,7 @@ def check_run(run: Path, info: dict, *, force: bool = False) -> None:
         if differs:
             raise ScSteerError(f"--out {str(run)!r} holds another run (its {', '.join(differs)} differ); choose "
                                "another --out, or pass --force to start over there")
-    elif not path.exists() and not force and run.is_dir() and any(run.iterdir()):
+    elif not path.exists() and not force and run.is_dir() and any(p.resolve() != own for p in run.iterdir()):
         raise ScSteerError(f"--out {str(run)!r} is not empty and is not an sc-steer run; choose another --out, "
                            "or pass --force to train there anyway")
 

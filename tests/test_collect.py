@@ -187,3 +187,23 @@ def test_folder_of_a_different_run_is_refused(tiny_model_dirs, tmp_path, corpus)
     with pytest.raises(ScSteerError, match="not empty"):
         collect(lm, "resid_post.0", corpus, tmp_path / "b", ctx=16, progress=False)
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine"
+
+
+def test_a_kill_after_the_last_shard_only_finishes_the_manifest(tiny_model_dirs, tmp_path, corpus, monkeypatch):
+    """Killed after the last shard was listed but before the manifest was marked complete: the rerun
+    must not collect an extra shard."""
+    import sc_steer.activations as acts
+
+    lm = open_model(str(tiny_model_dirs["llama"]))
+    kw = dict(ctx=16, batch_size=2, shard_tokens=40, max_tokens=100, progress=False)
+    collect(lm, "resid_post.1", corpus, tmp_path / "whole", **kw)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(acts, "_finish", killed)
+    with pytest.raises(KeyboardInterrupt):
+        collect(lm, "resid_post.1", corpus, tmp_path / "crash", **kw)
+    monkeypatch.undo()
+    collect(lm, "resid_post.1", corpus, tmp_path / "crash", **kw)
+    assert _folder_contents(tmp_path / "crash")[0] == _folder_contents(tmp_path / "whole")[0]

@@ -174,3 +174,15 @@ def test_train_streaming_from_the_model_without_a_cache(tiny_run, tmp_path):
     saes = train_from_model(lm, tiny_run["text"], cfg, tmp_path / "s", ctx=64, progress=False)
     assert saes["resid_post.2"].cfg.d_in == 32
     assert (tmp_path / "s" / "saes" / "resid_post.2" / "cfg.json").exists()
+
+
+def test_divergence_stops_with_one_line_and_keeps_no_broken_weights(tiny_run, tmp_path, capsys):
+    out = tmp_path / "div"
+    args = ["train", "--activations", str(tiny_run["acts"]), "--out", str(out), "--tokens", "5120",
+            "--batch-size", "256", "--lr", "1e30", "--checkpoint-every", "1"]
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "train SAEs" not in ln]
+    assert len(err) == 1 and "diverged at step" in err[0] and "lower lr" in err[0], err
+    assert not (out / "saes").exists()
+    if (out / "checkpoint.safetensors").exists():
+        assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint.safetensors")).values())

@@ -79,7 +79,12 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
         epoch = 0
         while True:
             rows = iter_rows(iter_documents(data), lm.tokenizer, ctx)
-            yield from ((epoch, b) for b in iter_batches(rows, rows_per_pass, ctx, pad_token_id(lm.tokenizer)))
+            kept = 0
+            for b in iter_batches(rows, rows_per_pass, ctx, pad_token_id(lm.tokenizer)):
+                kept += int(b.keep.sum())
+                yield epoch, b
+            if kept == 0:  # another pass would find nothing either: fail instead of looping forever
+                raise ScSteerError(f"data {data!r} has no text tokens to train on")
             epoch += 1
 
     def generate() -> Iterator[dict[str, torch.Tensor]]:
