@@ -176,3 +176,26 @@ def test_generation_stops_at_its_time_limit_or_when_cancelled(app):
     stop = threading.Event()
     stop.set()
     assert len(generate(lm, ["In the beginning"], None, saes, max_new_tokens=400, cancel=stop)[0]) < len(full)
+
+
+def test_a_stream_closed_by_its_client_stops_generating(app):
+    """A browser that goes away closes the stream: the generation stops and the model lock is freed."""
+    import time
+
+    from sc_steer_apps.serving import Limits, Playground
+
+    pg = Playground(app["run"], limits=Limits(max_new_tokens=480, seconds=60))
+    r = recipe(3, 8.0)
+    t = time.monotonic()
+    full = pg.continuation("In the beginning", r, 480, False, 1.0, 0)
+    whole = time.monotonic() - t                  # a full generation: seconds on the tiny model
+    assert len(pg.lm.tokenizer(full)["input_ids"]) > 400
+    stream = pg.stream("In the beginning", r, 480, False, 1.0, 0)
+    next(stream)
+    assert pg.lock.locked()
+    t = time.monotonic()
+    stream.close()
+    while pg.lock.locked() and time.monotonic() - t < 30:
+        time.sleep(0.005)
+    freed = time.monotonic() - t
+    assert not pg.lock.locked() and freed < min(0.5, whole / 4), (freed, whole)

@@ -186,3 +186,15 @@ def test_divergence_stops_with_one_line_and_keeps_no_broken_weights(tiny_run, tm
     assert not (out / "saes").exists()
     if (out / "checkpoint.safetensors").exists():
         assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint.safetensors")).values())
+
+
+def test_resume_survives_a_torn_last_log_line(tiny_run, tmp_path, capsys):
+    """A kill can cut the last train-log line short; --resume drops it instead of failing on it."""
+    args = ["train", "--activations", str(tiny_run["acts"]), "--out", str(tmp_path / "t")] + TRAIN
+    args[args.index("--tokens") + 1] = "2560"
+    assert main(args) == 0
+    log = tmp_path / "t" / "train_log.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"step": 99, "site": "resid_po')
+    assert main(args + ["--resume"]) == 0
+    assert log.read_text() == good
