@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
+from . import validate
 from .devices import DTYPES
 from .errors import ScSteerError
 from .files import atomic_write, atomic_write_text, make_dir
@@ -73,16 +74,13 @@ class CollectConfig:
 
 
 def _check_config(cfg: CollectConfig) -> None:
-    if not isinstance(cfg.ctx, int) or cfg.ctx < 2:
-        raise ScSteerError(f"context length {cfg.ctx!r}: expected an integer >= 2")
-    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-        raise ScSteerError(f"batch size {cfg.batch_size!r}: expected an integer >= 1")
-    if cfg.max_tokens is not None and cfg.max_tokens < 1:
-        raise ScSteerError(f"max tokens {cfg.max_tokens!r}: expected a positive integer")
-    if cfg.shard_tokens < 1:
-        raise ScSteerError(f"shard tokens {cfg.shard_tokens!r}: expected a positive integer")
-    if cfg.store_dtype is not None and cfg.store_dtype not in DTYPES:
-        raise ScSteerError(f"store dtype {cfg.store_dtype!r}: expected one of {', '.join(DTYPES)}")
+    validate.integer("context length", cfg.ctx, 2)
+    validate.integer("batch size", cfg.batch_size, 1)
+    if cfg.max_tokens is not None:
+        validate.integer("max tokens", cfg.max_tokens, 1)
+    validate.integer("shard tokens", cfg.shard_tokens, 1)
+    if cfg.store_dtype is not None:
+        validate.choice("store dtype", cfg.store_dtype, DTYPES)
 
 
 def _prepare_folder(out: Path, header: dict) -> dict:
