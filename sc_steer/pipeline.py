@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -38,12 +39,14 @@ def start_run(run: Path, info: dict, *, force: bool = False) -> None:
 
     The folder must be new, or hold this same run (``RUN_IDENTITY``: model, data fingerprint, sites,
     config), so that a resume continues it and nothing foreign is mixed in. ``force=True`` starts
-    over: the old checkpoint and log go, and the old SAEs are replaced as a set at the end.
+    over: the old run's checkpoint, log and SAEs go first, so the folder never pairs this run.json
+    with another run's SAEs.
     """
     check_run(run, info, force=force)
     if force:
-        for name in ("checkpoint.safetensors", "train_log.jsonl"):
+        for name in ("checkpoint.safetensors", "train_log.jsonl", "run.json"):
             (run / name).unlink(missing_ok=True)
+        shutil.rmtree(run / "saes", ignore_errors=True)
     make_dir(run)
     atomic_write_text(run / "run.json", json.dumps(info, indent=1))
 
