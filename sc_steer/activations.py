@@ -26,7 +26,7 @@ from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, it
 from . import validate
 from .devices import DTYPES
 from .errors import ScSteerError
-from .files import atomic_write, atomic_write_text, make_dir
+from .files import atomic_write, atomic_write_text, check_folder, make_dir
 from .models import LM
 from .sites import Site
 
@@ -85,9 +85,7 @@ def _check_config(cfg: CollectConfig) -> None:
 
 def _prepare_folder(out: Path, header: dict) -> dict:
     """Start a new manifest, or reload a matching unfinished one. Foreign folders are refused."""
-    make_dir(out.parent)
-    if out.exists() and not out.is_dir():
-        raise ScSteerError(f"--out {str(out)!r} is a file, not a folder")
+    check_folder(out)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         try:

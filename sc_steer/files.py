@@ -10,14 +10,21 @@ from pathlib import Path
 from .errors import ScSteerError
 
 
-def make_dir(path: str | Path, what: str = "--out") -> Path:
-    """Create a folder and its parents; a one-line error (naming ``what``) where a file is in the way."""
+def check_folder(path: str | Path, what: str = "--out") -> Path:
+    """A folder that is, or could be, created at ``path``: a one-line error (naming ``what``) where a file
+    stands at it or at one of its parents. Creates nothing."""
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 raise ScSteerError(f"{what} {str(path)!r}: {str(p)!r} is a file, not a folder")
             break
+    return path
+
+
+def make_dir(path: str | Path, what: str = "--out") -> Path:
+    """Create a folder and its parents; a one-line error (naming ``what``) where a file is in the way."""
+    path = check_folder(path, what)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -32,11 +39,7 @@ def check_new_file(path: str | Path, what: str, force: bool = False) -> Path:
         raise ScSteerError(f"{what} {str(path)!r} is a folder; expected a file name")
     if path.exists() and not force:
         raise ScSteerError(f"{what} {str(path)!r} already exists; choose another name or pass --force to replace it")
-    for p in path.parents:
-        if p.exists():
-            if not p.is_dir():
-                raise ScSteerError(f"{what} {str(path)!r}: {str(p)!r} is a file, not a folder")
-            break
+    check_folder(path.parent, what)
     return path
 
 

@@ -22,7 +22,7 @@ from . import validate
 from .data import data_fingerprint
 from .devices import resolve_device
 from .errors import ScSteerError
-from .files import atomic_write_text, make_dir
+from .files import atomic_write_text, check_folder, make_dir
 from .models import LM, open_model
 from .sae import SAE, load_sae
 from .sae.config import TrainConfig
@@ -54,10 +54,8 @@ def start_run(run: Path, info: dict, *, force: bool = False) -> None:
 def check_run(run: Path, info: dict, *, force: bool = False) -> None:
     """Whether ``run`` may hold the run described by ``info`` (compared on the identity keys it has);
     writes nothing. The run's own activation collection may already be inside it (as the demo's is)."""
-    make_dir(run.parent)
+    check_folder(run)
     own = Path(info["activations"]).resolve() if info.get("activations") else None
-    if run.exists() and not run.is_dir():
-        raise ScSteerError(f"--out {str(run)!r} is a file, not a folder")
     path = run / "run.json"
     if path.exists() and not force:
         old = read_run(run)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
-from ..files import atomic_write, atomic_write_text, make_dir
+from ..files import atomic_write, atomic_write_text, check_folder
 from ..models import LM
 from ..sae import SAE
 from .attribution import attribution, pearson
@@ -91,10 +91,7 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
 
     run, out = Path(run), Path(out)
     check_options(layers=layers, sources=sources, mode=mode, value=value, where=where, prune=prune, amount=amount,
-                  rank_by=rank_by, ctx=ctx, max_prompts=max_prompts)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise ScSteerError(f"--name {name!r}: expected a plain file name (letters, digits, '_', '-', '.'), "
-                           "the exports are written as OUT/NAME.<format>")
+                  rank_by=rank_by, ctx=ctx, max_prompts=max_prompts, name=name)
     recipe = {"run": str(run), "layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
               "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx, "max_prompts": max_prompts,
               "prompts": prompts, "name": name}
@@ -155,7 +152,7 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
 RECIPE = "recipe.json"
 
 
-def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by, ctx, max_prompts) -> None:
+def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by, ctx, max_prompts, name) -> None:
     """The graph options, checked before any work (names as the CLI flags)."""
     from .build import PRUNE
     from .measure import MODES, WHERE
@@ -186,13 +183,14 @@ def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by
     validate.choice("--rank-by", rank_by, ("weight", "through"))
     validate.integer("--ctx", ctx, 2)
     validate.integer("--max-prompts", max_prompts, 1)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise ScSteerError(f"--name {name!r}: expected a plain file name (letters, digits, '_', '-', '.'), "
+                           "the exports are written as OUT/NAME.<format>")
 
 
 def claim_output(out: Path, recipe: dict, force: bool) -> None:
     """A graph folder is new, empty, or holds the graph of this very recipe; ``force`` replaces another."""
-    make_dir(out.parent)
-    if out.exists() and not out.is_dir():
-        raise ScSteerError(f"--out {str(out)!r} is a file, not a folder")
+    check_folder(out)
     if force or not out.exists() or not any(out.iterdir()):
         return
     try:

@@ -179,8 +179,6 @@ class Trainer:
             out = sae.train_forward(x)
         out.x_hat, out.pre = out.x_hat.float(), out.pre.float()
         loss, parts = sae.loss(x, out, ctx)
-        if not torch.isfinite(loss):
-            self._diverged(st.site, f"the loss is {float(loss)}")
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad()
@@ -198,7 +196,10 @@ class Trainer:
             l0 = counts.sum().item() / x.shape[0]
             fvu = ((out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item()
         dead = float((st.since_fired > cfg.resolved_dead_tokens()).float().mean())
-        return {"loss": loss.item(), "l0": l0, "fvu": fvu, "dead": dead, **parts}
+        value = loss.item()
+        if not math.isfinite(value):  # raised before run() can checkpoint this step's weights
+            self._diverged(st.site, f"the loss is {value}")
+        return {"loss": value, "l0": l0, "fvu": fvu, "dead": dead, **parts}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _diverged(self, site: str, what: str) -> None:
