@@ -94,3 +94,26 @@ def serve_app(args: list[str], cwd: Path, command: str | None = None):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def reference_loss(p: dict, x: torch.Tensor, k: int, dead: torch.Tensor | None, k_aux: int, aux_coeff: float,
+                   batch_topk: bool = False):
+    """TopK / BatchTopK loss with AuxK, dense and plain: every product is a full matmul."""
+    pre = x @ p["W_enc"] + (p["b_enc"] - p["b_dec"] @ p["W_enc"])  # the formula of SAE.pre_acts
+    if batch_topk:
+        flat = pre.relu().flatten()
+        v, i = flat.topk(k * x.shape[0])
+        f = torch.zeros_like(flat).scatter(0, i, v).view_as(pre)
+    else:
+        v, i = pre.topk(k, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    x_hat = (f @ p["W_dec"] + p["b_dec"]).float()
+    var = (x - x.mean(0)).pow(2).sum()
+    loss = (x_hat - x).pow(2).sum() / var
+    if dead is not None:
+        masked = torch.where(dead, pre, torch.full_like(pre, float("-inf")))
+        v, i = masked.topk(min(k_aux, int(dead.sum())), dim=-1)
+        f_aux = torch.zeros_like(pre).scatter(-1, i, v.relu())
+        e_hat = (f_aux @ p["W_dec"]).float()
+        loss = loss + aux_coeff * (e_hat - (x - x_hat).detach()).pow(2).sum() / var
+    return loss

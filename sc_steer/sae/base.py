@@ -33,6 +33,9 @@ class TrainOut:
     pre: torch.Tensor
     counts: torch.Tensor
     f: torch.Tensor | None = None
+    aux: torch.Tensor | None = None    # AuxK's reconstruction of the residual (TopK, BatchTopK)
+
+
 CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
 
 
@@ -115,14 +118,16 @@ class SAE(nn.Module):
         """Training-time activation; differs from ``activate`` for BatchTopK and JumpReLU (gradients)."""
         return self.activate(pre)
 
-    def train_forward(self, x: torch.Tensor) -> TrainOut:
-        """One training forward pass. The default is dense; TopK overrides it with a sparse decoder."""
+    def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
+        """One training forward pass (``ctx``: see ``loss``). The default is dense; TopK overrides it
+        with a sparse one."""
         pre = self.pre_acts(x)
         f = self.train_encode(pre)
         return TrainOut(x_hat=self.decode(f), pre=pre, counts=torch.count_nonzero(f.detach(), dim=0), f=f)
 
-    def loss(self, x: torch.Tensor, out: TrainOut, ctx: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and its parts; ``ctx`` holds coefficients, ``sparsity_scale`` (warm-up), ``dead``."""
+    def loss(self, x: torch.Tensor, out: TrainOut, ctx: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its parts (detached 0-d tensors: read on the host only when logged); ``ctx``
+        holds coefficients, ``sparsity_scale`` (warm-up), ``dead`` (mask) and ``n_dead`` (host count)."""
         raise NotImplementedError
 
     def set_training_options(self, scfg: Any, fresh: bool) -> None:
@@ -141,7 +146,7 @@ class SAE(nn.Module):
         """Drop the gradient component along each (unit) decoder row, so a step cannot grow its norm."""
         if self.W_dec.grad is not None:
             g, w = self.W_dec.grad, self.W_dec
-            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+            g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1)
 
     @torch.no_grad()
     def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median") -> None:

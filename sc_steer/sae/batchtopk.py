@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAE
-from .topk import fvu_and_auxk
+from . import sparse
+from .base import SAE, TrainOut
+from .topk import aux_k, dead_topk, fvu_and_auxk, with_aux
 
 
 class BatchTopKSAE(SAE):
@@ -33,17 +34,27 @@ class BatchTopKSAE(SAE):
         vals, idx = flat.topk(n_keep, sorted=False)
         return torch.zeros_like(flat).scatter_(0, idx, vals).reshape_as(h)
 
+    def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
+        out = super().train_forward(x, ctx)
+        n_aux = aux_k(ctx)
+        if n_aux:
+            idx = dead_topk(out.pre, ctx["dead"], n_aux)
+            vals = torch.relu(out.pre.gather(1, idx)) * ctx["dead"][idx]
+            out.aux = sparse.decode(idx, vals, self.W_dec)
+        return out
+
     @torch.no_grad()
     def after_step(self, out) -> None:
+        """EMA of the smallest kept activation, on the device (no host sync); a batch with none kept
+        leaves the threshold as it was."""
         f = out.f
-        pos = f[f > 0]
-        if pos.numel() == 0:
-            return
-        m = pos.min()
-        self.threshold.copy_(m if self.threshold < 0 else self.ema * self.threshold + (1 - self.ema) * m)
+        m = torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float()
+        new = torch.where(self.threshold < 0, m, self.ema * self.threshold + (1 - self.ema) * m)
+        self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
 
     def loss(self, x, out, ctx):
-        return fvu_and_auxk(self, x, out.x_hat, out.pre, ctx)
+        loss, parts = fvu_and_auxk(x, out.x_hat, out.aux)
+        return with_aux(loss, parts, ctx)
 
     def thresholds(self):
         return [self.threshold]

@@ -80,7 +80,7 @@ class JumpReLUSAE(SAE):
         pre = out.pre
         l0 = _Step.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).sum(-1).mean()
         coeff = ctx["l0_coeff"] * ctx["sparsity_scale"]
-        return mse + coeff * l0, {"mse": mse.item(), "l0_loss": l0.item()}
+        return mse + coeff * l0, {"mse": mse.detach(), "l0_loss": l0.detach()}
 
     @torch.no_grad()
     def fold_input_scale(self, s: float) -> None:

@@ -22,4 +22,4 @@ class ReluSAE(SAE):
         mse = (out.x_hat - x).pow(2).sum(-1).mean()
         l1 = (out.f * self.W_dec.norm(dim=1)).sum(-1).mean()
         coeff = ctx["l1_coeff"] * ctx["sparsity_scale"]
-        return mse + coeff * l1, {"mse": mse.item(), "l1": l1.item()}
+        return mse + coeff * l1, {"mse": mse.detach(), "l1": l1.detach()}

@@ -4,15 +4,16 @@ Loss = FVU + aux_coeff * AuxK, both normalised by the batch's variance about its
 reconstructs the main model's residual error ``e = x - x_hat`` (detached) from the top ``k_aux``
 pre-activations of latents that have not fired for a while, decoded WITHOUT the decoder bias.
 
-Training decodes sparsely: with k of d_sae latents active, ``x_hat = sum_j v_j W_dec[i_j] + b_dec`` is an
-``embedding_bag`` over the k indices, so the decoder's forward and backward cost batch * k * d_in
-instead of batch * d_sae * d_in. Inference (``encode``/``decode``) stays dense and simple.
+Training is sparse end to end (``sae/sparse.py``): the dense pre-activations are computed without
+autograd, the top-k (and AuxK) entries are selected, and the gradients flow through those entries
+only, so besides the encoder's forward matmul every product costs batch * k * d_in instead of
+batch * d_sae * d_in. Inference (``encode``/``decode``) stays dense and simple.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from . import sparse
 from .base import SAE, TrainOut
 
 
@@ -21,28 +22,34 @@ def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
 
 
-def sparse_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """``sum_j vals[:, j] * W_dec[idx[:, j]]`` for every row, without building the dense code."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+def aux_k(ctx: dict | None) -> int:
+    """How many dead latents AuxK uses this step (0: no AuxK). ``ctx['n_dead']`` is a host count."""
+    if not ctx or ctx.get("aux_coeff", 0) <= 0:
+        return 0
+    return min(int(ctx["k_aux"]), int(ctx.get("n_dead", 0)))
 
 
-def fvu_and_auxk(sae: SAE, x, x_hat, pre, ctx) -> tuple[torch.Tensor, dict[str, float]]:
-    """Shared by TopK and BatchTopK."""
+def dead_topk(pre: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest pre-activations among dead latents, per row."""
+    with torch.no_grad():
+        return pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
+
+
+def fvu_and_auxk(x, x_hat, e_hat) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Shared by TopK and BatchTopK; ``e_hat`` is the AuxK reconstruction (None: no AuxK this step)."""
     total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
     fvu = (x_hat - x).pow(2).sum() / total_var
-    parts = {"fvu": fvu.item()}
-    dead = ctx.get("dead")
-    loss = fvu
-    if dead is not None and bool(dead.any()) and ctx.get("aux_coeff", 0) > 0:
-        k_aux = min(int(ctx["k_aux"]), int(dead.sum()))
-        masked = torch.where(dead, pre, torch.full_like(pre, float("-inf")))
-        vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
-        e_hat = sparse_decode(idx, torch.relu(vals), sae.W_dec)
-        e = (x - x_hat).detach()
-        auxk = (e_hat - e).pow(2).sum() / total_var
-        loss = loss + ctx["aux_coeff"] * auxk
-        parts["auxk"] = auxk.item()
-    return loss, parts
+    parts = {"fvu": fvu.detach()}
+    if e_hat is None:
+        return fvu, parts
+    auxk = (e_hat.float() - (x - x_hat).detach()).pow(2).sum() / total_var
+    parts["auxk"] = auxk.detach()
+    return fvu, parts | {"_auxk": auxk}
+
+
+def with_aux(loss: torch.Tensor, parts: dict, ctx: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    auxk = parts.pop("_auxk", None)
+    return (loss if auxk is None else loss + ctx["aux_coeff"] * auxk), parts
 
 
 class TopKSAE(SAE):
@@ -53,14 +60,26 @@ class TopKSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_relu(pre, self.cfg.k)
 
-    def train_forward(self, x: torch.Tensor) -> TrainOut:
-        pre = self.pre_acts(x)
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        vals = torch.relu(vals)
-        x_hat = sparse_decode(idx, vals, self.W_dec) + self.b_dec
+    def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
+        k, n_aux = self.cfg.k, aux_k(ctx)
         with torch.no_grad():
-            counts = torch.bincount(idx[vals > 0], minlength=self.cfg.d_sae)
-        return TrainOut(x_hat=x_hat, pre=pre, counts=counts)
+            pre = self.pre_acts(x)
+            idx = pre.topk(k, dim=-1, sorted=False).indices
+            if n_aux:
+                idx = torch.cat([idx, dead_topk(pre, ctx["dead"], n_aux)], dim=1)
+        sel = sparse.select(pre, idx, x, self.W_enc, self.b_enc, self.b_dec)
+        vals = torch.relu(sel[:, :k])
+        x_hat = sparse.decode(idx[:, :k], vals, self.W_dec) + self.b_dec
+        e_hat = None
+        if n_aux:
+            aux_idx = idx[:, k:]
+            aux_vals = torch.relu(sel[:, k:]) * ctx["dead"][aux_idx]  # fewer dead than n_aux: drop the rest
+            e_hat = sparse.decode(aux_idx, aux_vals, self.W_dec)
+        with torch.no_grad():
+            counts = torch.zeros(self.cfg.d_sae, dtype=torch.int64, device=x.device)
+            counts.scatter_add_(0, idx[:, :k].reshape(-1), (vals > 0).reshape(-1).long())
+        return TrainOut(x_hat=x_hat, pre=pre, counts=counts, aux=e_hat)
 
     def loss(self, x, out, ctx):
-        return fvu_and_auxk(self, x, out.x_hat, out.pre, ctx)
+        loss, parts = fvu_and_auxk(x, out.x_hat, out.aux)
+        return with_aux(loss, parts, ctx)

@@ -116,6 +116,12 @@ class SiteState:
     fire_count: torch.Tensor       # firings over the whole run (for sparsity.safetensors)
 
 
+def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
+    """Adam; on CUDA the fused kernel (one pass over parameters, gradients and moments)."""
+    fused = sae.W_dec.device.type == "cuda"
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused or None)
+
+
 def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
     """Linear warm-up (<= 1,000 steps), constant, then linear decay to zero over the last ``decay``."""
     w = min(1000, max(1, int(warmup * steps)))
@@ -162,22 +168,26 @@ class Trainer:
             sae.init_b_dec(first[site][:8192].float() * scale, scfg.b_dec_init)
             sae.set_training_options(scfg, fresh=True)
             sae.to(self.device)
-            opt = torch.optim.Adam(sae.parameters(), lr=scfg.resolved_lr(d_in), betas=(0.9, 0.999))
+            opt = make_optimizer(sae, scfg.resolved_lr(d_in))
             z = torch.zeros(sae_cfg.d_sae, dtype=torch.float64, device=self.device)
             self.states[site] = SiteState(site, scfg, sae, opt, scale, z.clone(), z.clone())
 
     # -- one step -----------------------------------------------------------------------------------
-    def _step_site(self, st: SiteState, x_raw: torch.Tensor) -> dict[str, float]:
+    def _step_site(self, st: SiteState, x_raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns detached 0-d tensors, read on the host only when logged (the only
+        host sync per step is the dead-latent count that sizes AuxK, and only when AuxK is on)."""
         cfg = self.cfg
         x = x_raw.to(self.device, torch.float32) * st.scale
         sae = st.sae
+        dead = st.since_fired > cfg.resolved_dead_tokens()
+        uses_dead = sae.needs_k and st.cfg.aux_coeff > 0
         ctx = {"sparsity_scale": min(1.0, (self.step + 1) / max(1, st.cfg.sparsity_warmup * cfg.steps)),
                "l1_coeff": st.cfg.l1_coeff, "l0_coeff": st.cfg.l0_coeff, "aux_coeff": st.cfg.aux_coeff,
-               "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2,
-               "dead": st.since_fired > cfg.resolved_dead_tokens()}
+               "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2, "dead": dead,
+               "n_dead": int(dead.sum()) if uses_dead else 0}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-            out = sae.train_forward(x)
-        out.x_hat, out.pre = out.x_hat.float(), out.pre.float()
+            out = sae.train_forward(x, ctx)
+        out.x_hat = out.x_hat.float()
         loss, parts = sae.loss(x, out, ctx)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,15 +201,20 @@ class Trainer:
             sae.after_step(out)
             counts = out.counts
             st.since_fired += x.shape[0]
-            st.since_fired[counts > 0] = 0
+            st.since_fired.masked_fill_(counts > 0, 0)
             st.fire_count += counts
-            l0 = counts.sum().item() / x.shape[0]
-            fvu = ((out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)).item()
-        dead = float((st.since_fired > cfg.resolved_dead_tokens()).float().mean())
-        value = loss.item()
-        if not math.isfinite(value):  # raised before run() can checkpoint this step's weights
-            self._diverged(st.site, f"the loss is {value}")
-        return {"loss": value, "l0": l0, "fvu": fvu, "dead": dead, **parts}
+            stats = {"loss": loss.detach(), "l0": counts.sum() / x.shape[0],
+                     "fvu": (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12),
+                     "dead": (st.since_fired > cfg.resolved_dead_tokens()).float().mean()}
+        return stats | parts
+
+    def _read_stats(self, stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+        """Bring logged values to the host (one sync) and stop on a non-finite loss."""
+        values = {site: {k: float(v) for k, v in s.items()} for site, s in stats.items()}
+        for site, v in values.items():
+            if not math.isfinite(v["loss"]):  # raised before run() can checkpoint this step's weights
+                self._diverged(site, f"the loss is {v['loss']}")
+        return values
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _diverged(self, site: str, what: str) -> None:
@@ -246,10 +261,13 @@ class Trainer:
             sae = make_sae(SAEConfig(**info["sae_cfg"])).to(self.device)
             sae.set_training_options(scfg, fresh=False)
             sae.load_state_dict({k.split("/sae/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{site}/sae/")})
-            opt = torch.optim.Adam(sae.parameters(), lr=scfg.resolved_lr(sae.cfg.d_in), betas=(0.9, 0.999))
+            opt = make_optimizer(sae, scfg.resolved_lr(sae.cfg.d_in))
+            fused = bool(opt.defaults.get("fused"))
             for pname, p in sae.named_parameters():
-                if pname in info["adam_steps"]:
-                    opt.state[p] = {"step": torch.tensor(info["adam_steps"][pname]),
+                if pname in info["adam_steps"]:  # fused Adam keeps its step count on the parameter's device
+                    step = torch.tensor(info["adam_steps"][pname], dtype=torch.float32,
+                                        device=p.device if fused else "cpu")
+                    opt.state[p] = {"step": step,
                                     "exp_avg": tensors[f"{site}/adam/{pname}/exp_avg"].to(self.device),
                                     "exp_avg_sq": tensors[f"{site}/adam/{pname}/exp_avg_sq"].to(self.device)}
             self.states[site] = SiteState(site, scfg, sae, opt, info["scale"],
@@ -284,6 +302,9 @@ class Trainer:
                     stats = {site: self._step_site(self.states[site], batch[site]) for site in self.sites}
                     self.step += 1
                     bar.update(1)
+                    if (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps
+                            or self.step % self.cfg.checkpoint_every == 0 or self._stop):
+                        stats = self._read_stats(stats)
                     if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                         for site, s in stats.items():
                             log.write(json.dumps({"step": self.step, "site": site, **s}) + "\n")

@@ -1,0 +1,129 @@
+"""Training-time maps of a k-sparse code, with gradients that cost batch * k * d_in instead of
+batch * d_sae * d_in.
+
+A TopK code is ``idx [B, k]`` (which latents) and ``vals [B, k]`` (their values). Two maps need it:
+
+* ``select(pre, idx, x, W_enc, b_enc, b_dec)``: the selected pre-activations. The forward pass only
+  gathers from the dense ``pre`` (computed without autograd); the backward pass gives the encoder's
+  gradients from the k selected entries per token: ``dW_enc[:, j] = sum_b g[b, j] (x_b - b_dec)``.
+* ``decode(idx, vals, W_dec)``: ``sum_j vals[:, j] W_dec[idx[:, j]]``; backward gives ``d vals`` (a
+  gathered dot product) and ``dW_dec[j] = sum_b vals[b, j] g_b``.
+
+Both weight gradients are the same operation, :func:`scatter_rows`: add ``coef * dense[row]`` into
+row ``col`` of a ``[d_sae, d]`` output. On CUDA it runs as a Triton kernel over latents sorted into
+segments (no atomics, every output row written once); elsewhere, or with ``SC_STEER_KERNELS=torch``,
+as chunked ``index_add_`` (the reference the GPU tests compare the kernel with).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 26  # the torch paths materialise at most this many [rows, d] elements at a time
+
+
+def kernels(device: torch.device) -> str:
+    """``triton`` or ``torch``: which implementation of :func:`scatter_rows` runs on ``device``."""
+    choice = os.environ.get("SC_STEER_KERNELS", "auto")
+    if choice not in ("auto", "torch", "triton"):
+        from ..errors import ScSteerError
+
+        raise ScSteerError(f"SC_STEER_KERNELS={choice!r}: expected auto, torch or triton")
+    if choice == "torch" or device.type != "cuda":
+        return "torch"
+    from . import triton_kernels
+
+    if triton_kernels.available():
+        return "triton"
+    if choice == "triton":
+        from ..errors import ScSteerError
+
+        raise ScSteerError("SC_STEER_KERNELS=triton: Triton is not importable here")
+    return "torch"
+
+
+def _chunks(n_rows: int, per_row: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, per_row))
+    for i in range(0, n_rows, step):
+        yield slice(i, min(n_rows, i + step))
+
+
+def scatter_rows(idx: torch.Tensor, coef: torch.Tensor, dense: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``out[idx[b, j]] += coef[b, j] * dense[b]``, accumulated in fp32, as a new ``[n_out, d]`` tensor."""
+    if kernels(dense.device) == "triton":
+        from .triton_kernels import scatter_rows as triton_scatter_rows
+
+        return triton_scatter_rows(idx, coef, dense, n_out)
+    return scatter_rows_torch(idx, coef, dense, n_out)
+
+
+def scatter_rows_torch(idx: torch.Tensor, coef: torch.Tensor, dense: torch.Tensor, n_out: int) -> torch.Tensor:
+    k, d = idx.shape[1], dense.shape[1]
+    out = torch.zeros(n_out, d, device=dense.device, dtype=torch.float32)
+    for rows in _chunks(idx.shape[0], k * d):
+        contrib = coef[rows].float().unsqueeze(-1) * dense[rows].float().unsqueeze(1)   # [r, k, d]
+        out.index_add_(0, idx[rows].reshape(-1), contrib.reshape(-1, d))
+    return out
+
+
+def gather_dot(idx: torch.Tensor, W: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``out[b, j] = <g_b, W[idx[b, j]]>`` in W's dtype, without a ``[B, k, d]`` tensor larger than a chunk."""
+    out = torch.empty(idx.shape, device=W.device, dtype=W.dtype)
+    g = g.to(W.dtype)
+    for rows in _chunks(idx.shape[0], idx.shape[1] * W.shape[1]):
+        out[rows] = torch.bmm(W[idx[rows]], g[rows].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+class _Decode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, vals, W):
+        W_lp = W if W.dtype == vals.dtype else W.to(vals.dtype)   # one cast per step, not per row read
+        ctx.save_for_backward(idx, vals, W_lp)
+        ctx.w_dtype = W.dtype
+        with torch.autocast(W.device.type, enabled=False):
+            return F.embedding_bag(idx, W_lp, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, vals, W_lp = ctx.saved_tensors
+        grad_vals = gather_dot(idx, W_lp, g).to(vals.dtype) if ctx.needs_input_grad[1] else None
+        grad_W = scatter_rows(idx, vals, g, W_lp.shape[0]).to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
+        return None, grad_vals, grad_W
+
+
+class _Select(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, idx, x, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(idx, x, W_enc, b_dec)
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, x, W_enc, b_dec = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        g_sum = torch.zeros(d_sae, device=g.device, dtype=torch.float32).index_add_(0, idx.reshape(-1),
+                                                                                   g.reshape(-1).float())
+        grad_W = grad_b_enc = grad_b_dec = None
+        if ctx.needs_input_grad[3]:
+            centred = x.to(g.dtype) - b_dec.to(g.dtype)
+            grad_W = scatter_rows(idx, g, centred, d_sae).t().contiguous().to(W_enc.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b_enc = g_sum.to(W_enc.dtype)
+        if ctx.needs_input_grad[5]:
+            grad_b_dec = -(W_enc @ g_sum.to(W_enc.dtype))
+        return None, None, None, grad_W, grad_b_enc, grad_b_dec
+
+
+def decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """``sum_j vals[:, j] * W_dec[idx[:, j]]`` per row (no decoder bias), sparse in both directions."""
+    return _Decode.apply(idx, vals, W_dec)
+
+
+def select(pre: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+           b_dec: torch.Tensor) -> torch.Tensor:
+    """``pre.gather(1, idx)`` where ``pre = (x - b_dec) W_enc + b_enc`` was computed without autograd; the
+    gradients reach ``W_enc``, ``b_enc`` and ``b_dec`` through the selected entries only."""
+    return _Select.apply(pre, idx, x, W_enc, b_enc, b_dec)

@@ -1,0 +1,120 @@
+"""The sparse TopK training step (sae/sparse.py) against a plain dense autograd step written here:
+same loss and same gradients for every parameter, in fp32 and under bf16 autocast, with AuxK on."""
+import pytest
+import torch
+
+from sc_steer.sae import SAEConfig, make_sae
+from sc_steer.sae import sparse
+from sc_steer.sae.topk import TopKSAE
+
+from helpers import reference_loss
+
+D_IN, D_SAE, K, B = 48, 384, 6, 256
+
+
+def make(arch="topk", seed=0):
+    torch.manual_seed(seed)
+    sae = make_sae(SAEConfig(arch, D_IN, D_SAE, k=K))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(B, D_IN) * 2
+    return sae, x
+
+
+def ours(sae, x, dead, k_aux, aux_coeff, autocast):
+    ctx = {"aux_coeff": aux_coeff, "k_aux": k_aux, "dead": dead,
+           "n_dead": 0 if dead is None else int(dead.sum())}
+    sae.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = sae.train_forward(x, ctx)
+    out.x_hat = out.x_hat.float()
+    loss, _ = sae.loss(x, out, ctx)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+def reference(sae, x, dead, k_aux, aux_coeff, autocast):
+    p = {n: t.detach().clone().requires_grad_() for n, t in sae.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = reference_loss(p, x, K, dead, k_aux, aux_coeff, batch_topk=sae.architecture == "batchtopk")
+    loss.backward()
+    return loss.detach(), {n: t.grad for n, t in p.items()}
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("n_dead,k_aux", [(0, 24), (10, 24), (200, 24)])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_sparse_step_matches_the_dense_reference(arch, n_dead, k_aux, autocast):
+    """Loss and all four gradients agree; n_dead < k_aux exercises AuxK's masking of live latents."""
+    sae, x = make(arch)
+    dead = None
+    if n_dead:
+        dead = torch.zeros(D_SAE, dtype=torch.bool)
+        dead[torch.randperm(D_SAE, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    l_ours, g_ours = ours(sae, x, dead, k_aux, 0.5, autocast)
+    l_ref, g_ref = reference(sae, x, dead, k_aux, 0.5, autocast)
+    rtol = 2e-2 if autocast else 1e-5
+    assert abs(float(l_ours) - float(l_ref)) <= rtol * float(l_ref)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        err = float((g_ours[name] - g_ref[name]).norm() / g_ref[name].norm())
+        assert err <= (3e-2 if autocast else 1e-5), (name, err)
+    if arch == "topk":  # the sparse step touches only the selected latents' encoder columns
+        fired = g_ref["b_enc"] != 0
+        assert torch.equal(g_ours["W_enc"].abs().sum(0) > 0, fired | (g_ref["W_enc"].abs().sum(0) > 0))
+
+
+def test_aux_changes_the_gradient_only_of_dead_latents():
+    """A check that can fail: with AuxK on, dead latents' encoder columns get gradient (they did not fire)."""
+    sae, x = make()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:50] = True
+    _, g_no = ours(sae, x, None, 24, 0.5, False)
+    _, g_aux = ours(sae, x, dead, 24, 0.5, False)
+    changed = (g_aux["W_enc"] - g_no["W_enc"]).abs().sum(0) > 0
+    assert changed[:50].any() and not changed[50:].any()
+
+
+def test_scatter_rows_and_gather_dot_against_dense_products():
+    torch.manual_seed(3)
+    idx = torch.randn(40, 100).topk(7, dim=1).indices
+    idx[:, 0] = 5                       # one latent on every row (a repeated index just adds up)
+    coef, dense, W = torch.randn(40, 7), torch.randn(40, 33), torch.randn(100, 33)
+    F = torch.zeros(40, 100).scatter_add_(1, idx, coef)
+    torch.testing.assert_close(sparse.scatter_rows(idx, coef, dense, 100), F.T @ dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.gather_dot(idx, W, dense), (dense @ W.T).gather(1, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_torch_paths_agree_with_one_chunk(monkeypatch):
+    torch.manual_seed(4)
+    idx = torch.randn(64, 50).topk(5, dim=1).indices
+    coef, dense = torch.randn(64, 5), torch.randn(64, 16)
+    whole = sparse.scatter_rows_torch(idx, coef, dense, 50)
+    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", 5 * 16 * 3)  # 3 rows a chunk
+    torch.testing.assert_close(sparse.scatter_rows_torch(idx, coef, dense, 50), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_choice_is_checked(monkeypatch):
+    from sc_steer.errors import ScSteerError
+
+    monkeypatch.setenv("SC_STEER_KERNELS", "cuda-please")
+    with pytest.raises(ScSteerError, match="SC_STEER_KERNELS"):
+        sparse.kernels(torch.device("cpu"))
+    monkeypatch.setenv("SC_STEER_KERNELS", "triton")
+    assert sparse.kernels(torch.device("cpu")) == "torch"   # the kernel is for CUDA tensors only
+
+
+def test_training_with_the_sparse_step_still_learns():
+    """End to end: a TopK SAE trained by the trainer reconstructs data drawn from known sparse features."""
+    from sc_steer.sae.train import train_sae
+
+    torch.manual_seed(0)
+    feats = torch.randn(64, 16)
+    feats /= feats.norm(dim=1, keepdim=True)
+    codes = (torch.rand(8192, 64) < 0.05) * torch.rand(8192, 64) * 3
+    x = codes @ feats
+    sae = train_sae(x, "topk", d_sae=128, k=4, tokens=8192 * 15, batch_size=512)
+    assert isinstance(sae, TopKSAE)
+    with torch.no_grad():
+        fvu = float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.25, fvu
