@@ -66,6 +66,7 @@ class CollectConfig:
     batch_size: int = 16
     max_tokens: int | None = None
     shard_tokens: int = 1 << 16
+    shard_bytes: int = 1 << 30     # a shard of many wide sites is cut earlier (writes overlap the forward)
     store_dtype: str | None = None  # default: the model's dtype
     packing: str = "pad"
     prepend_bos: bool = True
@@ -79,6 +80,7 @@ def _check_config(cfg: CollectConfig) -> None:
     if cfg.max_tokens is not None:
         validate.integer("max tokens", cfg.max_tokens, 1)
     validate.integer("shard tokens", cfg.shard_tokens, 1)
+    validate.integer("shard bytes", cfg.shard_bytes, 1)
     if cfg.store_dtype is not None:
         validate.choice("store dtype", cfg.store_dtype, DTYPES)
 
@@ -140,47 +142,151 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     rows = iter_rows(docs, lm.tokenizer, cfg.ctx, prepend_bos=cfg.prepend_bos, packing=cfg.packing)
     batches = iter_batches(rows, cfg.batch_size, cfg.ctx, pad_token_id(lm.tokenizer), start_row=start_row)
     bar = tqdm(total=cfg.max_tokens, initial=n_tokens, unit="tok", desc="collect", disable=not progress)
-    buf: dict[str, list[torch.Tensor]] = {}
-    rows_end = start_row
     if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
         batches = iter(())  # killed after the last shard was listed: only the manifest is left to finish
-    for batch in batches:
-        acts = run_sites(lm, batch, sites)
-        keep = batch.keep
-        for s, a in acts.items():
-            buf.setdefault(f"act.{s}", []).append(a[keep.to(a.device)].to("cpu", store_dtype))
-        for key, val in (("tokens", batch.input_ids), ("doc", batch.doc), ("pos", batch.pos),
-                         ("row", batch.row[:, None].expand_as(batch.input_ids))):
-            buf.setdefault(key, []).append(val[keep].to(torch.int64 if key == "row" else torch.int32))
-        rows_end = int(batch.row[-1]) + 1
-        n_new = int(keep.sum())
-        n_tokens += n_new
-        bar.update(n_new)
-        reached = cfg.max_tokens is not None and n_tokens >= cfg.max_tokens
-        if sum(len(t) for t in buf["tokens"]) >= cfg.shard_tokens or reached:
-            _write_shard(out, manifest, buf, sites, rows_end)
-            buf = {}
-        if reached:
-            break
-    if buf.get("tokens"):
-        _write_shard(out, manifest, buf, sites, rows_end)
-    bar.close()
+    widths = {str(s): lm.width(s) for s in sites}
+    cap = shard_capacity(cfg, widths, store_dtype)
+    writer = ShardWriter(out, manifest)
+    shard = None
+    try:
+        for batch in batches:
+            if shard is None:
+                shard = ShardBuffer(widths, cap + cfg.batch_size * cfg.ctx, store_dtype, lm.device)
+            shard.add(batch, run_sites(lm, batch, sites))
+            n_new = int(batch.keep.sum())
+            n_tokens += n_new
+            bar.update(n_new)
+            reached = cfg.max_tokens is not None and n_tokens >= cfg.max_tokens
+            if shard.n >= cap or reached:
+                writer.put(shard)
+                shard = None
+            if reached:
+                break
+        if shard is not None and shard.n:
+            writer.put(shard)
+    finally:
+        writer.close()  # waits for queued shards (also when interrupted: each is whole or absent)
+        bar.close()
     if not manifest["shards"]:
         raise ScSteerError(f"data {data!r} produced no tokens to collect")
-    _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites}, {str(s): lm.width(s) for s in sites})
+    _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites}, widths)
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
 
-def _write_shard(out: Path, manifest: dict, buf: dict, sites: list[Site], rows_end: int) -> None:
-    tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
+def shard_capacity(cfg: CollectConfig, widths: dict[str, int], dtype: torch.dtype) -> int:
+    """Tokens after which a shard is cut (at the end of that batch): ``shard_tokens``, or fewer where a
+    shard of all sites would pass ``shard_bytes``. A pure function of the config, so resumes cut alike."""
+    per_token = sum(widths.values()) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(cfg.shard_tokens, cfg.shard_bytes // per_token))
+
+
+class ShardBuffer:
+    """One shard being filled: each batch's kept tokens are gathered on the model's device and copied
+    once into preallocated host tensors (no per-shard concatenation); norm sums stay on the device."""
+
+    def __init__(self, widths: dict[str, int], capacity: int, dtype: torch.dtype, device: torch.device):
+        self.acts = {s: torch.empty(capacity, d, dtype=dtype) for s, d in widths.items()}
+        self.norm_sums = {s: torch.zeros((), dtype=torch.float64, device=device) for s in widths}
+        self.meta: dict[str, list[torch.Tensor]] = {k: [] for k in META_KEYS}
+        self.n, self.rows_end = 0, 0
+
+    def add(self, batch: TokenBatch, acts: dict[Site, torch.Tensor]) -> None:
+        keep = batch.keep.reshape(-1)
+        where = keep.nonzero().squeeze(1)
+        m = len(where)
+        on_device = {}
+        for s, a in acts.items():
+            kept = a.reshape(-1, a.shape[-1]).index_select(0, where.to(a.device, non_blocking=True))
+            kept = kept.to(self.acts[str(s)].dtype)
+            self.norm_sums[str(s)] += kept.double().norm(dim=-1).sum()
+            on_device[str(s)] = kept
+        for s, kept in on_device.items():
+            self.acts[s][self.n:self.n + m].copy_(kept)
+        for key, val in (("tokens", batch.input_ids), ("doc", batch.doc), ("pos", batch.pos),
+                         ("row", batch.row[:, None].expand_as(batch.input_ids))):
+            self.meta[key].append(val.reshape(-1)[where].to(torch.int64 if key == "row" else torch.int32))
+        self.n += m
+        self.rows_end = int(batch.row[-1]) + 1
+
+    def close(self) -> None:
+        """Bring the norm sums to the host (already computed: the copies above waited for them)."""
+        self.norm_floats = {s: float(v) for s, v in self.norm_sums.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"act.{s}": t[:self.n] for s, t in self.acts.items()}
+        return out | {k: torch.cat(v) for k, v in self.meta.items()}
+
+
+class ShardWriter:
+    """Writes shards on a background thread, in order, while the model runs the next batches. A shard is
+    listed in the manifest only after its file is complete; at most one waits in the queue."""
+
+    def __init__(self, out: Path, manifest: dict):
+        import queue
+        import threading
+
+        self.out, self.manifest = out, manifest
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sc-steer-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (shard := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    _write_shard(self.out, self.manifest, shard)
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    self.error = e
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, shard: ShardBuffer) -> None:
+        self._check()
+        shard.close()
+        self.queue.put(shard)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+
+def _write_shard(out: Path, manifest: dict, shard: ShardBuffer) -> None:
+    tensors = shard.tensors()
     name = f"shard_{len(manifest['shards']):05d}.safetensors"
     atomic_write(out / "shards" / name,
-                 lambda p: save_file(tensors, str(p), metadata={"format": FORMAT, "rows_end": str(rows_end)}))
-    norms = {str(s): float(tensors[f"act.{s}"].double().norm(dim=-1).sum()) for s in sites}
-    manifest["shards"].append({"file": name, "n_tokens": len(tensors["tokens"]), "rows_end": rows_end,
-                               "norm_sums": norms})
+                 lambda p: write_safetensors(p, tensors, {"format": FORMAT, "rows_end": str(shard.rows_end)}))
+    manifest["shards"].append({"file": name, "n_tokens": shard.n, "rows_end": shard.rows_end,
+                               "norm_sums": shard.norm_floats})
     write_json_atomic(out / "manifest.json", manifest)
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format (8-byte header length, JSON header, raw little-endian data), written
+    straight from the tensors' memory: no intermediate copy of the data, as ``save_file`` makes."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _finish(manifest: dict, sites: list[Site], modules: dict[str, str], widths: dict[str, int]) -> None:

@@ -160,12 +160,12 @@ def test_partial_shard_is_redone(tiny_model_dirs, tmp_path, corpus, monkeypatch)
     real = acts._write_shard
     calls = {"n": 0}
 
-    def crashing(out, manifest, buf, sites, rows_end):
+    def crashing(out, manifest, shard):
         calls["n"] += 1
         if calls["n"] == 3:
             (out / "shards" / "shard_00002.safetensors.tmp").write_bytes(b"partial")
             raise KeyboardInterrupt
-        real(out, manifest, buf, sites, rows_end)
+        real(out, manifest, shard)
 
     monkeypatch.setattr(acts, "_write_shard", crashing)
     with pytest.raises(KeyboardInterrupt):
@@ -207,3 +207,34 @@ def test_a_kill_after_the_last_shard_only_finishes_the_manifest(tiny_model_dirs,
     monkeypatch.undo()
     collect(lm, "resid_post.1", corpus, tmp_path / "crash", **kw)
     assert _folder_contents(tmp_path / "crash")[0] == _folder_contents(tmp_path / "whole")[0]
+
+
+def test_shard_writer_output_reads_back_with_safetensors(tmp_path):
+    """Shards are written by our own serializer (no intermediate copy); safetensors must read them."""
+    from safetensors import safe_open
+
+    from sc_steer.activations import write_safetensors
+
+    tensors = {"act.a": torch.randn(5, 3).to(torch.bfloat16), "act.b": torch.randn(5, 2, dtype=torch.float16),
+               "tokens": torch.arange(5, dtype=torch.int32), "row": torch.arange(5), "empty": torch.zeros(0, 3)}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "f", "rows_end": "7"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "f", "rows_end": "7"}
+
+
+def test_shards_are_cut_by_bytes_too(tiny_model_dirs, tmp_path, corpus):
+    """A byte budget cuts more, smaller shards at batch ends; the stored tokens are the same."""
+    lm = open_model(str(tiny_model_dirs["llama"]))
+    kw = dict(ctx=16, batch_size=2, progress=False)
+    one = collect(lm, "resid_post.*", corpus, tmp_path / "one", **kw)
+    per_token = 3 * 32 * 4   # three fp32 sites of width 32
+    many = collect(lm, "resid_post.*", corpus, tmp_path / "many", shard_bytes=40 * per_token, **kw)
+    assert len(one["shards"]) == 1 and len(many["shards"]) > 3
+    assert all(s["n_tokens"] < 40 + 2 * 16 for s in many["shards"])
+    assert all(s["n_tokens"] >= 40 for s in many["shards"][:-1])
+    for site in ("resid_post.0", "resid_post.2"):
+        assert torch.equal(ActivationStore(tmp_path / "many").load(site), ActivationStore(tmp_path / "one").load(site))

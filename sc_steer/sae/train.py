@@ -68,12 +68,16 @@ def store_source(store, sites: list[str], batch_size: int, seed: int) -> BatchSo
 
 
 def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: int = 256, rows_per_pass: int = 16,
-                 buffer_tokens: int = 1 << 17) -> BatchSource:
-    """Activations straight from the model (no disk cache), shuffled in a buffer of ``buffer_tokens``."""
+                 buffer_tokens: int = 1 << 17, buffer_bytes: int = 8 << 30) -> BatchSource:
+    """Activations straight from the model (no disk cache), shuffled in a host buffer of ``buffer_tokens``
+    tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept in the model's
+    dtype; batches are handed out in fp32)."""
     from ..activations import run_sites
     from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 
     names = [str(s) for s in sites]
+    per_token = sum(lm.width(s) for s in sites) * torch.empty((), dtype=lm.dtype).element_size()
+    buffer_tokens = max(2 * batch_size, min(buffer_tokens, buffer_bytes // per_token))
 
     def token_batches():
         epoch = 0
@@ -88,19 +92,26 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
             epoch += 1
 
     def generate() -> Iterator[dict[str, torch.Tensor]]:
-        pool: dict[str, torch.Tensor] = {s: torch.empty(0) for s in names}
+        chunks: dict[str, list[torch.Tensor]] = {s: [] for s in names}
+        n = 0
         gen = torch.Generator().manual_seed(seed)
         for _, b in token_batches():
             acts = run_sites(lm, b, sites)
+            where = b.keep.reshape(-1).nonzero().squeeze(1)
             for s in sites:
-                pool[str(s)] = torch.cat([pool[str(s)], acts[s][b.keep.to(acts[s].device)].float().cpu()])
-            if len(pool[names[0]]) < buffer_tokens:
+                a = acts[s]
+                chunks[str(s)].append(a.reshape(-1, a.shape[-1]).index_select(0, where.to(a.device)).cpu())
+            n += len(where)
+            if n < buffer_tokens:
                 continue
-            perm = torch.randperm(len(pool[names[0]]), generator=gen)
-            pool = {s: v[perm] for s, v in pool.items()}
-            while len(pool[names[0]]) >= buffer_tokens // 2 + batch_size:
-                yield {s: v[:batch_size] for s, v in pool.items()}
-                pool = {s: v[batch_size:] for s, v in pool.items()}
+            perm = torch.randperm(n, generator=gen)
+            pool = {s: torch.cat(c)[perm] for s, c in chunks.items()}  # one concatenation per refill
+            i = 0
+            while n - i >= buffer_tokens // 2 + batch_size:
+                yield {s: v[i:i + batch_size].float() for s, v in pool.items()}
+                i += batch_size
+            chunks = {s: [v[i:]] for s, v in pool.items()}
+            n -= i
 
     return lambda start: itertools.islice(generate(), start, None)
 
