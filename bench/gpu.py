@@ -128,7 +128,9 @@ def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float)
     d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
     data = [torch.randn(batch, d_in, device=dev) for _ in range(3)]
     out = {}
-    for arch in ("topk", "batchtopk", "jumprelu", "relu"):
+    variants = [("topk", "auto"), ("topk", "torch"), ("batchtopk", "auto"), ("jumprelu", "auto"), ("relu", "auto")]
+    for arch, kernels in variants:
+        os.environ["SC_STEER_KERNELS"] = kernels
         cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": batch * 1000, "autocast": autocast,
                                 "checkpoint_every": 1 << 30, "log_every": 1 << 30,
                                 "sae": {"architecture": arch, "d_sae": d_sae, "k": k}})
@@ -145,6 +147,9 @@ def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float)
             i[0] += 1
 
         t_ours = timed(ours, dev, repeats=10, warmup=3)
+        from sc_steer.sae.sparse import kernels as kernel_choice
+
+        used = kernel_choice(dev) if arch == "topk" else "-"
         del tr, st
         plain = plain_step_fn(arch, d_in, d_sae, k, dev, autocast)
         t_plain = timed(lambda: plain(data[i[0] % 3]), dev, repeats=10, warmup=3)
@@ -152,9 +157,39 @@ def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         flops = 10 * batch * d_in * d_sae  # dense-equivalent: 2 forward + 3 backward matmuls, 2 FLOPs each
-        out[arch] = {"ms": 1e3 * t_ours, "plain_ms": 1e3 * t_plain, "tokens_per_s": batch / t_ours,
-                     "pct_of_peak": 100 * flops / t_ours / (peak_tflops * 1e12)}
+        name = arch if kernels == "auto" else f"{arch}[{kernels}]"
+        out[name] = {"ms": 1e3 * t_ours, "plain_ms": 1e3 * t_plain, "tokens_per_s": batch / t_ours,
+                     "pct_of_peak": 100 * flops / t_ours / (peak_tflops * 1e12), "kernels": used}
+    os.environ.pop("SC_STEER_KERNELS", None)
+    out.update(sparsify_step(dev, d_in, d_sae, k, batch, data, peak_tflops))
     return out
+
+
+def sparsify_step(dev, d_in, d_sae, k, batch, data, peak_tflops) -> dict:
+    """EleutherAI sparsify's SparseCoder step (encode, decode, FVU + AuxK, backward, Adam), if importable."""
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except Exception:  # noqa: BLE001 - not installed: nothing to compare with
+        return {}
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
+    dead[: d_sae // 10] = True
+    i = [0]
+
+    def step():
+        x = data[i[0] % 3]
+        i[0] += 1
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            out = sae(x, dead_mask=dead)
+        loss = out.fvu + out.auxk_loss / 32
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = timed(step, dev, repeats=10, warmup=3)
+    flops = 10 * batch * d_in * d_sae
+    return {"sparsify_topk": {"ms": 1e3 * t, "pct_of_peak": 100 * flops / t / (peak_tflops * 1e12)}}
 
 
 # -- model-side benchmarks --------------------------------------------------------------------------
@@ -247,7 +282,7 @@ def stream_training(lm, dev: torch.device, s: dict, work: Path) -> dict:
         torch.cuda.empty_cache()
     return {"sites": lm.n_layers, "d_sae": s["stream_d_sae"], "tokens": s["batch"] * steps,
             "tokens_per_s": s["batch"] * steps / dt, "seconds": dt,
-            "note": "includes filling the 131k-token shuffle buffer before the first step"}
+            "note": "includes filling the shuffle buffer (model_source caps it at 8 GiB for all sites) before the first step"}
 
 
 def random_topk_sae(d_in: int, d_sae: int, k: int, dev: torch.device, seed: int):
@@ -370,8 +405,12 @@ def summary(res: dict) -> str:
         c = sec["ceilings"]
         lines.append(f"ceilings: {c['matmul_dtype']} matmul {c['matmul_tflops']:.1f} TFLOP/s, copy {c['copy_gbs']:.0f} GB/s")
     for arch, r in sec.get("train", {}).items():
-        lines.append(f"train step {arch:9s}: {r['ms']:7.1f} ms ({r['pct_of_peak']:.0f}% of peak, dense-equiv.) "
-                     f"| plain dense step {r['plain_ms']:7.1f} ms | ratio {r['ms'] / r['plain_ms']:.2f}")
+        if "plain_ms" not in r:
+            lines.append(f"train step {arch:16s}: {r['ms']:7.1f} ms ({r['pct_of_peak']:.0f}% of peak, dense-equiv.)")
+            continue
+        lines.append(f"train step {arch:16s}: {r['ms']:7.1f} ms ({r['pct_of_peak']:.0f}% of peak, dense-equiv.) "
+                     f"| plain dense step {r['plain_ms']:7.1f} ms | ratio {r['ms'] / r['plain_ms']:.2f}"
+                     + (f" | kernels {r['kernels']}" if r.get("kernels", "-") != "-" else ""))
     if "collect" in sec:
         c = sec["collect"]
         lines.append(f"collect: plain fwd {c['plain_tok_s']:,.0f} tok/s | last block {c['last_block_tok_s']:,.0f} tok/s "

@@ -141,7 +141,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     sets = unit_sets(lm, saes, neurons)
     sites = sorted({us.site for us in sets}, key=lambda s: s.order)
     vocab = len(lm.tokenizer)
-    stats = {us.key: UnitStats(us.n_units, vocab, top_n, window) for us in sets}
+    stats = {us.key: UnitStats(us.n_units, vocab, top_n, window, device=lm.device) for us in sets}
     all_tokens = []
     rows = iter_rows(iter_documents(data), lm.tokenizer, ctx)
     bar = tqdm(total=max_tokens, unit="tok", desc="interpret", disable=not progress)
@@ -152,8 +152,10 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
             keep = b.keep
             toks = b.input_ids[keep]
             row = b.row[:, None].expand_as(b.input_ids)[keep]
+            where = keep.reshape(-1).nonzero().squeeze(1)
             for us in sets:
-                h = acts[us.site][keep.to(acts[us.site].device)].float()
+                a = acts[us.site]
+                h = a.reshape(-1, a.shape[-1]).index_select(0, where.to(a.device)).float()
                 stats[us.key].update(us.encode(h), toks, row)
             all_tokens.append(toks)
             n += len(toks)
@@ -169,6 +171,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
                "min_count": min_count, "sets": {}}
     rng = random.Random(seed)
     for us in sets:
+        stats[us.key].cpu()
         recs = unit_records(lm, us, stats[us.key], tokens, strings, top_k_tokens=top_k_tokens, min_count=min_count)
         atomic_write_text(out / us.folder / f"{us.site}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
         live = [r for r in recs if r["density"] > 0]

@@ -15,8 +15,12 @@ DENSE_TOKEN_TABLE_LIMIT = 64_000_000    # units x vocab entries above which toke
 class UnitStats:
     """Accumulate statistics for ``n_units`` units over token chunks (see ``update``)."""
 
-    def __init__(self, n_units: int, vocab: int, top_n: int = 20, window: int = 8):
+    def __init__(self, n_units: int, vocab: int, top_n: int = 20, window: int = 8,
+                 device: str | torch.device = "cpu"):
+        """Accumulators live on ``device`` (the model's: per-token work stays on the GPU); ``cpu()``
+        moves them to the host for the per-unit read-out."""
         self.n_units, self.vocab, self.top_n, self.window = n_units, vocab, top_n, window
+        self.device = torch.device(device)
         self.n_tokens = 0
         self.fires = torch.zeros(n_units, dtype=torch.int64)
         self.act_sum = torch.zeros(n_units, dtype=torch.float64)
@@ -32,12 +36,29 @@ class UnitStats:
         self.top_idx = torch.full((n_units, top_n), -1, dtype=torch.int64)       # global token index
         self.top_win_idx = torch.full((n_units, top_n, w), -1, dtype=torch.int64)  # -1: outside the row
         self.top_win_act = torch.zeros(n_units, top_n, w)
+        self._unit_starts: torch.Tensor | None = None
+        if self.device.type != "cpu":
+            self._move(self.device)
+
+    def _move(self, device: torch.device) -> None:
+        for name, v in list(vars(self).items()):
+            if isinstance(v, torch.Tensor):
+                setattr(self, name, v.to(device))
+            elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+                setattr(self, name, [t.to(device) for t in v])
+        self.device = torch.device(device)
+
+    def cpu(self) -> "UnitStats":
+        """Finish on the host: the read-out is one small lookup per unit."""
+        self._coalesce()
+        self._move(torch.device("cpu"))
+        return self
 
     def update(self, acts: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor) -> None:
         """``acts [T, U]`` for ``T`` consecutive stored tokens made of whole rows; ``row [T]`` their row ids."""
-        acts = acts.float().cpu()
-        tokens = tokens.long().cpu()
-        row = row.cpu()
+        acts = acts.to(self.device).float()
+        tokens = tokens.to(self.device).long()
+        row = row.to(self.device)
         t = len(tokens)
         offset = self.n_tokens
         pos = acts > 0
@@ -47,7 +68,7 @@ class UnitStats:
         nz_t, nz_u = pos.nonzero(as_tuple=True)
         if len(nz_t):
             vals = acts[nz_t, nz_u]
-            b = torch.bucketize(vals.log10(), HIST_EDGES[1:-1])
+            b = torch.bucketize(vals.log10(), HIST_EDGES[1:-1].to(vals.device))
             self.hist.view(-1).index_add_(0, nz_u * self.hist.shape[1] + b, torch.ones_like(b))
         self.token_count += torch.bincount(tokens, minlength=self.vocab)
         if self.dense_tokens:
@@ -66,9 +87,11 @@ class UnitStats:
     def _coalesce(self) -> None:
         if not self._sparse_keys:
             return
-        keys, inv = torch.cat(self._sparse_keys).unique(return_inverse=True)
-        vals = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, inv, torch.cat(self._sparse_vals))
+        keys, inv = torch.cat(self._sparse_keys).unique(return_inverse=True)   # sorted
+        vals = torch.zeros(len(keys), dtype=torch.float64, device=keys.device).index_add_(
+            0, inv, torch.cat(self._sparse_vals))
         self._sparse_keys, self._sparse_vals = [keys], [vals]
+        self._unit_starts = None
 
     def _merge_top(self, acts: torch.Tensor, row: torch.Tensor, offset: int) -> None:
         t, u = acts.shape
@@ -78,7 +101,7 @@ class UnitStats:
         # window positions, clamped to the candidate's own row
         starts = torch.searchsorted(row, row, side="left")
         ends = torch.searchsorted(row, row, side="right")
-        offs = torch.arange(-self.window, self.window + 1)
+        offs = torch.arange(-self.window, self.window + 1, device=acts.device)
         j = cand_t[..., None] + offs                          # [U, n, w]
         valid = (j >= starts[cand_t][..., None]) & (j < ends[cand_t][..., None])
         jc = j.clamp(0, t - 1)
@@ -103,11 +126,14 @@ class UnitStats:
             sums = self.token_sum[unit].double()
         else:
             self._coalesce()
-            sums = torch.zeros(self.vocab, dtype=torch.float64)
+            sums = torch.zeros(self.vocab, dtype=torch.float64, device=self.device)
             if self._sparse_keys:
                 keys, vals = self._sparse_keys[0], self._sparse_vals[0]
-                mine = (keys // self.vocab) == unit
-                sums[keys[mine] % self.vocab] = vals[mine]
+                if self._unit_starts is None:  # keys are sorted: each unit's entries are one slice
+                    bounds = torch.arange(self.n_units + 1, device=keys.device) * self.vocab
+                    self._unit_starts = torch.searchsorted(keys, bounds).tolist()
+                a, b = self._unit_starts[unit], self._unit_starts[unit + 1]
+                sums[keys[a:b] % self.vocab] = vals[a:b]
         ok = self.token_count >= min_count
         ids = ok.nonzero(as_tuple=True)[0]
         return ids, sums[ids] / self.token_count[ids]
