@@ -192,6 +192,37 @@ def sparsify_step(dev, d_in, d_sae, k, batch, data, peak_tflops) -> dict:
     return {"sparsify_topk": {"ms": 1e3 * t, "pct_of_peak": 100 * flops / t / (peak_tflops * 1e12)}}
 
 
+def profile_topk_step(dev: torch.device, s: dict) -> dict:
+    """Where the TopK step's CUDA time goes (torch.profiler over 5 steps): the top kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sc_steer.sae.config import config_from_dict
+    from sc_steer.sae.train import Trainer, tensor_source
+
+    d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
+    x = torch.randn(batch, d_in)
+    cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": batch * 1000, "autocast": dev.type == "cuda",
+                            "checkpoint_every": 1 << 30, "log_every": 1 << 30,
+                            "sae": {"architecture": "topk", "d_sae": d_sae, "k": k}})
+    tr = Trainer(cfg, tensor_source({"x": x}, batch, 0), tempfile.mkdtemp(prefix="sc_bench_"),
+                 {"x": {"d": d_in, "mean_norm": float(x.norm(dim=-1).mean())}}, device=dev, progress=False)
+    tr._init_states({"x": x})
+    st, xd = tr.states["x"], x.to(dev)
+    for _ in range(3):
+        tr._step_site(st, xd)
+    sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            tr._step_site(st, xd)
+        sync(dev)
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:15]
+    table = {e.key[:80]: round(getattr(e, key, 0) / 5 / 1e3, 3) for e in rows}
+    print("TopK step, ms per step by op:\n" + "\n".join(f"  {v:8.3f}  {k}" for k, v in table.items()), flush=True)
+    return {"ms_per_step_by_op": table}
+
+
 # -- model-side benchmarks --------------------------------------------------------------------------
 def build_model(dev: torch.device, s: dict):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -361,7 +392,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a tiny shape, for a dry run on the CPU")
     ap.add_argument("--out", default="bench_gpu.json", help="where the figures go (JSON)")
-    ap.add_argument("--only", help="comma-separated sections: ceilings,train,collect,stream,graph,interpret,steer")
+    ap.add_argument("--only", help="comma-separated sections: ceilings,train,profile,collect,stream,graph,interpret,steer")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -388,12 +419,13 @@ def main() -> None:
     run("ceilings", lambda: ceilings(dev, args.small))
     peak = res["sections"].get("ceilings", {}).get("matmul_tflops", 1.0)
     run("train", lambda: sae_training(dev, s, dev.type == "cuda", peak))
+    run("profile", lambda: profile_topk_step(dev, s))
     lm = build_model(dev, s)
     run("collect", lambda: collection(lm, dev, s, work))
-    run("graph", lambda: graph(lm, dev, s))
     run("steer", lambda: steering(lm, dev, s))
     run("interpret", lambda: interpretation(lm, dev, s, work))
     run("stream", lambda: stream_training(lm, dev, s, work))
+    run("graph", lambda: graph(lm, dev, s))
     shutil.rmtree(work, ignore_errors=True)
     print(summary(res))
 
