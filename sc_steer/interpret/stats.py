@@ -85,8 +85,8 @@ class UnitStats:
             self._coalesce()
 
     def _coalesce(self) -> None:
-        if not self._sparse_keys:
-            return
+        if not self._sparse_keys or (len(self._sparse_keys) == 1 and self._unit_starts is not None):
+            return  # already one sorted, merged table (the read-out calls this once per unit)
         keys, inv = torch.cat(self._sparse_keys).unique(return_inverse=True)   # sorted
         vals = torch.zeros(len(keys), dtype=torch.float64, device=keys.device).index_add_(
             0, inv, torch.cat(self._sparse_vals))
