@@ -128,7 +128,8 @@ def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float)
     d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
     data = [torch.randn(batch, d_in, device=dev) for _ in range(3)]
     out = {}
-    variants = [("topk", "auto"), ("topk", "torch"), ("batchtopk", "auto"), ("jumprelu", "auto"), ("relu", "auto")]
+    variants = [("topk", "auto"), ("topk", "torch"), ("topk", "autograd"), ("batchtopk", "auto"), ("jumprelu", "auto"),
+                ("relu", "auto")]
     for arch, kernels in variants:
         os.environ["SC_STEER_KERNELS"] = kernels
         cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": batch * 1000, "autocast": autocast,

@@ -88,7 +88,7 @@ def main() -> None:
     def dense_steps(n: int) -> float:
         sae = st.sae
         fast = type(sae).train_forward
-        sae.train_forward = lambda x: SAE.train_forward(sae, x)  # the dense reference path
+        sae.train_forward = lambda x, ctx=None: SAE.train_forward(sae, x, ctx)  # the dense reference path
         try:
             return steps(n)
         finally:

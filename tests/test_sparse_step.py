@@ -42,11 +42,14 @@ def reference(sae, x, dead, k_aux, aux_coeff, autocast):
     return loss.detach(), {n: t.grad for n, t in p.items()}
 
 
+@pytest.mark.parametrize("path", ["torch", "autograd"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("n_dead,k_aux", [(0, 24), (10, 24), (200, 24)])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_sparse_step_matches_the_dense_reference(arch, n_dead, k_aux, autocast):
-    """Loss and all four gradients agree; n_dead < k_aux exercises AuxK's masking of live latents."""
+def test_sparse_step_matches_the_dense_reference(arch, n_dead, k_aux, autocast, path, monkeypatch):
+    """Loss and all four gradients agree on both CPU paths (the sparse one with its PyTorch fallbacks,
+    and plain autograd); n_dead < k_aux exercises AuxK's masking of live latents."""
+    monkeypatch.setenv("SC_STEER_KERNELS", path)
     sae, x = make(arch)
     dead = None
     if n_dead:
@@ -64,8 +67,10 @@ def test_sparse_step_matches_the_dense_reference(arch, n_dead, k_aux, autocast):
         assert torch.equal(g_ours["W_enc"].abs().sum(0) > 0, fired | (g_ref["W_enc"].abs().sum(0) > 0))
 
 
-def test_aux_changes_the_gradient_only_of_dead_latents():
+@pytest.mark.parametrize("path", ["torch", "autograd"])
+def test_aux_changes_the_gradient_only_of_dead_latents(path, monkeypatch):
     """A check that can fail: with AuxK on, dead latents' encoder columns get gradient (they did not fire)."""
+    monkeypatch.setenv("SC_STEER_KERNELS", path)
     sae, x = make()
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:50] = True
@@ -101,7 +106,11 @@ def test_kernel_choice_is_checked(monkeypatch):
     with pytest.raises(ScSteerError, match="SC_STEER_KERNELS"):
         sparse.kernels(torch.device("cpu"))
     monkeypatch.setenv("SC_STEER_KERNELS", "triton")
-    assert sparse.kernels(torch.device("cpu")) == "torch"   # the kernel is for CUDA tensors only
+    assert sparse.kernels(torch.device("cpu")) == "autograd"   # the kernel is for CUDA tensors only
+    monkeypatch.setenv("SC_STEER_KERNELS", "auto")
+    assert sparse.kernels(torch.device("cpu")) == "autograd"
+    monkeypatch.setenv("SC_STEER_KERNELS", "torch")
+    assert sparse.kernels(torch.device("cpu")) == "torch"
 
 
 def test_training_with_the_sparse_step_still_learns():

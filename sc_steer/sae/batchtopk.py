@@ -40,7 +40,8 @@ class BatchTopKSAE(SAE):
         if n_aux:
             idx = dead_topk(out.pre, ctx["dead"], n_aux)
             vals = torch.relu(out.pre.gather(1, idx)) * ctx["dead"][idx]
-            out.aux = sparse.decode(idx, vals, self.W_dec)
+            decode = sparse.autograd_decode if sparse.kernels(x.device) == "autograd" else sparse.decode
+            out.aux = decode(idx, vals, self.W_dec)
         return out
 
     @torch.no_grad()

@@ -11,8 +11,12 @@ A TopK code is ``idx [B, k]`` (which latents) and ``vals [B, k]`` (their values)
 
 Both weight gradients are the same operation, :func:`scatter_rows`: add ``coef * dense[row]`` into
 row ``col`` of a ``[d_sae, d]`` output. On CUDA it runs as a Triton kernel over latents sorted into
-segments (no atomics, every output row written once); elsewhere, or with ``SC_STEER_KERNELS=torch``,
-as chunked ``index_add_`` (the reference the GPU tests compare the kernel with).
+segments (no atomics, every output row written once); with ``SC_STEER_KERNELS=torch``, as chunked
+``index_add_`` (the reference the tests compare the kernel with).
+
+:func:`kernels` picks the path. Without Triton (CPU builds) the plain autograd path is faster (the
+encoder's dense backward matmul and ``embedding_bag``'s own backward beat the chunked fallbacks:
+measured by ``bench/train.py`` and ``bench/gpu.py``), so it is the default there.
 """
 from __future__ import annotations
 
@@ -25,23 +29,26 @@ CHUNK_ELEMENTS = 1 << 26  # the torch paths materialise at most this many [rows,
 
 
 def kernels(device: torch.device) -> str:
-    """``triton`` or ``torch``: which implementation of :func:`scatter_rows` runs on ``device``."""
+    """The TopK training path on ``device``: ``triton`` (sparse, Triton kernel), ``torch`` (sparse,
+    PyTorch fallbacks) or ``autograd`` (dense encoder backward, ``embedding_bag`` decoder). Set
+    ``SC_STEER_KERNELS`` to auto (default), triton, torch or autograd."""
     choice = os.environ.get("SC_STEER_KERNELS", "auto")
-    if choice not in ("auto", "torch", "triton"):
+    if choice not in ("auto", "torch", "triton", "autograd"):
         from ..errors import ScSteerError
 
-        raise ScSteerError(f"SC_STEER_KERNELS={choice!r}: expected auto, torch or triton")
-    if choice == "torch" or device.type != "cuda":
-        return "torch"
-    from . import triton_kernels
+        raise ScSteerError(f"SC_STEER_KERNELS={choice!r}: expected auto, triton, torch or autograd")
+    if choice in ("torch", "autograd"):
+        return choice
+    if device.type == "cuda":
+        from . import triton_kernels
 
-    if triton_kernels.available():
-        return "triton"
-    if choice == "triton":
+        if triton_kernels.available():
+            return "triton"
+    if choice == "triton" and device.type == "cuda":
         from ..errors import ScSteerError
 
         raise ScSteerError("SC_STEER_KERNELS=triton: Triton is not importable here")
-    return "torch"
+    return "autograd"
 
 
 def _chunks(n_rows: int, per_row: int):
@@ -52,7 +59,7 @@ def _chunks(n_rows: int, per_row: int):
 
 def scatter_rows(idx: torch.Tensor, coef: torch.Tensor, dense: torch.Tensor, n_out: int) -> torch.Tensor:
     """``out[idx[b, j]] += coef[b, j] * dense[b]``, accumulated in fp32, as a new ``[n_out, d]`` tensor."""
-    if kernels(dense.device) == "triton":
+    if dense.device.type == "cuda" and kernels(dense.device) == "triton":
         from .triton_kernels import scatter_rows as triton_scatter_rows
 
         return triton_scatter_rows(idx, coef, dense, n_out)
@@ -120,6 +127,11 @@ class _Select(torch.autograd.Function):
 def decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """``sum_j vals[:, j] * W_dec[idx[:, j]]`` per row (no decoder bias), sparse in both directions."""
     return _Decode.apply(idx, vals, W_dec)
+
+
+def autograd_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """The same sum through ``embedding_bag`` and its own backward (the ``autograd`` path)."""
+    return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
 
 
 def select(pre: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,

@@ -62,19 +62,24 @@ class TopKSAE(SAE):
 
     def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
         k, n_aux = self.cfg.k, aux_k(ctx)
-        with torch.no_grad():
+        path = sparse.kernels(x.device)
+        with torch.set_grad_enabled(path == "autograd" and torch.is_grad_enabled()):
             pre = self.pre_acts(x)
+        with torch.no_grad():
             idx = pre.topk(k, dim=-1, sorted=False).indices
             if n_aux:
                 idx = torch.cat([idx, dead_topk(pre, ctx["dead"], n_aux)], dim=1)
-        sel = sparse.select(pre, idx, x, self.W_enc, self.b_enc, self.b_dec)
+        if path == "autograd":
+            sel, decode = pre.gather(1, idx), sparse.autograd_decode
+        else:
+            sel, decode = sparse.select(pre, idx, x, self.W_enc, self.b_enc, self.b_dec), sparse.decode
         vals = torch.relu(sel[:, :k])
-        x_hat = sparse.decode(idx[:, :k], vals, self.W_dec) + self.b_dec
+        x_hat = decode(idx[:, :k], vals, self.W_dec) + self.b_dec
         e_hat = None
         if n_aux:
             aux_idx = idx[:, k:]
             aux_vals = torch.relu(sel[:, k:]) * ctx["dead"][aux_idx]  # fewer dead than n_aux: drop the rest
-            e_hat = sparse.decode(aux_idx, aux_vals, self.W_dec)
+            e_hat = decode(aux_idx, aux_vals, self.W_dec)
         with torch.no_grad():
             counts = torch.zeros(self.cfg.d_sae, dtype=torch.int64, device=x.device)
             counts.scatter_add_(0, idx[:, :k].reshape(-1), (vals > 0).reshape(-1).long())
