@@ -270,7 +270,7 @@ def collection(lm, dev: torch.device, s: dict, work: Path) -> dict:
         out = work / "collect"
         shutil.rmtree(out, ignore_errors=True)
         collect(lm, sites, "demo:heldout", out, ctx=ctx, batch_size=bs, max_tokens=kept, progress=False)
-        os.sync()
+        # each shard is fsynced before its rename (as the raw write below is): no system-wide sync here
 
     last = f"resid_post.{lm.n_layers - 1}"
     t_plain = timed(plain, dev, repeats=3)

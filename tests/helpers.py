@@ -97,23 +97,37 @@ def serve_app(args: list[str], cwd: Path, command: str | None = None):
 
 
 def reference_loss(p: dict, x: torch.Tensor, k: int, dead: torch.Tensor | None, k_aux: int, aux_coeff: float,
-                   batch_topk: bool = False):
-    """TopK / BatchTopK loss with AuxK, dense and plain: every product is a full matmul."""
+                   batch_topk: bool = False, idx: torch.Tensor | None = None, aux_idx: torch.Tensor | None = None):
+    """TopK / BatchTopK loss with AuxK, dense and plain: every product is a full matmul. ``idx`` /
+    ``aux_idx`` fix which latents are selected (so a bf16 step can be checked without depending on how
+    near-ties among bf16 pre-activations fall)."""
     pre = x @ p["W_enc"] + (p["b_enc"] - p["b_dec"] @ p["W_enc"])  # the formula of SAE.pre_acts
     if batch_topk:
         flat = pre.relu().flatten()
         v, i = flat.topk(k * x.shape[0])
         f = torch.zeros_like(flat).scatter(0, i, v).view_as(pre)
     else:
-        v, i = pre.topk(k, dim=-1)
-        f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+        i = pre.topk(k, dim=-1).indices if idx is None else idx
+        f = torch.zeros_like(pre).scatter(-1, i, pre.gather(-1, i).relu())
     x_hat = (f @ p["W_dec"] + p["b_dec"]).float()
     var = (x - x.mean(0)).pow(2).sum()
     loss = (x_hat - x).pow(2).sum() / var
     if dead is not None:
         masked = torch.where(dead, pre, torch.full_like(pre, float("-inf")))
-        v, i = masked.topk(min(k_aux, int(dead.sum())), dim=-1)
-        f_aux = torch.zeros_like(pre).scatter(-1, i, v.relu())
+        i = masked.topk(min(k_aux, int(dead.sum())), dim=-1).indices if aux_idx is None else aux_idx
+        f_aux = torch.zeros_like(pre).scatter(-1, i, pre.gather(-1, i).relu() * dead[i])
         e_hat = (f_aux @ p["W_dec"]).float()
         loss = loss + aux_coeff * (e_hat - (x - x_hat).detach()).pow(2).sum() / var
     return loss
+
+
+def sparse_path_indices(sae, x, k: int, dead, k_aux: int):
+    """The latents the sparse TopK path selects under bf16 autocast (its pre-activations are bf16)."""
+    from sc_steer.sae.sparse import low_precision_pre_acts
+    from sc_steer.sae.topk import dead_topk
+
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        pre, _ = low_precision_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec)
+    idx = pre.topk(k, dim=-1, sorted=False).indices
+    aux = dead_topk(pre, dead, min(k_aux, int(dead.sum()))) if dead is not None and dead.any() else None
+    return idx, aux

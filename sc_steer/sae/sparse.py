@@ -101,27 +101,41 @@ class _Decode(torch.autograd.Function):
         return None, grad_vals, grad_W
 
 
+@torch.no_grad()
+def low_precision_pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor):
+    """``(x - b_dec) W_enc + b_enc`` without autograd, in the autocast dtype when autocast is on (one
+    ``addmm`` with the bias fused; the pre-activations, the top-k and everything selected from them
+    stay in bf16, halving their memory traffic). Returns it and the low-precision ``W_enc`` (kept for
+    the backward pass)."""
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else W_enc.dtype
+    W_lp = W_enc.to(dtype)
+    bias = (b_enc - (b_dec.to(dtype) @ W_lp).float()).to(dtype)
+    return torch.addmm(bias, x.to(dtype), W_lp), W_lp
+
+
 class _Select(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre, idx, x, W_enc, b_enc, b_dec):
-        ctx.save_for_backward(idx, x, W_enc, b_dec)
+    def forward(ctx, pre, idx, x, W_enc, b_enc, b_dec, W_lp):
+        ctx.save_for_backward(idx, x, W_lp, b_dec)
+        ctx.w_dtype = W_enc.dtype
         return pre.gather(1, idx)
 
     @staticmethod
     def backward(ctx, g):
-        idx, x, W_enc, b_dec = ctx.saved_tensors
+        idx, x, W_enc, b_dec = ctx.saved_tensors  # W_enc: its low-precision copy
         d_sae = W_enc.shape[1]
         g_sum = torch.zeros(d_sae, device=g.device, dtype=torch.float32).index_add_(0, idx.reshape(-1),
                                                                                    g.reshape(-1).float())
         grad_W = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[3]:
             centred = x.to(g.dtype) - b_dec.to(g.dtype)
-            grad_W = scatter_rows(idx, g, centred, d_sae).t().contiguous().to(W_enc.dtype)
+            grad_W = scatter_rows(idx, g, centred, d_sae).t().contiguous().to(ctx.w_dtype)
         if ctx.needs_input_grad[4]:
-            grad_b_enc = g_sum.to(W_enc.dtype)
+            grad_b_enc = g_sum.to(ctx.w_dtype)
         if ctx.needs_input_grad[5]:
-            grad_b_dec = -(W_enc @ g_sum.to(W_enc.dtype))
-        return None, None, None, grad_W, grad_b_enc, grad_b_dec
+            grad_b_dec = -(W_enc @ g_sum.to(W_enc.dtype)).to(ctx.w_dtype)
+        return None, None, None, grad_W, grad_b_enc, grad_b_dec, None
 
 
 def decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -135,7 +149,8 @@ def autograd_decode(idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor) 
 
 
 def select(pre: torch.Tensor, idx: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-           b_dec: torch.Tensor) -> torch.Tensor:
+           b_dec: torch.Tensor, W_lp: torch.Tensor | None = None) -> torch.Tensor:
     """``pre.gather(1, idx)`` where ``pre = (x - b_dec) W_enc + b_enc`` was computed without autograd; the
-    gradients reach ``W_enc``, ``b_enc`` and ``b_dec`` through the selected entries only."""
-    return _Select.apply(pre, idx, x, W_enc, b_enc, b_dec)
+    gradients reach ``W_enc``, ``b_enc`` and ``b_dec`` through the selected entries only. ``W_lp`` is the
+    copy of ``W_enc`` the forward used (``b_dec``'s gradient is a product with it)."""
+    return _Select.apply(pre, idx, x, W_enc, b_enc, b_dec, W_enc if W_lp is None else W_lp)

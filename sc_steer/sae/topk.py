@@ -63,8 +63,11 @@ class TopKSAE(SAE):
     def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
         k, n_aux = self.cfg.k, aux_k(ctx)
         path = sparse.kernels(x.device)
-        with torch.set_grad_enabled(path == "autograd" and torch.is_grad_enabled()):
+        if path == "autograd":
             pre = self.pre_acts(x)
+            W_lp = None
+        else:
+            pre, W_lp = sparse.low_precision_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)
         with torch.no_grad():
             idx = pre.topk(k, dim=-1, sorted=False).indices
             if n_aux:
@@ -72,7 +75,7 @@ class TopKSAE(SAE):
         if path == "autograd":
             sel, decode = pre.gather(1, idx), sparse.autograd_decode
         else:
-            sel, decode = sparse.select(pre, idx, x, self.W_enc, self.b_enc, self.b_dec), sparse.decode
+            sel, decode = sparse.select(pre, idx, x, self.W_enc, self.b_enc, self.b_dec, W_lp), sparse.decode
         vals = torch.relu(sel[:, :k])
         x_hat = decode(idx[:, :k], vals, self.W_dec) + self.b_dec
         e_hat = None
