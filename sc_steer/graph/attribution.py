@@ -2,8 +2,13 @@
 
 ``attr[i, j] = mean over text positions of  grad_h f_j(n+1)(positions) . (v - f_i) W_dec[i]`` where the
 gradient is of the target summed over all text positions (ablating at one position moves later ones
-too). One backward pass of block n+1 per target gives the row for every source at once, so it ranks
-many candidate sources cheaply; exact ablation (``measure.py``) then confirms the edges kept.
+too), and ``(v - f_i)`` is the very edit the exact measurement makes (``measure.ablation_scale``: the
+same mode, value, means and ``where`` mask). One backward pass of block n+1 per target gives the row
+for every source at once, so it ranks many candidate sources cheaply; exact ablation (``measure.py``)
+then confirms the edges kept.
+
+Sign: like ``PairEffects.effect``, attribution estimates ablated minus clean; an edge's ``weight`` is
+minus the effect (positive: the source supports the target).
 """
 from __future__ import annotations
 
@@ -13,17 +18,24 @@ from ..data import TokenBatch
 from ..devices import follow_model
 from ..models import LM
 from ..sae import SAE
-from .measure import capture_block_inputs, run_block
+from .measure import ablation_scale, capture_block_inputs, check_mode, run_block, source_means
 
 
 def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[TokenBatch],
-                sources: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """``[S, T]`` attribution of zero-ablating each source on each target (all targets if None).
+                sources: torch.Tensor, targets: torch.Tensor | None = None, *, mode: str = "zero",
+                value: float | None = None, where: str = "all", means: torch.Tensor | None = None) -> torch.Tensor:
+    """``[S, T]`` attribution of ablating each source (``mode``/``value``/``where`` as in ``measure_pair``)
+    on each target (all targets if None); ``means [d_sae]`` for mean ablation (computed if None).
 
     With ``targets=None`` the objective is the total activation of all layer-(n+1) features, giving
     one column: how much each source drives layer n+1 overall.
     """
     follow_model((sae_n, sae_next), lm)
+    check_mode(mode, value, where)
+    sources = torch.as_tensor(sources, dtype=torch.long).cpu()
+    if mode == "mean" and means is None:
+        means, _ = source_means(lm, layer, sae_n, batches)
+    src_means = None if means is None else means[sources]
     cols = 1 if targets is None else len(targets)
     out = torch.zeros(len(sources), cols, dtype=torch.float64)
     count = 0
@@ -34,7 +46,8 @@ def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[Tok
         keep = b.keep.to(h.device)
         with torch.no_grad():
             f_i = sae_n.encode(h)[..., sources.to(h.device)]                   # [B, T, S]
-        # delta_i(pos) = -f_i(pos) W_dec[i] at text positions; attr = sum_pos grad(pos) . delta_i(pos)
+            scale = ablation_scale(f_i.permute(2, 0, 1), keep, mode, value, src_means, where).permute(1, 2, 0)
+        # delta_i(pos) = scale_i(pos) W_dec[i]; attr = sum_pos grad(pos) . delta_i(pos)
         h_req = h.clone().requires_grad_(True)
         with torch.enable_grad():
             block_out = run_block_grad(lm, layer + 1, args, kwargs, h_req.to(args[0].dtype))
@@ -43,7 +56,7 @@ def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[Tok
                 obj = g.sum() if targets is None else g[..., int(targets[c])].sum()
                 (grad,) = torch.autograd.grad(obj, h_req, retain_graph=c < cols - 1)
                 proj = grad @ W[sources.to(h.device)].T                         # [B, T, S]
-                out[:, c] += (-(f_i * proj) * keep[..., None]).sum((0, 1)).double().cpu()
+                out[:, c] += (scale * proj).sum((0, 1)).double().cpu()
         count += int(keep.sum())
     return (out / max(count, 1)).float()
 

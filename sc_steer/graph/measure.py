@@ -105,6 +105,33 @@ def run_block(lm: LM, layer: int, args: tuple, kwargs: dict, hidden: torch.Tenso
     return unwrap(block(*new_args, **new_kwargs))
 
 
+def ablation_scale(f_i: torch.Tensor, keep: torch.Tensor, mode: str, value: float | None = None,
+                   means: torch.Tensor | None = None, where: str = "all") -> torch.Tensor:
+    """``(v - f_i)`` per source and position: the multiple of ``W_dec[i]`` an ablation adds to the
+    residual stream. ``f_i [k, B, T]``; v is 0 (zero), ``value`` (clamp) or ``means [k]`` (mean); zero off
+    text positions, and where the source is silent when ``where == "active"``. Shared by the exact
+    measurement and the attribution, so both estimate the same intervention."""
+    if mode == "zero":
+        target = torch.zeros_like(f_i)
+    elif mode == "clamp":
+        target = torch.full_like(f_i, value)
+    else:
+        target = means.to(f_i.device, f_i.dtype)[:, None, None].expand_as(f_i)
+    scale = (target - f_i) * keep
+    if where == "active":
+        scale = scale * (f_i > 0)
+    return scale
+
+
+def check_mode(mode: str, value: float | None, where: str) -> None:
+    if mode not in MODES:
+        raise ScSteerError(f"ablation mode {mode!r}: expected one of {', '.join(MODES)}")
+    if where not in WHERE:
+        raise ScSteerError(f"ablation positions {where!r}: expected one of {', '.join(WHERE)}")
+    if mode == "clamp" and value is None:
+        raise ScSteerError("clamp ablation needs a value")
+
+
 def check_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE) -> None:
     from ..sae.metrics import check_sae_fits
 
@@ -141,12 +168,7 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
     """Exact effects of ablating each of ``sources`` (layer ``layer``) on all features of ``layer + 1``."""
     check_pair(lm, layer, sae_n, sae_next)
     follow_model((sae_n, sae_next), lm)
-    if mode not in MODES:
-        raise ScSteerError(f"ablation mode {mode!r}: expected one of {', '.join(MODES)}")
-    if where not in WHERE:
-        raise ScSteerError(f"ablation positions {where!r}: expected one of {', '.join(WHERE)}")
-    if mode == "clamp" and value is None:
-        raise ScSteerError("clamp ablation needs a value")
+    check_mode(mode, value, where)
     batches = list(batches)
     sources = torch.as_tensor(sources, dtype=torch.long).cpu()
     if len(sources) == 0:
@@ -178,15 +200,7 @@ def measure_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: Iterabl
             ids = sources[lo:lo + chunk].to(h.device)
             f_i = f_n[..., ids].permute(2, 0, 1)                       # [k, B, T]
             src_sum[lo:lo + len(ids)] += (f_i * keep).sum((1, 2)).double().cpu()
-            if mode == "zero":
-                target = torch.zeros_like(f_i)
-            elif mode == "clamp":
-                target = torch.full_like(f_i, value)
-            else:
-                target = means[ids.cpu()].to(h.device)[:, None, None].expand_as(f_i)
-            scale = (target - f_i) * keep
-            if where == "active":
-                scale = scale * (f_i > 0)
+            scale = ablation_scale(f_i, keep, mode, value, None if means is None else means[ids.cpu()], where)
             # Only (source, prompt) rows the ablation touches are rerun, and only positions at or after
             # the first touched one can change (causal attention): everything else has zero effect.
             rows_k, rows_b = (scale != 0).any(-1).nonzero(as_tuple=True)

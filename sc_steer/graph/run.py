@@ -43,9 +43,10 @@ def prompt_batches(lm: LM, prompts: str, *, ctx: int = 64, batch_size: int = 8, 
     return batches, hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
 
 
-def choose_sources(lm: LM, layer: int, sae: SAE, next_sae: SAE, batches: list, spec: str | list[int]) -> torch.Tensor:
+def choose_sources(lm: LM, layer: int, sae: SAE, next_sae: SAE, batches: list, spec: str | list[int],
+                   **ablation) -> torch.Tensor:
     """``active`` (all that fire on the prompts), ``top:N`` (by activation mass), ``attr:N`` (by gradient
-    attribution to all of layer n+1) or explicit ids."""
+    attribution to all of layer n+1, for the ablation ``mode``/``value``/``where`` given) or explicit ids."""
     means, fires = source_means(lm, layer, sae, batches)
     active = torch.nonzero(fires > 0)[:, 0]
     if isinstance(spec, (list, tuple)):
@@ -58,7 +59,7 @@ def choose_sources(lm: LM, layer: int, sae: SAE, next_sae: SAE, batches: list, s
     n = min(int(n), len(active))
     if kind == "top":
         return active[means[active].topk(n).indices].sort().values
-    score = attribution(lm, layer, sae, next_sae, batches, active)[:, 0].abs()
+    score = attribution(lm, layer, sae, next_sae, batches, active, means=means, **ablation)[:, 0].abs()
     return active[score.topk(n).indices].sort().values
 
 
@@ -115,7 +116,7 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
     for n in layers:
         a, b = saes[f"resid_post.{n}"], saes[f"resid_post.{n + 1}"]
         t = time.time()
-        src = choose_sources(lm, n, a, b, batches, sources)
+        src = choose_sources(lm, n, a, b, batches, sources, mode=mode, value=value, where=where)
         pair = measure_pair(lm, n, a, b, batches, src, mode=mode, value=value, where=where, chunk=chunk)
         timings[f"L{n}"] = round(time.time() - t, 2)
         pairs.append(pair)
@@ -126,7 +127,7 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
             kept_targets = torch.nonzero((pair.weight.abs() > 0).any(0))[:, 0]
             strongest = pair.weight.abs().amax(0)[kept_targets].topk(min(64, len(kept_targets))).indices
             targets = kept_targets[strongest]
-            attr = attribution(lm, n, a, b, batches, src, targets)
+            attr = attribution(lm, n, a, b, batches, src, targets, mode=mode, value=value, where=where)
             full = torch.full_like(pair.effect, float("nan"))
             full[:, targets] = attr
             attrs[n] = full
