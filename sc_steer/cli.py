@@ -144,7 +144,8 @@ def _parse_interventions(args):
                 coeff = float(parts[2]) if need == 3 else 0.0
             except ValueError:
                 raise ScSteerError(f"--{mode} {spec!r}: {parts[2]!r} is not a number") from None
-            recipe.interventions.append(Intervention(parts[0], int(parts[1]), mode, coeff, args.positions))
+            recipe.interventions.append(Intervention(parts[0], int(parts[1]), mode, coeff, args.positions,
+                                                     include_bos=args.include_bos))
     return recipe
 
 
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clamp", action="append", metavar="SITE:FEATURE:VALUE", help="set the feature to VALUE")
     p.add_argument("--scale", action="append", metavar="SITE:FEATURE:FACTOR", help="multiply the feature")
     p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "last"])
+    p.add_argument("--include-bos", action="store_true",
+                   help="also edit the BOS position (left alone by default: no SAE was trained on it)")
     p.add_argument("--recipe", help="a recipe JSON (interventions above are appended)")
     p.add_argument("--save-recipe", help="write the recipe used to this JSON file")
     p.add_argument("--force", action="store_true", help="let --save-recipe replace an existing file")

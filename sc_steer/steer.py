@@ -9,7 +9,10 @@ A recipe is a list of interventions, each at a site (``resid_post.{i}``):
 
 Positions: ``all`` (every position of every step), ``prompt`` (the prompt, at the prefill step),
 ``generated`` (the newly generated tokens, at the decoding steps), ``last`` (the newest position of
-each step). With the KV cache the prefill step sees ``[B, prompt_len, d]`` and later steps ``[B, 1, d]``;
+each step). The BOS position is left alone unless ``include_bos`` is set: its activations are far
+outside what the SAEs were trained on (training, graphs and evaluation never use BOS), so encoding it
+for remove/clamp/scale reads meaningless feature values, and editing it moves every later position
+through attention. With the KV cache the prefill step sees ``[B, prompt_len, d]`` and later steps ``[B, 1, d]``;
 the edit runs inside nnsight's ``tracer.all()`` so it reaches every step. A raw ``vector`` of shape
 ``[L, d]`` (an ActAdd difference) is added to the first ``L`` prompt positions.
 """
@@ -45,6 +48,7 @@ class Intervention:
     coeff: float = 1.0
     positions: str = "all"
     vector: list | None = None      # raw direction [d] or ActAdd sequence [L, d] instead of a feature
+    include_bos: bool = False       # also edit the BOS position (left alone by default)
 
     def check(self, lm: LM, saes: dict[str, SAE]) -> None:
         validate.text("intervention site", self.site)
@@ -52,6 +56,7 @@ class Intervention:
         validate.choice("intervention mode", self.mode, MODES)
         validate.choice("positions", self.positions, POSITIONS)
         validate.number(f"coefficient ({self.mode} at {self.site})", self.coeff, -MAX_COEFF, MAX_COEFF)
+        validate.boolean("include_bos", self.include_bos)
         if (self.feature is None) == (self.vector is None):
             raise ScSteerError(f"intervention at {self.site}: give exactly one of feature= or vector=")
         if self.vector is not None:
@@ -110,14 +115,25 @@ class Recipe:
         return cls.from_json(Path(path).read_text())
 
 
+def bos_positions(lm: LM, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` True where the token is the tokenizer's BOS (none for tokenizers without one)."""
+    bos = lm.tokenizer.bos_token_id
+    if bos is None:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    return input_ids == bos
+
+
 def step_mask(it: Intervention, shape: tuple[int, int], prefill: bool, prompt_mask: torch.Tensor | None,
-              device) -> torch.Tensor | None:
-    """Where ``it`` applies at one generation step (None: not at this step)."""
+              device, bos: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Where ``it`` applies at one generation step (None: not at this step); ``bos`` marks the prompt's
+    BOS positions, excluded unless ``it.include_bos``."""
     if it.positions == "prompt" and not prefill or it.positions == "generated" and prefill:
         return None
     where = torch.ones(shape, dtype=torch.bool, device=device)
     if prefill and prompt_mask is not None:
         where &= prompt_mask.to(device).bool()
+    if prefill and bos is not None and not it.include_bos:
+        where &= ~bos.to(device)
     if it.positions == "last":
         where[:, :-1] = False
     return where
@@ -209,6 +225,7 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
         gen_kwargs["stopping_criteria"] = _stop_after(max_time, cancel)
     torch.manual_seed(seed)
     mask = inputs["attention_mask"]
+    bos = bos_positions(lm, inputs["input_ids"])
     if not sites:
         with torch.no_grad():
             ids = lm.hf.generate(**inputs, **gen_kwargs)
@@ -224,7 +241,7 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
                         env = lm.envoy(site)
                         out = env.output
                         h = unwrap(out)
-                        masks = [step_mask(it, h.shape[:2], prefill, mask, h.device) for it in by_site[site]]
+                        masks = [step_mask(it, h.shape[:2], prefill, mask, h.device, bos) for it in by_site[site]]
                         start = (1 - mask).sum(1) if prefill else None
                         new = edit_hidden(h, by_site[site], saes, masks, start)
                         env.output = rewrap(out, new)
@@ -295,6 +312,11 @@ def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Interv
     sites = sorted(set(by_site) | watched, key=lambda s: s.order)
     pos = torch.arange(T, device=ids.device)[None]
     region = {"all": pos >= 0, "prompt": pos < n_prompt, "generated": pos >= n_prompt, "last": pos >= n_prompt - 1}
+    not_bos = ~(bos_positions(lm, ids) & (pos < n_prompt))
+
+    def where(it: Intervention) -> torch.Tensor:
+        return region[it.positions] if it.include_bos else region[it.positions] & not_bos
+
     seen: dict = {}
     with torch.no_grad(), lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
         for site in sites:
@@ -303,7 +325,7 @@ def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Interv
             h = unwrap(out)
             if site in by_site:
                 its = by_site[site]
-                h = edit_hidden(h, its, saes, [region[it.positions] for it in its], torch.zeros(1, dtype=torch.long))
+                h = edit_hidden(h, its, saes, [where(it) for it in its], torch.zeros(1, dtype=torch.long))
                 env.output = rewrap(out, h)
             for s, f in watch:
                 if Site.parse(s, lm.n_layers) == site:

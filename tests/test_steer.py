@@ -32,6 +32,10 @@ def hook_generate(lm, sae, prompts, item, max_new_tokens):
         if (item.positions == "prompt" and not prefill) or (item.positions == "generated" and prefill):
             return None
         mask = enc["attention_mask"].bool() if prefill else torch.ones(h.shape[:2], dtype=torch.bool)
+        if prefill and not item.include_bos:   # the BOS token, found here by its position in each row
+            first = (enc["attention_mask"] == 0).sum(1)
+            mask = mask.clone()
+            mask[torch.arange(len(first)), first] = False
         if item.positions == "last":
             mask = mask.clone()
             mask[:, :-1] = False
@@ -52,17 +56,30 @@ def hook_generate(lm, sae, prompts, item, max_new_tokens):
     return [tok.decode(r[n:], skip_special_tokens=True) for r in ids]
 
 
-@pytest.mark.parametrize("mode, coeff, positions", [
-    ("add", 6.0, "all"), ("add", 6.0, "generated"), ("add", 6.0, "prompt"), ("add", 6.0, "last"),
-    ("remove", 0.0, "all"), ("clamp", 3.0, "all"), ("scale", 4.0, "generated"),
+@pytest.mark.parametrize("mode, coeff, positions, bos", [
+    ("add", 6.0, "all", False), ("add", 6.0, "generated", False), ("add", 6.0, "prompt", False),
+    ("add", 6.0, "last", False), ("remove", 0.0, "all", False), ("clamp", 3.0, "all", False),
+    ("scale", 4.0, "generated", False), ("add", 6.0, "all", True), ("clamp", 3.0, "prompt", True),
 ])
-def test_greedy_steering_equals_forward_hooks_token_for_token(steer_setup, mode, coeff, positions):
+def test_greedy_steering_equals_forward_hooks_token_for_token(steer_setup, mode, coeff, positions, bos):
     lm, saes = steer_setup
     feature = int((saes["resid_post.1"].encode(torch.randn(64, 32)) > 0).sum(0).argmax())
-    item = Intervention("resid_post.1", feature, mode, coeff, positions)
+    item = Intervention("resid_post.1", feature, mode, coeff, positions, include_bos=bos)
     ours = generate(lm, PROMPTS, Recipe([item]), saes, max_new_tokens=12)
     ref = hook_generate(lm, saes["resid_post.1"], PROMPTS, item, 12)
     assert ours == ref
+
+
+def test_bos_is_left_alone_unless_asked(steer_setup):
+    """Editing BOS changes what every later position attends to: the default must not do it."""
+    lm, saes = steer_setup
+    feature = int((saes["resid_post.1"].encode(torch.randn(64, 32)) > 0).sum(0).argmax())
+    texts = {}
+    for bos in (False, True):
+        item = Intervention("resid_post.1", feature, "add", 6.0, "prompt", include_bos=bos)
+        texts[bos] = generate(lm, PROMPTS, Recipe([item]), saes, max_new_tokens=12)
+    assert texts[False] != texts[True]
+    assert lm.tokenizer(PROMPTS[0])["input_ids"][0] == lm.tokenizer.bos_token_id   # the prompts do start with BOS
 
 
 def test_steering_reaches_generated_tokens(steer_setup):
