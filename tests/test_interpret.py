@@ -60,6 +60,28 @@ def test_stats_match_brute_force_with_edges():
         assert [m for _, m, _ in a] == pytest.approx([m for _, m, _ in b], rel=1e-5)
 
 
+def test_sparse_token_table_equals_the_dense_one_for_signed_units():
+    """Residual dimensions and neurons are signed; the sparse per-token table (used when units x vocab is
+    large) summed only the positive values but divided by every occurrence."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.arange(60) // 10
+    tokens = torch.randint(0, 7, (60,), generator=g)
+    acts = torch.randn(60, 5, generator=g) + torch.linspace(-1, 1, 5)
+    acts[::4, 1] = 0.0
+    dense, sparse = UnitStats(5, 7, top_n=4, window=2), UnitStats(5, 7, top_n=4, window=2)
+    sparse.dense_tokens, sparse.token_sum = False, None
+    for st in (dense, sparse):
+        st.update(acts[:30], tokens[:30], rows[:30])
+        st.update(acts[30:], tokens[30:], rows[30:])
+    for u in range(5):
+        ids, means = sparse.token_means(u, min_count=1)
+        for t, m in zip(ids.tolist(), means.tolist()):   # the brute-force mean over all occurrences
+            assert m == pytest.approx(acts[tokens == t, u].mean().item(), rel=1e-5, abs=1e-6)
+        a, b = sparse.top_tokens(u, 3, 1), dense.top_tokens(u, 3, 1)
+        assert [(t, c) for t, _, c in a] == [(t, c) for t, _, c in b]
+        assert [m for _, m, _ in a] == pytest.approx([m for _, m, _ in b], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def interpreted(tiny_model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("interp")

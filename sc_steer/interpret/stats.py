@@ -73,8 +73,9 @@ class UnitStats:
         self.token_count += torch.bincount(tokens, minlength=self.vocab)
         if self.dense_tokens:
             self.token_sum.index_add_(1, tokens, acts.T)
-        else:
-            self._add_sparse(nz_u * self.vocab + tokens[nz_t], acts[nz_t, nz_u])
+        else:  # every nonzero value, negative ones too: residual dimensions and neurons are signed
+            sz_t, sz_u = (acts != 0).nonzero(as_tuple=True)
+            self._add_sparse(sz_u * self.vocab + tokens[sz_t], acts[sz_t, sz_u])
         self._merge_top(acts, row, offset)
         self.n_tokens += t
 
