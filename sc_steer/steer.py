@@ -189,6 +189,17 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
     tokens as they are produced. Generation stops early (returning what it has) after ``max_time``
     seconds or once ``cancel`` is set: how a server bounds a request.
     """
+    ids, n = generate_ids(lm, prompts, recipe, saes, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, streamer=streamer,
+                          max_time=max_time, cancel=cancel)
+    return [lm.tokenizer.decode(row[n:], skip_special_tokens=True) for row in ids]
+
+
+def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dict[str, SAE] | None = None,
+                 *, max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, streamer=None, max_time: float | None = None,
+                 cancel: threading.Event | None = None) -> tuple[torch.Tensor, int]:
+    """``generate``'s token ids: ``[B, n + new]`` (left-padded prompts, then the continuation) and ``n``."""
     import nnsight
 
     saes = follow_model(saes or {}, lm)
@@ -248,8 +259,7 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
                     step[0] += 1
             with tracer.invoke():
                 ids = nnsight.save(tracer.result)
-    n = inputs["input_ids"].shape[1]
-    return [lm.tokenizer.decode(row[n:], skip_special_tokens=True) for row in ids]
+    return ids, inputs["input_ids"].shape[1]
 
 
 def _stop_after(max_time: float | None, cancel: threading.Event | None):
@@ -285,17 +295,23 @@ def actadd_vector(lm: LM, site: str, positive: str, negative: str) -> torch.Tens
 
 
 def decompose(vector: torch.Tensor, sae: SAE, k: int = 10) -> dict:
-    """Which SAE features make up a steering vector: by cosine with decoder rows and by encoder projection."""
+    """Which SAE features make up a steering vector: by cosine with decoder rows and by encoder projection,
+    the most positively aligned (``by_cosine``, ``by_encoder``: features the vector adds) and the most
+    negatively aligned (``against_by_cosine``, ``against_by_encoder``: features it suppresses, e.g. the
+    negative prompt's side of an ActAdd difference)."""
     W = sae.W_dec.detach().float()
     v = torch.as_tensor(vector).to(W.device, torch.float32)
     if v.dim() == 2:
         v = v.sum(0)
     cos = (W @ v) / (W.norm(dim=1) * v.norm()).clamp_min(1e-12)
     proj = v @ sae.W_enc.detach().float()
-    top = cos.topk(k)
-    enc = proj.topk(k)
-    return {"by_cosine": [[int(i), float(c)] for c, i in zip(top.values, top.indices)],
-            "by_encoder": [[int(i), float(c)] for c, i in zip(enc.values, enc.indices)]}
+
+    def ranked(x: torch.Tensor, sign: int) -> list:
+        top = (sign * x).topk(min(k, len(x)))
+        return [[int(i), float(sign * c)] for c, i in zip(top.values, top.indices)]
+
+    return {"by_cosine": ranked(cos, 1), "by_encoder": ranked(proj, 1),
+            "against_by_cosine": ranked(cos, -1), "against_by_encoder": ranked(proj, -1)}
 
 
 def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Intervention], saes: dict[str, SAE],
@@ -340,7 +356,8 @@ def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, 
 
     * ``kl_per_step``: KL(steered || baseline) of the next-token distribution at each generated step;
     * ``target_logprob_change``: mean change of each target token's log-probability over those steps;
-    * ``watch``: mean activation of chosen (site, feature) pairs over the generated tokens, steered vs baseline;
+    * ``watch``: mean activation of chosen (site, feature) pairs over the generated tokens: the steered
+      model on its continuation vs the unsteered model on its own (baseline) continuation;
     * ``perplexity``: the unsteered model's perplexity of the steered continuation (a fluency proxy),
       next to that of the baseline continuation.
     """
@@ -359,25 +376,26 @@ def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, 
         target_ids[t] = ids[0]
     report = []
     for prompt in prompts:
-        steered = generate(lm, [prompt], recipe, saes, max_new_tokens=max_new_tokens)[0]
-        baseline = generate(lm, [prompt], None, saes, max_new_tokens=max_new_tokens)[0]
-        p_ids = tok(prompt, return_tensors="pt")["input_ids"].to(lm.device)
-        n = p_ids.shape[1]
-        row = {"prompt": prompt, "steered": steered, "baseline": baseline}
-        for name, text in (("steered", steered), ("baseline", baseline)):
-            c_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(lm.device)
-            ids = torch.cat([p_ids, c_ids], 1)
-            base_logits, base_seen = _teacher_forced(lm, ids, n, [], saes, watch)
-            lp = torch.log_softmax(base_logits[n - 1:-1], -1)
+        # the generated ids themselves: decoding and re-tokenising is not the identity for SentencePiece
+        s_ids, n = generate_ids(lm, [prompt], recipe, saes, max_new_tokens=max_new_tokens)
+        b_ids, _ = generate_ids(lm, [prompt], None, saes, max_new_tokens=max_new_tokens)
+        row = {"prompt": prompt, "steered": tok.decode(s_ids[0, n:], skip_special_tokens=True),
+               "baseline": tok.decode(b_ids[0, n:], skip_special_tokens=True)}
+        # the unsteered model along each continuation: perplexity (fluency proxy) and, on its own
+        # continuation, the baseline of the watched features
+        base_s_logits, _ = _teacher_forced(lm, s_ids, n, [], saes, [])
+        base_b_logits, base_seen = _teacher_forced(lm, b_ids, n, [], saes, watch)
+        st_logits, st_seen = _teacher_forced(lm, s_ids, n, recipe.interventions, saes, watch)
+        for name, ids, logits in (("steered", s_ids, base_s_logits), ("baseline", b_ids, base_b_logits)):
+            lp = torch.log_softmax(logits[n - 1:-1], -1)
             tgt = ids[0, n:]
             row[f"perplexity_{name}"] = float((-lp.gather(-1, tgt[:, None])).mean().exp()) if len(tgt) else float("nan")
-            if name == "steered":
-                st_logits, st_seen = _teacher_forced(lm, ids, n, recipe.interventions, saes, watch)
-                lq = torch.log_softmax(st_logits[n - 1:-1], -1)
-                row["kl_per_step"] = [float(x) for x in (lq.exp() * (lq - lp)).sum(-1)]
-                row["target_logprob_change"] = {t: float((lq[:, i] - lp[:, i]).mean()) for t, i in target_ids.items()}
-                row["watch"] = {f"{s}:{f}": {"steered": float(st_seen[(s, f)][n:].mean()) if len(tgt) else 0.0,
-                                             "baseline": float(base_seen[(s, f)][n:].mean()) if len(tgt) else 0.0}
-                                for s, f in watch}
+        lp = torch.log_softmax(base_s_logits[n - 1:-1], -1)
+        lq = torch.log_softmax(st_logits[n - 1:-1], -1)
+        row["kl_per_step"] = [float(x) for x in (lq.exp() * (lq - lp)).sum(-1)]
+        row["target_logprob_change"] = {t: float((lq[:, i] - lp[:, i]).mean()) for t, i in target_ids.items()}
+        row["watch"] = {f"{s}:{f}": {"steered": float(st_seen[(s, f)][n:].mean()) if s_ids.shape[1] > n else 0.0,
+                                     "baseline": float(base_seen[(s, f)][n:].mean()) if b_ids.shape[1] > n else 0.0}
+                        for s, f in watch}
         report.append(row)
     return {"recipe": json.loads(recipe.to_json()), "prompts": report}

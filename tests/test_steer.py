@@ -130,6 +130,45 @@ def test_actadd_and_decomposition(steer_setup):
     sae = saes["resid_post.1"]
     parts = decompose(3 * sae.W_dec[17].detach() + 0.1 * sae.W_dec[4].detach(), sae, k=3)
     assert parts["by_cosine"][0][0] == 17
+    # a difference vector also suppresses: the negatively aligned side is reported, not hidden
+    parts = decompose(3 * sae.W_dec[17].detach() - 2.5 * sae.W_dec[4].detach(), sae, k=3)
+    assert parts["by_cosine"][0][0] == 17 and parts["against_by_cosine"][0][0] == 4
+    assert parts["against_by_cosine"][0][1] < 0 < parts["by_cosine"][0][1]
+
+
+def _hooked_feature_mean(lm, sae, ids, n, feature):
+    """The unsteered model's feature activation at block 1, averaged over positions n.. (plain hooks)."""
+    got = {}
+    h = lm.hf.model.layers[1].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            lm.hf(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        h.remove()
+    return float(sae.encode(got["h"])[0, n:, feature].mean())
+
+
+def test_effects_are_measured_on_the_generated_ids_and_the_watch_baseline_on_its_own_text(steer_setup):
+    """A recipe that makes the model emit EOS at once: the decoded text is empty, but there was one step
+    (re-tokenising the text lost it); the watched feature's baseline is the unsteered model on the
+    unsteered continuation (it was read on the steered one)."""
+    from sc_steer.steer import generate_ids, measure_effects
+
+    lm, saes = steer_setup
+    eos = lm.tokenizer.eos_token_id
+    direction = lm.hf.lm_head.weight[eos].detach()
+    direction = (direction / direction.norm() * 40 * lm.hf.model.norm.weight.detach().reciprocal()).tolist()
+    recipe = Recipe([Intervention("resid_post.2", None, "add", 1.0, "all", vector=direction)])
+    s_ids, n = generate_ids(lm, PROMPTS[:1], recipe, saes, max_new_tokens=8)
+    b_ids, _ = generate_ids(lm, PROMPTS[:1], None, saes, max_new_tokens=8)
+    assert s_ids[0, n:].tolist() == [eos] and b_ids.shape[1] > n + 1
+    rep = measure_effects(lm, PROMPTS[:1], recipe, saes, max_new_tokens=8, watch=[("resid_post.1", 3)])["prompts"][0]
+    assert rep["steered"] == "" and len(rep["kl_per_step"]) == 1 and rep["kl_per_step"][0] > 0
+    sae = saes["resid_post.1"]
+    assert rep["watch"]["resid_post.1:3"]["baseline"] == pytest.approx(_hooked_feature_mean(lm, sae, b_ids, n, 3),
+                                                                      rel=1e-4, abs=1e-6)
+    on_steered = _hooked_feature_mean(lm, sae, s_ids, n, 3)
+    assert abs(on_steered - rep["watch"]["resid_post.1:3"]["baseline"]) > 1e-6   # the old reading differs
 
 
 def test_effect_measurement(steer_setup):
@@ -143,7 +182,7 @@ def test_effect_measurement(steer_setup):
     recipe = Recipe([Intervention("resid_post.2", None, "add", 1.0, "all", vector=direction)])
     rep = measure_effects(lm, PROMPTS[:1], recipe, saes, max_new_tokens=8, target_tokens=[t],
                           watch=[("resid_post.1", 3)])["prompts"][0]
-    assert len(rep["kl_per_step"]) == len(lm.tokenizer(rep["steered"], add_special_tokens=False)["input_ids"])
+    assert 0 < len(rep["kl_per_step"]) <= 8
     assert min(rep["kl_per_step"]) > 0 and rep["target_logprob_change"][t] > 0
     assert rep["perplexity_steered"] > 0 and "resid_post.1:3" in rep["watch"]
     empty = measure_effects(lm, PROMPTS[:1], Recipe([]), saes, max_new_tokens=5)["prompts"][0]
