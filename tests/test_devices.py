@@ -31,7 +31,7 @@ from sc_steer.graph.naive import naive_effects
 from sc_steer.graph.run import choose_sources
 from sc_steer.interpret import interpret
 from sc_steer.sae.metrics import evaluate_saes
-from sc_steer.steer import Intervention, Recipe, decompose, generate, measure_effects
+from sc_steer.steer import Intervention, Recipe, decompose, generate, generate_ids, measure_effects
 from helpers import firing_sae, sc_steer_exe
 
 TEXT = "In the beginning God created the heaven and the earth. To be, or not to be: 1 2 3 4 5. " * 6
@@ -99,6 +99,7 @@ def _calls(lm, text, batches, tmp_path):
         "ablation_experiment": lambda s: ablation_experiment(lm, s, PROMPTS, [Ablation(1, 3)],
                                                              targets=[(2, 5)])["targets"],
         "generate": lambda s: generate(lm, PROMPTS, rec, s, max_new_tokens=6),
+        "generate_ids": lambda s: generate_ids(lm, PROMPTS, rec, s, max_new_tokens=6)[0],
         "measure_effects": lambda s: measure_effects(lm, PROMPTS[:1], rec, s, max_new_tokens=4,
                                                      watch=[("resid_post.2", 5)])["prompts"][0]["kl_per_step"],
         "decompose": lambda s: decompose(torch.randn(32, generator=torch.Generator().manual_seed(1)),

@@ -51,8 +51,7 @@ def test_stats_match_brute_force_with_edges():
         for t, m in zip(ids.tolist(), means.tolist()):
             assert m == pytest.approx(acts[tokens == t, u].mean().item(), rel=1e-5)
     assert st.fires.tolist() == (acts > 0).sum(0).tolist()
-    sparse = UnitStats(4, 12, top_n=5, window=3)
-    sparse.dense_tokens, sparse.token_sum = False, None
+    sparse = UnitStats(4, 12, top_n=5, window=3, dense_token_limit=0)
     sparse.update(acts, tokens, rows)
     for u in (0, 1, 3):
         a, b = sparse.top_tokens(u, 5, 1), st.top_tokens(u, 5, 1)
@@ -68,8 +67,7 @@ def test_sparse_token_table_equals_the_dense_one_for_signed_units():
     tokens = torch.randint(0, 7, (60,), generator=g)
     acts = torch.randn(60, 5, generator=g) + torch.linspace(-1, 1, 5)
     acts[::4, 1] = 0.0
-    dense, sparse = UnitStats(5, 7, top_n=4, window=2), UnitStats(5, 7, top_n=4, window=2)
-    sparse.dense_tokens, sparse.token_sum = False, None
+    dense, sparse = UnitStats(5, 7, top_n=4, window=2), UnitStats(5, 7, top_n=4, window=2, dense_token_limit=0)
     for st in (dense, sparse):
         st.update(acts[:30], tokens[:30], rows[:30])
         st.update(acts[30:], tokens[30:], rows[30:])

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from .tokens import DENSE_TOKEN_TABLE_LIMIT, TokenTable
+
 HIST_EDGES = torch.linspace(-3, 3, 37)  # log10 of positive activations, clipped into the end bins
-DENSE_TOKEN_TABLE_LIMIT = 64_000_000    # units x vocab entries above which token sums are kept sparse
 
 
 class UnitStats:
     """Accumulate statistics for ``n_units`` units over token chunks (see ``update``)."""
 
     def __init__(self, n_units: int, vocab: int, top_n: int = 20, window: int = 8,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", dense_token_limit: int = DENSE_TOKEN_TABLE_LIMIT):
         """Accumulators live on ``device`` (the model's: per-token work stays on the GPU); ``cpu()``
         moves them to the host for the per-unit read-out."""
         self.n_units, self.vocab, self.top_n, self.window = n_units, vocab, top_n, window
@@ -26,17 +27,12 @@ class UnitStats:
         self.act_sum = torch.zeros(n_units, dtype=torch.float64)
         self.max = torch.full((n_units,), float("-inf"))
         self.hist = torch.zeros(n_units, len(HIST_EDGES) - 1, dtype=torch.int64)
-        self.token_count = torch.zeros(vocab, dtype=torch.int64)
-        self.dense_tokens = n_units * vocab <= DENSE_TOKEN_TABLE_LIMIT
-        self.token_sum = torch.zeros(n_units, vocab) if self.dense_tokens else None
-        self._sparse_keys: list[torch.Tensor] = []
-        self._sparse_vals: list[torch.Tensor] = []
+        self.tokens = TokenTable(n_units, vocab, device, dense_token_limit)
         w = 2 * window + 1
         self.top_val = torch.full((n_units, top_n), float("-inf"))
         self.top_idx = torch.full((n_units, top_n), -1, dtype=torch.int64)       # global token index
         self.top_win_idx = torch.full((n_units, top_n, w), -1, dtype=torch.int64)  # -1: outside the row
         self.top_win_act = torch.zeros(n_units, top_n, w)
-        self._unit_starts: torch.Tensor | None = None
         if self.device.type != "cpu":
             self._move(self.device)
 
@@ -44,13 +40,15 @@ class UnitStats:
         for name, v in list(vars(self).items()):
             if isinstance(v, torch.Tensor):
                 setattr(self, name, v.to(device))
-            elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-                setattr(self, name, [t.to(device) for t in v])
+        self.tokens.to(device)
         self.device = torch.device(device)
+
+    @property
+    def token_count(self) -> torch.Tensor:
+        return self.tokens.count
 
     def cpu(self) -> "UnitStats":
         """Finish on the host: the read-out is one small lookup per unit."""
-        self._coalesce()
         self._move(torch.device("cpu"))
         return self
 
@@ -70,29 +68,9 @@ class UnitStats:
             vals = acts[nz_t, nz_u]
             b = torch.bucketize(vals.log10(), HIST_EDGES[1:-1].to(vals.device))
             self.hist.view(-1).index_add_(0, nz_u * self.hist.shape[1] + b, torch.ones_like(b))
-        self.token_count += torch.bincount(tokens, minlength=self.vocab)
-        if self.dense_tokens:
-            self.token_sum.index_add_(1, tokens, acts.T)
-        else:  # every nonzero value, negative ones too: residual dimensions and neurons are signed
-            sz_t, sz_u = (acts != 0).nonzero(as_tuple=True)
-            self._add_sparse(sz_u * self.vocab + tokens[sz_t], acts[sz_t, sz_u])
+        self.tokens.add(acts, tokens)
         self._merge_top(acts, row, offset)
         self.n_tokens += t
-
-    def _add_sparse(self, keys: torch.Tensor, vals: torch.Tensor) -> None:
-        self._sparse_keys.append(keys)
-        self._sparse_vals.append(vals.double())
-        if sum(len(k) for k in self._sparse_keys) > 8_000_000:
-            self._coalesce()
-
-    def _coalesce(self) -> None:
-        if not self._sparse_keys or (len(self._sparse_keys) == 1 and self._unit_starts is not None):
-            return  # already one sorted, merged table (the read-out calls this once per unit)
-        keys, inv = torch.cat(self._sparse_keys).unique(return_inverse=True)   # sorted
-        vals = torch.zeros(len(keys), dtype=torch.float64, device=keys.device).index_add_(
-            0, inv, torch.cat(self._sparse_vals))
-        self._sparse_keys, self._sparse_vals = [keys], [vals]
-        self._unit_starts = None
 
     def _merge_top(self, acts: torch.Tensor, row: torch.Tensor, offset: int) -> None:
         t, u = acts.shape
@@ -123,18 +101,7 @@ class UnitStats:
 
     def token_means(self, unit: int, min_count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids, mean activation over all occurrences) for tokens seen >= min_count times."""
-        if self.dense_tokens:
-            sums = self.token_sum[unit].double()
-        else:
-            self._coalesce()
-            sums = torch.zeros(self.vocab, dtype=torch.float64, device=self.device)
-            if self._sparse_keys:
-                keys, vals = self._sparse_keys[0], self._sparse_vals[0]
-                if self._unit_starts is None:  # keys are sorted: each unit's entries are one slice
-                    bounds = torch.arange(self.n_units + 1, device=keys.device) * self.vocab
-                    self._unit_starts = torch.searchsorted(keys, bounds).tolist()
-                a, b = self._unit_starts[unit], self._unit_starts[unit + 1]
-                sums[keys[a:b] % self.vocab] = vals[a:b]
+        sums = self.tokens.unit_sums(unit)
         ok = self.token_count >= min_count
         ids = ok.nonzero(as_tuple=True)[0]
         return ids, sums[ids] / self.token_count[ids]

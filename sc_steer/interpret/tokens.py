@@ -1,0 +1,81 @@
+"""Per-unit activation sums by token id: the table behind "top input tokens" and the simulation score.
+
+Dense ``[units, vocab]`` while that is small; otherwise sparse: sorted keys ``unit * vocab + token`` with
+their sums (only nonzero activations are added, negative ones too: residual dimensions and neurons are
+signed). Either way every sum is exact over the tokens added.
+"""
+from __future__ import annotations
+
+import torch
+
+DENSE_TOKEN_TABLE_LIMIT = 64_000_000    # units x vocab entries above which the table is kept sparse
+MERGE_EVERY = 8_000_000                 # sparse entries buffered before they are merged
+
+
+class TokenTable:
+    def __init__(self, n_units: int, vocab: int, device: str | torch.device = "cpu",
+                 dense_limit: int = DENSE_TOKEN_TABLE_LIMIT):
+        self.n_units, self.vocab, self.device = n_units, vocab, torch.device(device)
+        self.count = torch.zeros(vocab, dtype=torch.int64, device=self.device)
+        self.dense = n_units * vocab <= dense_limit
+        self.sums = torch.zeros(n_units, vocab, device=self.device) if self.dense else None
+        self._keys: list[torch.Tensor] = []
+        self._vals: list[torch.Tensor] = []
+        self._unit_starts: list[int] | None = None
+
+    def add(self, acts: torch.Tensor, tokens: torch.Tensor) -> None:
+        """``acts [T, U]`` (float) at ``tokens [T]`` (long), both on the table's device."""
+        self.count += torch.bincount(tokens, minlength=self.vocab)
+        if self.dense:
+            self.sums.index_add_(1, tokens, acts.T)
+            return
+        t, u = (acts != 0).nonzero(as_tuple=True)
+        self._keys.append(u * self.vocab + tokens[t])
+        self._vals.append(acts[t, u].double())
+        self._unit_starts = None
+        if sum(len(k) for k in self._keys) > MERGE_EVERY:
+            self.merge()
+
+    def merge(self) -> None:
+        """Merge the buffered sparse entries into one sorted table (a no-op when already merged)."""
+        if self.dense or not self._keys or (len(self._keys) == 1 and self._unit_starts is not None):
+            return
+        keys, inv = torch.cat(self._keys).unique(return_inverse=True)   # sorted
+        vals = torch.zeros(len(keys), dtype=torch.float64, device=keys.device).index_add_(0, inv, torch.cat(self._vals))
+        self._keys, self._vals = [keys], [vals]
+        bounds = torch.arange(self.n_units + 1, device=keys.device) * self.vocab
+        self._unit_starts = torch.searchsorted(keys, bounds).tolist()   # unit u's entries: one slice
+
+    def to(self, device: str | torch.device) -> TokenTable:
+        self.merge()
+        self.device = torch.device(device)
+        self.count = self.count.to(self.device)
+        if self.dense:
+            self.sums = self.sums.to(self.device)
+        else:
+            self._keys = [k.to(self.device) for k in self._keys]
+            self._vals = [v.to(self.device) for v in self._vals]
+        return self
+
+    def unit_sums(self, unit: int) -> torch.Tensor:
+        """``[vocab]`` float64: the sum of ``unit``'s activations at each token id."""
+        if self.dense:
+            return self.sums[unit].double()
+        self.merge()
+        out = torch.zeros(self.vocab, dtype=torch.float64, device=self.device)
+        if self._keys:
+            a, b = self._unit_starts[unit], self._unit_starts[unit + 1]
+            out[self._keys[0][a:b] % self.vocab] = self._vals[0][a:b]
+        return out
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every nonzero sum as (unit, token, value) in ascending key order (float64 values)."""
+        if self.dense:
+            u, t = self.sums.nonzero(as_tuple=True)
+            return u, t, self.sums[u, t].double()
+        self.merge()
+        if not self._keys:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty, empty.double()
+        keys = self._keys[0]
+        return keys // self.vocab, keys % self.vocab, self._vals[0]
