@@ -136,6 +136,14 @@ def test_pipeline_records_match_brute_force(interpreted):
         assert [x["id"] for x in rec["top_tokens"]] == [t for _, t in best]
     assert checked > 20
     assert records[5]["density"] == 0 and records[5]["contexts"] == [] and records[5]["label"] == "(never fires)"
+    # the simulation score of every unit, recomputed per position from the same activations
+    sim = _brute_force_simulation(acts, toks, rows)
+    for u, rec in enumerate(records):
+        if torch.isnan(sim[u]):
+            assert rec["simulation"] is None
+        else:
+            assert rec["simulation"] == pytest.approx(float(sim[u]), abs=1e-4)
+    assert sum(r["simulation"] is not None for r in records) >= 10
 
 
 def test_neuron_baseline_and_summary(interpreted):
@@ -148,6 +156,11 @@ def test_neuron_baseline_and_summary(interpreted):
     md = (out / "features" / "resid_post.1.md").read_text()
     assert md.count("\n| ") >= 3 and "Top Input Tokens" in md
     assert "MLP neurons" in (out / "interpret.md").read_text()
+    md = (out / "interpret.md").read_text()
+    assert "Simulation score" in md and md.count("95% CI") == 1
+    for key in summary["sets"]:
+        sim = summary["sets"][key]["simulation"]
+        assert sim["n"] > 0 and sim["ci95"][0] <= sim["mean"] <= sim["ci95"][1]
 
 
 def test_logit_lens_against_a_direct_computation(interpreted):
@@ -221,3 +234,46 @@ def test_padded_vocabulary_gets_names_in_the_logit_lens(tokenizer, tmp_path):
               progress=False)
     names = [p[0] for r in range(16) for p in load_unit(tmp_path, "resid_post.0", r)["logit_lens"]["promoted"]]
     assert f"<unused {n_tok}>" in names
+
+
+def _brute_force_simulation(acts, tokens, rows):
+    """Per-position predictions written out: even rows explain, odd rows are predicted."""
+    import numpy as np
+
+    explain, held = rows % 2 == 0, rows % 2 == 1
+    out = []
+    for u in range(acts.shape[1]):
+        a = acts[:, u].double()
+        table = {}
+        for t in tokens[explain].unique().tolist():
+            table[t] = float(a[explain & (tokens == t)].mean())
+        fallback = float(a[explain].mean())
+        pred = np.array([table.get(t, fallback) for t in tokens[held].tolist()])
+        true = a[held].numpy()
+        out.append(float(np.corrcoef(pred, true)[0, 1]) if pred.std() > 0 and true.std() > 0 else float("nan"))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dense_limit", [10**9, 0])
+def test_simulation_score_equals_a_brute_force_computation(dense_limit):
+    from sc_steer.interpret.simulation import Simulation
+
+    g = torch.Generator().manual_seed(5)
+    T, U, V = 400, 6, 9
+    rows = torch.arange(T) // 13
+    tokens = torch.randint(0, V, (T,), generator=g)
+    tokens[(rows % 2 == 1) & (tokens == 8)] = 7       # ... and 7 never appears in the explaining half:
+    tokens[(rows % 2 == 0) & (tokens == 7)] = 6       # the held-out 7s are predicted by the fallback mean
+    table = torch.randn(V, U, generator=g)
+    acts = table[tokens] + 0.7 * torch.randn(T, U, generator=g)     # token-driven plus noise
+    acts[:, 1] = torch.relu(acts[:, 1] - 1.0)                        # sparse, SAE-like
+    acts[:, 2] = torch.randn(T, generator=g)                         # unrelated to the token
+    acts[:, 3] = 0.0                                                 # never varies: no score
+    sim = Simulation(U, V, dense_limit=dense_limit)
+    for lo in range(0, T, 91):                                       # in chunks, as interpret streams
+        sim.update(acts[lo:lo + 91], tokens[lo:lo + 91], rows[lo:lo + 91])
+    got, ref = sim.scores(), _brute_force_simulation(acts, tokens, rows)
+    assert torch.isnan(got[3]) and torch.isnan(ref[3])
+    keep = ~torch.isnan(ref)
+    torch.testing.assert_close(got[keep], ref[keep], rtol=1e-6, atol=1e-6)   # fp32 token sums
+    assert got[0] > 0.4 and abs(got[2]) < 0.3

@@ -51,7 +51,7 @@ function load(key, then) {
 function esc(t) { return t.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;'); }
 function show(u) {
   const maxc = Math.max(1e-9, ...u.contexts.map(c => c.max));
-  let h = `<h2>#${u.id}: ${esc(u.label)}</h2><p>density ${(100*u.density).toFixed(3)}% · max ${u.max_act.toFixed(3)} · mean when firing ${u.mean_act.toFixed(3)} · score ${u.score===null?'–':u.score.toFixed(3)}</p>`;
+  let h = `<h2>#${u.id}: ${esc(u.label)}</h2><p>density ${(100*u.density).toFixed(3)}% · max ${u.max_act.toFixed(3)} · mean when firing ${u.mean_act.toFixed(3)} · score ${u.score===null?'–':u.score.toFixed(3)} · simulation ${u.simulation==null?'–':u.simulation.toFixed(3)}</p>`;
   h += '<h3>Top input tokens</h3><table><tr><th>token</th><th>mean act.</th><th>count</th></tr>' +
        u.top_tokens.map(t => `<tr><td>${esc(JSON.stringify(t.token))}</td><td>${t.mean.toFixed(3)}</td><td>${t.count}</td></tr>`).join('') + '</table>';
   h += '<h3>Top contexts</h3>' + u.contexts.map(c => '<div class="ctx">' + c.tokens.map((t, i) => {
@@ -101,8 +101,11 @@ def write_browser(out: str | Path, summary: dict) -> Path:
         payload = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")
         atomic_write_text(out / "browser" / script,
                           f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = {payload};\n")
+        sim = info.get("simulation", {"n": 0})
+        sim_text = f", simulation {sim['mean']:.2f} [{sim['ci95'][0]:.2f}, {sim['ci95'][1]:.2f}]" if sim["n"] else ""
         sets.append({"key": key, "script": script,
-                     "title": f"{info['site']} · {KIND_TITLES[info['kind']]} ({info['live']}/{info['n_units']} live)"})
+                     "title": f"{info['site']} · {KIND_TITLES[info['kind']]} ({info['live']}/{info['n_units']} live"
+                              f"{sim_text})"})
     page = _PAGE.replace("__SETS__", json.dumps(sets)).replace("__EDGES__", json.dumps(summary["hist_edges_log10"]))
     return atomic_write_text(out / "browser" / "index.html", page)
 

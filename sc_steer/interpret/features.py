@@ -28,6 +28,7 @@ from ..sae.metrics import check_sae_fits
 from ..sites import Site
 from .lens import logit_lens, unit_directions
 from .score import concentration, summarize, token_entropy
+from .simulation import Simulation, mean_with_ci
 from .stats import HIST_EDGES, UnitStats
 
 KIND_TITLES = {"sae": "SAE features", "resid": "residual dimensions", "mlp": "MLP neurons"}
@@ -87,8 +88,9 @@ def _sig(v: float, digits: int = 5) -> float:
 
 
 def unit_records(lm: LM, us: UnitSet, stats: UnitStats, tokens: torch.Tensor, strings: list[str], *,
-                 top_k_tokens: int = 10, min_count: int = 5, n_contexts: int = 10) -> list[dict]:
-    """One record per unit (see the module docstring)."""
+                 top_k_tokens: int = 10, min_count: int = 5, n_contexts: int = 10,
+                 simulation: torch.Tensor | None = None) -> list[dict]:
+    """One record per unit (see the module docstring); ``simulation [U]``: the units' simulation scores."""
     lens = logit_lens(lm, unit_directions(lm, us.kind, us.site, us.sae))
     density = stats.density()
     records = []
@@ -116,9 +118,15 @@ def unit_records(lm: LM, us: UnitSet, stats: UnitStats, tokens: torch.Tensor, st
                "logit_lens": {k: [[strings[t], _sig(v, 4)] for t, v in lens[u][k]] for k in lens[u]},
                "hist": stats.hist[u].tolist(),
                "score": concentration(stats.top_val[u], top_tok),
-               "entropy": token_entropy(stats.top_val[u], top_tok)}
+               "entropy": token_entropy(stats.top_val[u], top_tok),
+               "simulation": _finite(simulation[u]) if simulation is not None else None}
         records.append(rec)
     return records
+
+
+def _finite(v) -> float | None:
+    v = float(v)
+    return None if v != v else round(v, 5)
 
 
 def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_tokens: int = 200_000,
@@ -142,6 +150,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     sites = sorted({us.site for us in sets}, key=lambda s: s.order)
     vocab = len(lm.tokenizer)
     stats = {us.key: UnitStats(us.n_units, vocab, top_n, window, device=lm.device) for us in sets}
+    sims = {us.key: Simulation(us.n_units, vocab, device=lm.device) for us in sets}
     all_tokens = []
     rows = iter_rows(iter_documents(data), lm.tokenizer, ctx)
     bar = tqdm(total=max_tokens, unit="tok", desc="interpret", disable=not progress)
@@ -156,7 +165,9 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
             for us in sets:
                 a = acts[us.site]
                 h = a.reshape(-1, a.shape[-1]).index_select(0, where.to(a.device)).float()
-                stats[us.key].update(us.encode(h), toks, row)
+                f = us.encode(h)
+                stats[us.key].update(f, toks, row)
+                sims[us.key].update(f, toks, row)
             all_tokens.append(toks)
             n += len(toks)
             bar.update(len(toks))
@@ -172,7 +183,8 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     rng = random.Random(seed)
     for us in sets:
         stats[us.key].cpu()
-        recs = unit_records(lm, us, stats[us.key], tokens, strings, top_k_tokens=top_k_tokens, min_count=min_count)
+        recs = unit_records(lm, us, stats[us.key], tokens, strings, top_k_tokens=top_k_tokens, min_count=min_count,
+                            simulation=sims[us.key].scores())
         atomic_write_text(out / us.folder / f"{us.site}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
         live = [r for r in recs if r["density"] > 0]
         picked = sorted(rng.sample(live, min(sample, len(live))), key=lambda r: r["id"])
@@ -180,7 +192,8 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
         summary["sets"][us.key] = {"kind": us.kind, "site": str(us.site), "n_units": us.n_units,
                                    "live": len(live), "file": f"{us.folder}/{us.site}.jsonl",
                                    "score": summarize([r["score"] for r in recs]),
-                                   "entropy": summarize([r["entropy"] for r in recs])}
+                                   "entropy": summarize([r["entropy"] for r in recs]),
+                                   "simulation": mean_with_ci([r["simulation"] for r in recs])}
     summary["hist_edges_log10"] = HIST_EDGES.tolist()
     atomic_write_text(out / "interpret.json", json.dumps(summary, indent=1))
     atomic_write_text(out / "interpret.md", summary_markdown(summary))
@@ -216,6 +229,19 @@ def summary_markdown(summary: dict) -> str:
                          f"| {100 * sc['share_above_0.8']:.1f}% |")
         else:
             lines.append(f"| {KIND_TITLES[s['kind']]} | {s['site']} | {s['n_units']} | {s['live']} | 0 | - | - | - | - |")
+    lines += ["", "## Simulation score\n",
+              "Each unit's mean activation per token id on even text rows (its explanation) predicts its "
+              "activations on odd rows; score = Pearson correlation of predicted and true activations over "
+              "the held-out positions (see sc_steer/interpret/simulation.py). Mean over units with a 95% "
+              "confidence interval.\n",
+              "| units | site | scored | mean | 95% CI | median |", "|---|---|---|---|---|---|"]
+    for s in summary["sets"].values():
+        sim = s.get("simulation", {"n": 0})
+        if sim["n"]:
+            lines.append(f"| {KIND_TITLES[s['kind']]} | {s['site']} | {sim['n']} | {sim['mean']:.3f} "
+                         f"| {sim['ci95'][0]:.3f}-{sim['ci95'][1]:.3f} | {sim['median']:.3f} |")
+        else:
+            lines.append(f"| {KIND_TITLES[s['kind']]} | {s['site']} | 0 | - | - | - |")
     return "\n".join(lines) + "\n"
 
 
