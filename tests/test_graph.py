@@ -23,22 +23,47 @@ def setup(tiny_model_dirs):
     return lm, batches, random_sae("relu", 32, 40, 0), random_sae("topk", 32, 48, 1, k=6)
 
 
-@pytest.mark.parametrize("mode", ["zero", "clamp"])
-def test_batched_block_ablation_equals_full_forward_hooks(setup, mode):
+@pytest.mark.parametrize("mode,where,max_rows", [("zero", "all", 64), ("clamp", "all", 64), ("mean", "all", 64),
+                                                  ("clamp", "active", 64), ("zero", "all", 2), ("mean", "all", 1)])
+def test_batched_block_ablation_equals_full_forward_hooks(setup, mode, where, max_rows):
+    """Every mode, both position sets, and rerun batches split into pieces of max_rows rows; effects,
+    spreads, pre-activation deltas and the skip term against one full forward per feature."""
     lm, batches, sae0, sae1 = setup
     means, fires = source_means(lm, 0, sae0, batches)
     sources = torch.nonzero(fires > 0)[:, 0][:12]
     assert len(sources) >= 8
     value = 0.5 if mode == "clamp" else None
-    got = measure_pair(lm, 0, sae0, sae1, batches, sources, mode=mode, value=value, chunk=5)
-    ref = naive_effects(lm, 0, sae0, sae1, batches, sources.tolist(), value=value)
+    got = measure_pair(lm, 0, sae0, sae1, batches, sources, mode=mode, value=value, chunk=5, where=where,
+                       max_rows=max_rows)
+    mean_of = {i: float(means[i]) for i in sources.tolist()} if mode == "mean" else None
+    ref = naive_effects(lm, 0, sae0, sae1, batches, sources.tolist(), value=value, means=mean_of, where=where)
     for row, i in enumerate(sources.tolist()):
-        mean, std, pre, n = ref[i]
+        mean, std, pre, n, skip = ref[i]
         assert got.count == n
         torch.testing.assert_close(got.effect[row], mean, atol=1e-5, rtol=0)
         torch.testing.assert_close(got.effect_std[row], std, atol=1e-5, rtol=0)
         torch.testing.assert_close(got.pre_delta[row], pre, atol=1e-5, rtol=0)
-    assert got.effect.abs().max() > 1e-3  # the ablations do reach layer 1
+        torch.testing.assert_close(got.skip[row], skip, atol=1e-5, rtol=0)
+    assert got.effect.abs().max() > 1e-3 and got.skip.abs().max() > 1e-3  # the ablations do reach layer 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_batched_block_ablation_on_other_model_families(tiny_model_dirs, family):
+    """GPT-2 (Conv1D, absolute positions) and GPT-NeoX (parallel attention + MLP, rotary) blocks rerun
+    from captured inputs give what full forwards give."""
+    lm = open_model(str(tiny_model_dirs[family]))
+    prompts = ["In the beginning God created the heaven and the earth.", "To be, or not to be: 1 2 3 4 5.",
+               "thou art more lovely and more temperate"]
+    batches = list(iter_batches(iter_rows(prompts, lm.tokenizer, 32), 2, 32, pad_token_id(lm.tokenizer)))
+    sae0, sae1 = random_sae("relu", 32, 40, 0), random_sae("topk", 32, 48, 1, k=6)
+    _, fires = source_means(lm, 0, sae0, batches)
+    sources = torch.nonzero(fires > 0)[:, 0][:6]
+    got = measure_pair(lm, 0, sae0, sae1, batches, sources, mode="clamp", value=0.5, chunk=4, max_rows=3)
+    ref = naive_effects(lm, 0, sae0, sae1, batches, sources.tolist(), value=0.5)
+    for row, i in enumerate(sources.tolist()):
+        torch.testing.assert_close(got.effect[row], ref[i][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.skip[row], ref[i][4], atol=1e-5, rtol=0)
+    assert got.effect.abs().max() > 1e-3
 
 
 def test_bad_graph_input(setup):

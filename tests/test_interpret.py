@@ -172,6 +172,27 @@ def test_logit_lens_against_a_direct_computation(interpreted):
     assert [lm.tokenizer.decode([t]) for t in top] == [p[0] for p in rec["logit_lens"]["promoted"]]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logit_lens_applies_the_final_norm(tiny_model_dirs, family):
+    """With a final-norm gain far from ones (a random model's is all ones, which hides a dropped gain):
+    RMSNorm scales by the gain, LayerNorm also centres; values and ranks against a direct product."""
+    from sc_steer.interpret.lens import logit_lens
+
+    lm = open_model(str(tiny_model_dirs[family]))
+    norm = lm.hf.model.norm if family == "llama" else lm.hf.transformer.ln_f
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-3, 3, 32))
+    dirs = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    got = logit_lens(lm, dirs, k=6)
+    W_U = lm.hf.lm_head.weight.detach()
+    for d, rec in zip(dirs, got):
+        x = d - d.mean() if family == "gpt2" else d
+        logits = W_U @ (x * norm.weight.detach())
+        assert [t for t, _ in rec["promoted"]] == logits.topk(6).indices.tolist()
+        assert [v for _, v in rec["promoted"]] == pytest.approx(logits.topk(6).values.tolist(), rel=1e-4, abs=1e-5)
+        assert [t for t, _ in rec["suppressed"]] == (-logits).topk(6).indices.tolist()
+
+
 def test_bad_input(interpreted, tiny_model_dirs, tmp_path):
     with pytest.raises(ScSteerError, match="out of range.*48 units"):
         load_unit(interpreted["out"], "resid_post.1", 48)

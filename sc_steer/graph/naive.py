@@ -36,25 +36,51 @@ def _forward(lm: LM, layer: int, batch, edit=None) -> torch.Tensor:
 
 @torch.no_grad()
 def naive_effects(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list, sources: list[int],
-                  value: float | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """{source: (mean effect [J], std [J], mean pre-activation delta [J], positions)}; zero ablation
-    unless ``value`` (clamp) is given."""
+                  value: float | None = None, *, means: dict[int, float] | None = None,
+                  where: str = "all") -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]]:
+    """{source: (mean effect [J], std [J], mean pre-activation delta [J], positions, skip [J])}.
+
+    Zero ablation, or clamp to ``value``, or mean ablation to ``means[source]``; ``where="active"`` edits
+    only positions where the source fires. ``skip``: the effect if block n+1's output were moved by the
+    same edit with block n+1's own computation left as it was."""
     follow_model((sae_n, sae_next), lm)
     clean = [_forward(lm, layer, b) for b in batches]
+    clean_n = [_block_output(lm, layer, b) for b in batches]
     out = {}
     for i in sources:
-        diffs, pres = [], []
-        for b, hc in zip(batches, clean):
+        diffs, pres, skips = [], [], []
+        for b, hc, hn in zip(batches, clean, clean_n):
             keep = b.keep.to(hc.device)
 
-            def edit(h, i=i, keep=keep):
+            def amount(h, i=i, keep=keep):
                 f = sae_n.encode(h.float())[..., i]
-                v = torch.zeros_like(f) if value is None else torch.full_like(f, value)
-                return (h.float() + ((v - f) * keep)[..., None] * sae_n.W_dec[i]).to(h.dtype)
+                if means is not None:
+                    v = torch.full_like(f, float(means[i]))
+                else:
+                    v = torch.zeros_like(f) if value is None else torch.full_like(f, value)
+                a = (v - f) * keep
+                return a * (f > 0) if where == "active" else a
+
+            def edit(h, i=i):
+                return (h.float() + amount(h)[..., None] * sae_n.W_dec[i]).to(h.dtype)
 
             ha = _forward(lm, layer, b, edit)
             diffs.append((sae_next.encode(ha.float()) - sae_next.encode(hc.float()))[keep])
             pres.append((sae_next.pre_acts(ha.float()) - sae_next.pre_acts(hc.float()))[keep])
-        d, p = torch.cat(diffs), torch.cat(pres)
-        out[i] = (d.mean(0), d.std(0, unbiased=False), p.mean(0), len(d))
+            moved = hc.float() + amount(hn)[..., None] * sae_n.W_dec[i]
+            skips.append((sae_next.encode(moved) - sae_next.encode(hc.float()))[keep])
+        d, p, k = torch.cat(diffs), torch.cat(pres), torch.cat(skips)
+        out[i] = (d.mean(0), d.std(0, unbiased=False), p.mean(0), len(d), k.mean(0))
     return out
+
+
+def _block_output(lm: LM, layer: int, batch) -> torch.Tensor:
+    """Block ``layer``'s clean output (the residual stream the ablation edits)."""
+    got = {}
+    hook = lm.module(Site("resid_post", layer)).register_forward_hook(lambda m, i, o: got.__setitem__("h", unwrap(o)))
+    try:
+        with torch.no_grad():
+            lm.hf(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
+    finally:
+        hook.remove()
+    return got["h"]

@@ -1,0 +1,140 @@
+"""A scripted mutation run: does the test suite notice when the science code is wrong?
+
+    OMP_NUM_THREADS=1 python tests/mutation_run.py                 # every mutant (about 15 minutes)
+    OMP_NUM_THREADS=1 python tests/mutation_run.py --only steer    # mutants of files matching "steer"
+
+Each mutant is one deliberate bug (a sign, a mask, a target value, an off-by-one) in one of the files
+whose numbers users rely on: graph/measure.py, graph/attribution.py, steer.py, interpret/stats.py,
+interpret/lens.py, interpret/tokens.py, interpret/simulation.py and sae/*.py. The package and the tests
+are copied to a scratch folder, the mutant is applied there, and the tests that cover that file run
+(stopping at the first failure). A mutant is killed when a test fails. Prints the share killed per file
+and writes ``mutation_results.json``. Not collected by pytest (its name does not start with test_).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GRAPH, STEER, INTERP = ["tests/test_graph.py"], ["tests/test_steer.py"], ["tests/test_interpret.py"]
+SAE = ["tests/test_sparse_step.py", "tests/test_sae.py", "tests/test_train.py"]
+
+# (file, exact text, replacement, tests that should notice)
+MUTANTS = [
+    ("graph/measure.py", "        target = torch.zeros_like(f_i)", "        target = torch.ones_like(f_i)", GRAPH),
+    ("graph/measure.py", "target = means.to(f_i.device, f_i.dtype)[:, None, None].expand_as(f_i)",
+     "target = torch.zeros_like(f_i)", GRAPH),
+    ("graph/measure.py", "        scale = scale * (f_i > 0)", "        scale = scale", GRAPH),
+    ("graph/measure.py", "pre_clean[rb[qm], qt] + sc[qm, qt, None]", "pre_clean[rb[qm], qt] - sc[qm, qt, None]", GRAPH),
+    ("graph/measure.py", "[None] >= first[:, None]) & keep[rb]", "[None] > first[:, None]) & keep[rb]", GRAPH),
+    ("graph/measure.py", "part_sq.index_add_(0, kk, diff.pow(2))", "part_sq.index_add_(0, kk, diff.abs())", GRAPH),
+    ("graph/measure.py", "        count += int(keep.sum())", "        count += int(keep.sum()) + 1", GRAPH),
+    ("graph/attribution.py", "out[:, c] += (scale * proj)", "out[:, c] -= (scale * proj)", GRAPH),
+    ("graph/attribution.py", "g = sae_next.encode(block_out.float()) * keep[..., None]",
+     "g = sae_next.encode(block_out.float())", GRAPH),
+    ("graph/attribution.py", "means[sources]", "means[sources] * 0", GRAPH),
+    ("steer.py", "        where[:, :-1] = False", "        where[:, 1:] = False", STEER),
+    ("steer.py", "        where &= ~bos.to(device)", "        where &= where", STEER),
+    ("steer.py", '{"remove": -f, "clamp"', '{"remove": f, "clamp"', STEER),
+    ("steer.py", '"clamp": it.coeff - f', '"clamp": it.coeff + f', STEER),
+    ("steer.py", '"scale": (it.coeff - 1) * f', '"scale": it.coeff * f', STEER),
+    ("steer.py", 'if it.positions == "prompt" and not prefill', 'if it.positions == "prompt" and prefill', STEER),
+    ("steer.py", '"baseline": float(base_seen[(s, f)][n:].mean())', '"baseline": float(st_seen[(s, f)][n:].mean())',
+     STEER),
+    ("steer.py", '"against_by_cosine": ranked(cos, -1)', '"against_by_cosine": ranked(cos, 1)', STEER),
+    ("interpret/stats.py", "self.fires += pos.sum(0)", "self.fires += (acts >= 0).sum(0)", INTERP),
+    ("interpret/stats.py", "(j < ends[cand_t][..., None])", "(j <= ends[cand_t][..., None])", INTERP),
+    ("interpret/stats.py", "keep = all_val.topk(self.top_n, dim=1).indices",
+     "keep = all_val.topk(self.top_n, dim=1, largest=False).indices", INTERP),
+    ("interpret/stats.py", "sums[ids] / self.token_count[ids]", "sums[ids] / self.token_count[ids].clamp_min(2)",
+     INTERP),
+    ("interpret/lens.py", "        return d * gain", "        return d", INTERP),
+    ("interpret/lens.py", "            d = d - d.mean(-1, keepdim=True)", "            d = d", INTERP),
+    ("interpret/lens.py", "bottom = [t.cpu().tolist() for t in (-logits).topk(k, dim=-1)]",
+     "bottom = [t.cpu().tolist() for t in logits.topk(k, dim=-1)]", INTERP),
+    ("interpret/tokens.py", "t, u = (acts != 0).nonzero(as_tuple=True)", "t, u = (acts > 0).nonzero(as_tuple=True)",
+     INTERP),
+    ("interpret/simulation.py", "held = row % 2 == 1", "held = row % 2 == 0", INTERP),
+    ("interpret/simulation.py", "+ mean * n_unseen\n", "\n", INTERP),
+    ("sae/topk.py", "vals = torch.relu(sel[:, :k])", "vals = sel[:, :k]", SAE),
+    ("sae/topk.py", ' * ctx["dead"][aux_idx]', "", SAE),
+    ("sae/sparse.py", "grad_b_dec = -(W_enc @ g_sum", "grad_b_dec = (W_enc @ g_sum", SAE),
+    ("sae/sparse.py", "centred = x.to(g.dtype) - b_dec.to(g.dtype)", "centred = x.to(g.dtype) + b_dec.to(g.dtype)", SAE),
+    ("sae/base.py", "g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1)",
+     "g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=1)", SAE),
+    ("sae/base.py", "        self.b_enc.div_(s)", "        self.b_enc.mul_(s)", SAE),
+    ("sae/jumprelu.py", "grad_theta = (-(theta / eps)", "grad_theta = ((theta / eps)", SAE),
+    ("sae/batchtopk.py", "n_keep = min(self.cfg.k * h.shape[0], flat.numel())", "n_keep = min(self.cfg.k, flat.numel())",
+     SAE),
+    ("sae/relu.py", "l1 = (out.f * self.W_dec.norm(dim=1)).sum(-1).mean()", "l1 = out.f.sum(-1).mean()", SAE),
+    ("sae/train.py", "        return (step + 1) / w", "        return step / w", SAE),
+    ("sae/train.py", "st.since_fired.masked_fill_(counts > 0, 0)", "st.since_fired.masked_fill_(counts > 1, 0)", SAE),
+]
+
+
+def run(only: str | None, timeout: int) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="sc_steer_mutants_"))
+    results = []
+    try:
+        for i, (rel, old, new, tests) in enumerate(MUTANTS):
+            if only and only not in rel:
+                continue
+            src = (ROOT / "sc_steer" / rel).read_text()
+            if src.count(old) != 1:
+                results.append({"file": rel, "mutant": new.strip(), "status": "not applied (text not found once)"})
+                continue
+            box = work / f"m{i}"
+            shutil.copytree(ROOT / "sc_steer", box / "sc_steer")
+            shutil.copytree(ROOT / "tests", box / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy(ROOT / "pyproject.toml", box / "pyproject.toml")
+            (box / "sc_steer" / rel).write_text(src.replace(old, new))
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(box)}
+            t = time.time()
+            try:
+                p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                   cwd=box, env=env, capture_output=True, text=True, timeout=timeout)
+                status = "survived" if p.returncode == 0 else "killed"
+                failed = next((ln for ln in p.stdout.splitlines() if ln.startswith("FAILED")), "")
+            except subprocess.TimeoutExpired:
+                status, failed = "killed (timeout)", ""
+            results.append({"file": rel, "mutant": new.strip(), "status": status, "by": failed[:160],
+                            "seconds": round(time.time() - t, 1)})
+            print(f"{status:9s} {rel}: {new.strip()[:70]}  {failed[:90]}", flush=True)
+            shutil.rmtree(box, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    per_file: dict = defaultdict(lambda: [0, 0])
+    for r in results:
+        if r["status"].startswith(("killed", "survived")):
+            per_file[r["file"]][1] += 1
+            per_file[r["file"]][0] += r["status"].startswith("killed")
+    return {"results": results, "per_file": {f: {"killed": k, "total": n} for f, (k, n) in sorted(per_file.items())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="run the mutants of files whose path contains this")
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--out", default="mutation_results.json")
+    args = ap.parse_args()
+    res = run(args.only, args.timeout)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    total = [sum(v[k] for v in res["per_file"].values()) for k in ("killed", "total")]
+    for f, v in res["per_file"].items():
+        print(f"{f:28s} {v['killed']}/{v['total']} killed")
+    print(f"all: {total[0]}/{total[1]} killed")
+    for r in res["results"]:
+        if not r["status"].startswith("killed"):
+            print(f"  {r['status']}: {r['file']}: {r['mutant']}")
+
+
+if __name__ == "__main__":
+    main()
