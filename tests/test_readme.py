@@ -112,7 +112,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
     demo = tmp_path / "runs" / "demo"
     ev = json.loads((demo / "eval.json").read_text())["sites"]
     assert set(ev) == {f"resid_post.{i}" for i in range(4)}
-    assert all(0 < r["fvu"] < 1 and r["l0"] <= 32 for r in ev.values())
+    # a few training steps already halve the error (FVU 0.57-0.63 and 85-98% of the CE loss recovered
+    # when measured; a trainer that does not learn stays near FVU 1)
+    assert all(0 < r["fvu"] < 0.8 and r["ce_recovered"] > 0.6 and r["l0"] <= 32 for r in ev.values()), ev
     for f in ("browser/index.html", "interpret.md", "graph/graph.json", "training_curves.png"):
         assert (demo / f).exists(), f
     assert json.loads((tmp_path / "runs/x/activations/manifest.json").read_text())["n_tokens"] >= 12000
