@@ -9,6 +9,9 @@ interpret/lens.py, interpret/tokens.py, interpret/simulation.py and sae/*.py. Th
 are copied to a scratch folder, the mutant is applied there, and the tests that cover that file run
 (stopping at the first failure). A mutant is killed when a test fails. Prints the share killed per file
 and writes ``mutation_results.json``. Not collected by pytest (its name does not start with test_).
+
+Left out as equivalent (no test can tell them apart): dropping the decoder-norm weight of ReLU's L1
+term (decoder rows are kept at unit norm and the radial gradient is projected out).
 """
 from __future__ import annotations
 
@@ -74,9 +77,8 @@ MUTANTS = [
     ("sae/jumprelu.py", "grad_theta = (-(theta / eps)", "grad_theta = ((theta / eps)", SAE),
     ("sae/batchtopk.py", "n_keep = min(self.cfg.k * h.shape[0], flat.numel())", "n_keep = min(self.cfg.k, flat.numel())",
      SAE),
-    ("sae/relu.py", "l1 = (out.f * self.W_dec.norm(dim=1)).sum(-1).mean()", "l1 = out.f.sum(-1).mean()", SAE),
     ("sae/train.py", "        return (step + 1) / w", "        return step / w", SAE),
-    ("sae/train.py", "st.since_fired.masked_fill_(counts > 0, 0)", "st.since_fired.masked_fill_(counts > 1, 0)", SAE),
+    ("sae/train.py", "    st.since_fired.masked_fill_(counts > 0, 0)", "    st.since_fired.masked_fill_(counts > 1, 0)", SAE),
 ]
 
 

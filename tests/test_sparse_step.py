@@ -12,11 +12,13 @@ from helpers import reference_loss, sparse_path_indices
 D_IN, D_SAE, K, B = 48, 384, 6, 256
 
 
-def make(arch="topk", seed=0):
+def make(arch="topk", seed=0, b_enc: float = 0.0):
+    """``b_enc`` shifts every pre-activation: a negative shift leaves some of the top k below zero, so
+    the ReLU on the selected values matters."""
     torch.manual_seed(seed)
     sae = make_sae(SAEConfig(arch, D_IN, D_SAE, k=K))
     with torch.no_grad():
-        sae.b_enc.normal_(0, 0.1)
+        sae.b_enc.normal_(b_enc, 0.1)
         sae.b_dec.normal_(0, 0.1)
     x = torch.randn(B, D_IN) * 2
     return sae, x
@@ -48,13 +50,19 @@ def reference(sae, x, dead, k_aux, aux_coeff, autocast, same_selection=False):
 
 @pytest.mark.parametrize("path", ["torch", "autograd"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("n_dead,k_aux", [(0, 24), (10, 24), (200, 24)])
+@pytest.mark.parametrize("n_dead,k_aux,b_enc", [(0, 24, 0.0), (10, 24, 0.0), (200, 24, 0.0), (0, 24, -5.0)])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_sparse_step_matches_the_dense_reference(arch, n_dead, k_aux, autocast, path, monkeypatch):
+def test_sparse_step_matches_the_dense_reference(arch, n_dead, k_aux, b_enc, autocast, path, monkeypatch):
     """Loss and all four gradients agree on both CPU paths (the sparse one with its PyTorch fallbacks,
-    and plain autograd); n_dead < k_aux exercises AuxK's masking of live latents."""
+    and plain autograd); n_dead < k_aux exercises AuxK's masking of live latents; b_enc = -5 puts some
+    selected pre-activations below zero."""
+    if b_enc < 0 and autocast:
+        pytest.skip("selected values crowd around zero, where bf16 rounding flips ReLU's mask: fp32 only")
     monkeypatch.setenv("SC_STEER_KERNELS", path)
-    sae, x = make(arch)
+    sae, x = make(arch, b_enc=b_enc)
+    if b_enc < 0 and arch == "topk":
+        pre = sae.pre_acts(x).detach()
+        assert (pre.topk(K, dim=-1).values < 0).float().mean() > 0.1
     dead = None
     if n_dead:
         dead = torch.zeros(D_SAE, dtype=torch.bool)
@@ -134,3 +142,42 @@ def test_training_with_the_sparse_step_still_learns():
     with torch.no_grad():
         fvu = float((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert fvu < 0.25, fvu
+
+
+def test_a_stale_dead_count_gives_the_exact_result(monkeypatch):
+    """The host's dead count may be larger than the mask (it sizes AuxK); extra picks are live latents
+    and must be dropped, so the step equals the one with the exact count."""
+    monkeypatch.setenv("SC_STEER_KERNELS", "torch")
+    sae, x = make()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:10] = True
+    exact = ours(sae, x, dead, 24, 0.5, False)
+    ctx = {"aux_coeff": 0.5, "k_aux": 24, "dead": dead, "n_dead": 24}   # says 24, 10 are dead
+    sae.zero_grad(set_to_none=True)
+    out = sae.train_forward(x, ctx)
+    loss, _ = sae.loss(x, out, ctx)
+    loss.backward()
+    assert float(loss) == pytest.approx(float(exact[0]), rel=1e-6)
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, exact[1][n], rtol=1e-5, atol=1e-7)
+
+
+def test_learning_rate_schedule_by_hand():
+    from sc_steer.sae.train import lr_factor
+
+    # 100 steps, 10% warm-up (10 steps), 20% linear decay (the last 20 steps)
+    got = [lr_factor(s, 100, 0.1, 0.2) for s in range(100)]
+    assert got[:3] == pytest.approx([0.1, 0.2, 0.3]) and got[9] == pytest.approx(1.0)
+    assert got[10:80] == pytest.approx([1.0] * 70)
+    assert got[80] == pytest.approx(1.0) and got[90] == pytest.approx(0.5) and got[99] == pytest.approx(0.05)
+    assert lr_factor(0, 100_000, 0.5, 0.0) == pytest.approx(1 / 1000)   # warm-up is capped at 1,000 steps
+
+
+def test_firing_bookkeeping():
+    from sc_steer.sae.train import SiteState, record_firing
+
+    st = SiteState("x", None, None, None, 1.0, torch.tensor([5.0, 5.0, 5.0, 0.0], dtype=torch.float64),
+                   torch.zeros(4, dtype=torch.float64))
+    record_firing(st, torch.tensor([0, 1, 7, 0]), 100)
+    assert st.since_fired.tolist() == [105, 0, 0, 100]        # one firing is enough to reset
+    assert st.fire_count.tolist() == [0, 1, 7, 0]

@@ -127,6 +127,14 @@ class SiteState:
     fire_count: torch.Tensor       # firings over the whole run (for sparsity.safetensors)
 
 
+def record_firing(st: SiteState, counts: torch.Tensor, n_tokens: int) -> None:
+    """Dead-latent bookkeeping after a batch of ``n_tokens``: a latent that fired at least once starts
+    counting again from zero; the others age by the batch. ``fire_count`` feeds sparsity.safetensors."""
+    st.since_fired += n_tokens
+    st.since_fired.masked_fill_(counts > 0, 0)
+    st.fire_count += counts
+
+
 def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
     """Adam; on CUDA the fused kernel (one pass over parameters, gradients and moments)."""
     fused = sae.W_dec.device.type == "cuda"
@@ -211,9 +219,7 @@ class Trainer:
         with torch.no_grad():
             sae.after_step(out)
             counts = out.counts
-            st.since_fired += x.shape[0]
-            st.since_fired.masked_fill_(counts > 0, 0)
-            st.fire_count += counts
+            record_firing(st, counts, x.shape[0])
             stats = {"loss": loss.detach(), "l0": counts.sum() / x.shape[0],
                      "fvu": (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12),
                      "dead": (st.since_fired > cfg.resolved_dead_tokens()).float().mean()}
