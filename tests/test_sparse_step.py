@@ -181,3 +181,21 @@ def test_firing_bookkeeping():
     record_firing(st, torch.tensor([0, 1, 7, 0]), 100)
     assert st.since_fired.tolist() == [105, 0, 0, 100]        # one firing is enough to reset
     assert st.fire_count.tolist() == [0, 1, 7, 0]
+
+
+def test_jumprelu_pseudo_gradients_by_hand():
+    """Straight-through estimators with a rectangle kernel of width eps around theta (hand-computed):
+    d f / d theta = -(theta / eps) * sum K((h - theta) / eps) g, d H / d theta = -(1 / eps) * sum K g."""
+    from sc_steer.sae.jumprelu import _JumpReLU, _Step
+
+    h = torch.tensor([[1.8], [2.6], [2.3]], requires_grad=True)   # (h - theta) / eps = -0.2, 0.6, 0.3
+    theta = torch.tensor([2.0], requires_grad=True)
+    g = torch.tensor([[1.0], [1.0], [2.0]])
+    f = _JumpReLU.apply(h, theta, 1.0)
+    assert f.detach().flatten().tolist() == pytest.approx([0.0, 2.6, 2.3])
+    f.backward(g)
+    assert theta.grad.item() == pytest.approx(-2.0 * (1.0 + 2.0))   # kernel covers rows 0 and 2
+    assert h.grad.flatten().tolist() == pytest.approx([0.0, 1.0, 2.0])
+    theta.grad = None
+    _Step.apply(h.detach(), theta, 1.0).backward(g)
+    assert theta.grad.item() == pytest.approx(-1.0 * (1.0 + 2.0))
