@@ -56,6 +56,17 @@ def run_sites(lm: LM, batch: TokenBatch, sites: list[Site]) -> dict[Site, torch.
     return dict(zip(ordered, saved))
 
 
+def text_rows(batch: TokenBatch) -> torch.Tensor:
+    """Flat indices of the batch's text tokens (``keep``), for :func:`kept`."""
+    return batch.keep.reshape(-1).nonzero().squeeze(1)
+
+
+def kept(acts: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``[n, d]``: the rows of ``acts [B, T, d]`` at the flat indices ``where``, gathered on acts' device
+    (no boolean mask, so no host sync)."""
+    return acts.reshape(-1, acts.shape[-1]).index_select(0, where.to(acts.device, non_blocking=True))
+
+
 @dataclass(frozen=True)
 class CollectConfig:
     """Everything that determines a collection's contents; a rerun must match it to resume."""
@@ -192,17 +203,15 @@ class ShardBuffer:
         self.n, self.rows_end = 0, 0
 
     def add(self, batch: TokenBatch, acts: dict[Site, torch.Tensor]) -> None:
-        keep = batch.keep.reshape(-1)
-        where = keep.nonzero().squeeze(1)
+        where = text_rows(batch)
         m = len(where)
         on_device = {}
         for s, a in acts.items():
-            kept = a.reshape(-1, a.shape[-1]).index_select(0, where.to(a.device, non_blocking=True))
-            kept = kept.to(self.acts[str(s)].dtype)
-            self.norm_sums[str(s)] += kept.double().norm(dim=-1).sum()
-            on_device[str(s)] = kept
-        for s, kept in on_device.items():
-            self.acts[s][self.n:self.n + m].copy_(kept)
+            rows = kept(a, where).to(self.acts[str(s)].dtype)
+            self.norm_sums[str(s)] += rows.double().norm(dim=-1).sum()
+            on_device[str(s)] = rows
+        for s, rows in on_device.items():
+            self.acts[s][self.n:self.n + m].copy_(rows)
         for key, val in (("tokens", batch.input_ids), ("doc", batch.doc), ("pos", batch.pos),
                          ("row", batch.row[:, None].expand_as(batch.input_ids))):
             self.meta[key].append(val.reshape(-1)[where].to(torch.int64 if key == "row" else torch.int32))

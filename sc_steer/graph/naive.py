@@ -11,14 +11,15 @@ from ..sae import SAE
 from ..sites import Site
 
 
-def _forward(lm: LM, layer: int, batch, edit=None) -> torch.Tensor:
+def _forward(lm: LM, layer: int, batch, edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``layer``'s output (before ``edit``) and block ``layer + 1``'s output (after it)."""
     got = {}
 
     def edit_hook(_m, _i, out):
+        got["n"] = unwrap(out)
         if edit is None:
             return None
-        h = edit(unwrap(out))
-        return rewrap(out, h)
+        return rewrap(out, edit(got["n"]))
 
     def read_hook(_m, _i, out):
         got["h"] = unwrap(out)
@@ -31,7 +32,7 @@ def _forward(lm: LM, layer: int, batch, edit=None) -> torch.Tensor:
     finally:
         for h in hooks:
             h.remove()
-    return got["h"]
+    return got["n"], got["h"]
 
 
 @torch.no_grad()
@@ -45,11 +46,10 @@ def naive_effects(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list, 
     same edit with block n+1's own computation left as it was."""
     follow_model((sae_n, sae_next), lm)
     clean = [_forward(lm, layer, b) for b in batches]
-    clean_n = [_block_output(lm, layer, b) for b in batches]
     out = {}
     for i in sources:
         diffs, pres, skips = [], [], []
-        for b, hc, hn in zip(batches, clean, clean_n):
+        for b, (hn, hc) in zip(batches, clean):
             keep = b.keep.to(hc.device)
 
             def amount(h, i=i, keep=keep):
@@ -64,7 +64,7 @@ def naive_effects(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list, 
             def edit(h, i=i):
                 return (h.float() + amount(h)[..., None] * sae_n.W_dec[i]).to(h.dtype)
 
-            ha = _forward(lm, layer, b, edit)
+            _, ha = _forward(lm, layer, b, edit)
             diffs.append((sae_next.encode(ha.float()) - sae_next.encode(hc.float()))[keep])
             pres.append((sae_next.pre_acts(ha.float()) - sae_next.pre_acts(hc.float()))[keep])
             moved = hc.float() + amount(hn)[..., None] * sae_n.W_dec[i]
@@ -73,14 +73,3 @@ def naive_effects(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list, 
         out[i] = (d.mean(0), d.std(0, unbiased=False), p.mean(0), len(d), k.mean(0))
     return out
 
-
-def _block_output(lm: LM, layer: int, batch) -> torch.Tensor:
-    """Block ``layer``'s clean output (the residual stream the ablation edits)."""
-    got = {}
-    hook = lm.module(Site("resid_post", layer)).register_forward_hook(lambda m, i, o: got.__setitem__("h", unwrap(o)))
-    try:
-        with torch.no_grad():
-            lm.hf(input_ids=batch.input_ids.to(lm.device), attention_mask=batch.attention_mask.to(lm.device))
-    finally:
-        hook.remove()
-    return got["h"]

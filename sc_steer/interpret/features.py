@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..activations import run_sites
+from ..activations import kept, run_sites, text_rows
 from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..devices import follow_model
@@ -161,10 +161,9 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
             keep = b.keep
             toks = b.input_ids[keep]
             row = b.row[:, None].expand_as(b.input_ids)[keep]
-            where = keep.reshape(-1).nonzero().squeeze(1)
+            where = text_rows(b)
             for us in sets:
-                a = acts[us.site]
-                h = a.reshape(-1, a.shape[-1]).index_select(0, where.to(a.device)).float()
+                h = kept(acts[us.site], where).float()
                 f = us.encode(h)
                 stats[us.key].update(f, toks, row)
                 sims[us.key].update(f, toks, row)

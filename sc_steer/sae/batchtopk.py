@@ -11,7 +11,7 @@ import torch
 
 from . import sparse
 from .base import SAE, TrainOut
-from .topk import aux_k, dead_topk, fvu_and_auxk, with_aux
+from .topk import aux_k, dead_topk, fvu_and_auxk
 
 
 class BatchTopKSAE(SAE):
@@ -54,8 +54,7 @@ class BatchTopKSAE(SAE):
         self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
 
     def loss(self, x, out, ctx):
-        loss, parts = fvu_and_auxk(x, out.x_hat, out.aux)
-        return with_aux(loss, parts, ctx)
+        return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0))
 
     def thresholds(self):
         return [self.threshold]

@@ -25,6 +25,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..errors import ScSteerError
+
 CHUNK_ELEMENTS = 1 << 26  # the torch paths materialise at most this many [rows, d] elements at a time
 
 
@@ -34,8 +36,6 @@ def kernels(device: torch.device) -> str:
     ``SC_STEER_KERNELS`` to auto (default), triton, torch or autograd."""
     choice = os.environ.get("SC_STEER_KERNELS", "auto")
     if choice not in ("auto", "torch", "triton", "autograd"):
-        from ..errors import ScSteerError
-
         raise ScSteerError(f"SC_STEER_KERNELS={choice!r}: expected auto, triton, torch or autograd")
     if choice in ("torch", "autograd"):
         return choice
@@ -45,8 +45,6 @@ def kernels(device: torch.device) -> str:
         if triton_kernels.available():
             return "triton"
     if choice == "triton" and device.type == "cuda":
-        from ..errors import ScSteerError
-
         raise ScSteerError("SC_STEER_KERNELS=triton: Triton is not importable here")
     return "autograd"
 
@@ -59,7 +57,7 @@ def _chunks(n_rows: int, per_row: int):
 
 def scatter_rows(idx: torch.Tensor, coef: torch.Tensor, dense: torch.Tensor, n_out: int) -> torch.Tensor:
     """``out[idx[b, j]] += coef[b, j] * dense[b]``, accumulated in fp32, as a new ``[n_out, d]`` tensor."""
-    if dense.device.type == "cuda" and kernels(dense.device) == "triton":
+    if kernels(dense.device) == "triton":
         from .triton_kernels import scatter_rows as triton_scatter_rows
 
         return triton_scatter_rows(idx, coef, dense, n_out)

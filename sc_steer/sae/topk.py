@@ -4,10 +4,12 @@ Loss = FVU + aux_coeff * AuxK, both normalised by the batch's variance about its
 reconstructs the main model's residual error ``e = x - x_hat`` (detached) from the top ``k_aux``
 pre-activations of latents that have not fired for a while, decoded WITHOUT the decoder bias.
 
-Training is sparse end to end (``sae/sparse.py``): the dense pre-activations are computed without
-autograd, the top-k (and AuxK) entries are selected, and the gradients flow through those entries
-only, so besides the encoder's forward matmul every product costs batch * k * d_in instead of
-batch * d_sae * d_in. Inference (``encode``/``decode``) stays dense and simple.
+On CUDA with Triton, training is sparse end to end (``sae/sparse.py``): the dense pre-activations are
+computed without autograd, the top-k (and AuxK) entries are selected, and the gradients flow through
+those entries only, so besides the encoder's forward matmul every product costs batch * k * d_in
+instead of batch * d_sae * d_in. Elsewhere the decoder alone is sparse (``embedding_bag``) and the
+encoder's backward is the dense autograd matmul, which is faster there. Inference
+(``encode``/``decode``) stays dense and simple.
 """
 from __future__ import annotations
 
@@ -35,21 +37,14 @@ def dead_topk(pre: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
         return pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
 
 
-def fvu_and_auxk(x, x_hat, e_hat) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Shared by TopK and BatchTopK; ``e_hat`` is the AuxK reconstruction (None: no AuxK this step)."""
     total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
     fvu = (x_hat - x).pow(2).sum() / total_var
-    parts = {"fvu": fvu.detach()}
     if e_hat is None:
-        return fvu, parts
+        return fvu, {"fvu": fvu.detach()}
     auxk = (e_hat.float() - (x - x_hat).detach()).pow(2).sum() / total_var
-    parts["auxk"] = auxk.detach()
-    return fvu, parts | {"_auxk": auxk}
-
-
-def with_aux(loss: torch.Tensor, parts: dict, ctx: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    auxk = parts.pop("_auxk", None)
-    return (loss if auxk is None else loss + ctx["aux_coeff"] * auxk), parts
+    return fvu + aux_coeff * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()}
 
 
 class TopKSAE(SAE):
@@ -89,5 +84,4 @@ class TopKSAE(SAE):
         return TrainOut(x_hat=x_hat, pre=pre, counts=counts, aux=e_hat)
 
     def loss(self, x, out, ctx):
-        loss, parts = fvu_and_auxk(x, out.x_hat, out.aux)
-        return with_aux(loss, parts, ctx)
+        return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0))

@@ -72,7 +72,7 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
     """Activations straight from the model (no disk cache), shuffled in a host buffer of ``buffer_tokens``
     tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept in the model's
     dtype; batches are handed out in fp32)."""
-    from ..activations import run_sites
+    from ..activations import kept, run_sites, text_rows
     from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 
     names = [str(s) for s in sites]
@@ -97,10 +97,9 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
         gen = torch.Generator().manual_seed(seed)
         for _, b in token_batches():
             acts = run_sites(lm, b, sites)
-            where = b.keep.reshape(-1).nonzero().squeeze(1)
+            where = text_rows(b)
             for s in sites:
-                a = acts[s]
-                chunks[str(s)].append(a.reshape(-1, a.shape[-1]).index_select(0, where.to(a.device)).cpu())
+                chunks[str(s)].append(kept(acts[s], where).cpu())
             n += len(where)
             if n < buffer_tokens:
                 continue
