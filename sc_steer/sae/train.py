@@ -220,8 +220,9 @@ class Trainer:
             counts = out.counts
             record_firing(st, counts, x.shape[0])
             stats = {"loss": loss.detach(), "l0": counts.sum() / x.shape[0],
-                     "fvu": (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12),
                      "dead": (st.since_fired > cfg.resolved_dead_tokens()).float().mean()}
+            if "fvu" not in parts:  # TopK and BatchTopK losses already computed it
+                stats["fvu"] = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         return stats | parts
 
     def _read_stats(self, stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
