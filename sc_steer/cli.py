@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="collect -> train -> eval -> interpret -> graph on the shipped demo model, offline")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--collect-tokens", type=int, default=300_000)
+    p.add_argument("--collect-tokens", type=int, default=1_200_000)
     p.add_argument("--train-tokens", type=int, help="training tokens per SAE (default 1,228,800)")
     p.add_argument("--eval-tokens", type=int, default=50_000)
     p.add_argument("--interpret-tokens", type=int, default=200_000)

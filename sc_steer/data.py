@@ -4,6 +4,8 @@ A data spec is one string, so that CLI flags, manifests and recipes can all name
 
 * ``demo`` / ``demo:train`` -- the demo model's training corpus shipped in the package;
 * ``demo:heldout``         -- the held-out slice the demo model never trained on;
+  both as passages of about ``DEMO_PASSAGE_CHARS`` characters taken from the three sources in turn,
+  so that any prefix (``--max-tokens``) is a mix of Bible, plays and glosses, not the first book;
 * ``path/to/file.txt``     -- a plain text file (one document, or one per line / paragraph);
 * ``path/to/folder``       -- every ``*.txt`` / ``*.md`` file below it, one document each;
 * ``path/to/file.jsonl``   -- one document per line, text in ``field`` (``.jsonl.gz`` too);
@@ -30,6 +32,7 @@ from .errors import ScSteerError
 
 DEMO_DATA = Path(__file__).parent / "demo" / "data"
 SPLITS = ("file", "line", "paragraph")
+DEMO_PASSAGE_CHARS = 3000
 
 
 def _demo_file(split: str) -> Path:
@@ -65,6 +68,34 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
                 raise ScSteerError(f"{path}:{n}: field {field!r} is {type(rec[field]).__name__}, expected text")
             if rec[field].strip():
                 yield rec[field]
+
+
+def _passages(text: str, chars: int) -> Iterator[str]:
+    """Consecutive whole lines of ``text``, about ``chars`` characters at a time."""
+    buf: list[str] = []
+    size = 0
+    for line in text.splitlines():
+        buf.append(line)
+        size += len(line) + 1
+        if size >= chars:
+            yield "\n".join(buf)
+            buf, size = [], 0
+    if "".join(buf).strip():
+        yield "\n".join(buf)
+
+
+def _demo_documents(path: Path, field: str) -> Iterator[str]:
+    """The demo corpus as passages, one from each source in turn (sources in file order)."""
+    if field != "text":
+        raise ScSteerError(f"field {field!r}: the demo corpus has its text in 'text'")
+    by_source: dict[str, list[str]] = {}
+    with _open_text(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            by_source.setdefault(rec["source"], []).append(rec["text"])
+    streams = [(p for doc in docs for p in _passages(doc, DEMO_PASSAGE_CHARS)) for docs in by_source.values()]
+    for passages in itertools.zip_longest(*streams):
+        yield from (p for p in passages if p is not None and p.strip())
 
 
 def _hf_documents(spec: str, field: str) -> Iterator[str]:
@@ -122,8 +153,10 @@ def _documents(spec: str, field: str, split: str) -> Iterator[str]:
     found = False
     for path in _local_files(spec):
         name = path.name.removesuffix(".gz")
-        if name.endswith(".jsonl"):
-            docs: Iterable[str] = _jsonl_documents(path, field)
+        if spec == "demo" or spec.startswith("demo:"):
+            docs: Iterable[str] = _demo_documents(path, field)
+        elif name.endswith(".jsonl"):
+            docs = _jsonl_documents(path, field)
         else:
             with _open_text(path) as f:
                 try:

@@ -197,10 +197,10 @@ def interpret_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None 
 
 
 DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800, "checkpoint_every": 50,
-              "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 2e-3}}
+              "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 4e-3}}
 
 
-def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_tokens: int | None = None,
+def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 1_200_000, train_tokens: int | None = None,
          eval_tokens: int = 50_000, interpret_tokens: int = 200_000, device: str | torch.device = "cpu",
          dtype: str | torch.dtype = "float32", progress: bool = True) -> dict[str, dict]:
     """collect -> train -> eval -> interpret -> graph on the shipped demo model, offline, on ``device``
@@ -218,7 +218,9 @@ def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 300_000, train_
     validate.integer("--interpret-tokens", interpret_tokens, 1)
     lm = open_model("demo", device=device, dtype=dtype)
     # the folder is checked before the first write: a foreign run there is refused, not merged into
-    check_run(out, {"model": "demo", "sites": [str(s) for s in lm.sites(cfg.sites)], "train_config": cfg.to_dict()})
+    # (its own collection may be there already: a demo killed while collecting resumes)
+    check_run(out, {"model": "demo", "sites": [str(s) for s in lm.sites(cfg.sites)], "train_config": cfg.to_dict(),
+                    "activations": str(out / "activations")})
     collect(lm, "resid_post.*", "demo", out / "activations", ctx=256, batch_size=16, max_tokens=collect_tokens,
             progress=progress)
     train_from_store(out / "activations", cfg, out, resume=True, device=lm.device, progress=progress)

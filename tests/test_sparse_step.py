@@ -199,3 +199,36 @@ def test_jumprelu_pseudo_gradients_by_hand():
     theta.grad = None
     _Step.apply(h.detach(), theta, 1.0).backward(g)
     assert theta.grad.item() == pytest.approx(-1.0 * (1.0 + 2.0))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("path", ["torch", "autograd"])
+def test_auxk_by_hand(arch, path, monkeypatch):
+    """A two-token example worked on paper: decoder rows e1, e2, (e1+e2)/sqrt2, (e1-e2)/sqrt2 (tied
+    encoder, zero biases), k = 1, latents 2 and 3 dead, k_aux = 1, x = [[2, 1], [0, -1]].
+    Top-1: latent 2 (3/sqrt2) on the first token, latent 3 (1/sqrt2) on the second, so x_hat =
+    [[1.5, 1.5], [0.5, -0.5]] and the residual e = [[0.5, -0.5], [-0.5, -0.5]]; the variance about the
+    batch mean is 4, so FVU = 1/4. AuxK picks the same dead latents: e_hat = x_hat (no b_dec), error
+    [[1, 2], [1, 0]], squared 6, so AuxK = 6/4 and loss = 1/4 + aux_coeff * 3/2.
+    BatchTopK keeps the two largest of the batch instead, both on the first token (3/sqrt2 and 2):
+    x_hat = [[3.5, 1.5], [0, 0]], e = [[-1.5, -0.5], [0, -1]], FVU = 3.5/4; AuxK's e_hat is the same as
+    above, error [[3, 2], [0.5, 0.5]], squared 13.5, AuxK = 13.5/4."""
+    monkeypatch.setenv("SC_STEER_KERNELS", path)
+    r = 2 ** -0.5
+    sae = make_sae(SAEConfig(arch, 2, 4, k=1))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [r, r], [r, -r]]))
+        sae.W_enc.copy_(sae.W_dec.T)
+        for p in (sae.b_enc, sae.b_dec):
+            p.zero_()
+    x = torch.tensor([[2.0, 1.0], [0.0, -1.0]])
+    dead = torch.tensor([False, False, True, True])
+    ctx = {"aux_coeff": 1 / 32, "k_aux": 1, "dead": dead, "n_dead": 2}
+    out = sae.train_forward(x, ctx)
+    x_hat, fvu, auxk = {"topk": ([[1.5, 1.5], [0.5, -0.5]], 0.25, 1.5),
+                        "batchtopk": ([[3.5, 1.5], [0.0, 0.0]], 0.875, 3.375)}[arch]
+    torch.testing.assert_close(out.x_hat, torch.tensor(x_hat))
+    torch.testing.assert_close(out.aux, torch.tensor([[1.5, 1.5], [0.5, -0.5]]))
+    loss, parts = sae.loss(x, out, ctx)
+    assert abs(float(parts["fvu"]) - fvu) < 1e-6 and abs(float(parts["auxk"]) - auxk) < 1e-6
+    assert abs(float(loss) - (fvu + auxk / 32)) < 1e-6

@@ -77,6 +77,7 @@ class SAE(nn.Module):
     architecture: ClassVar[str]
     saelens_architecture: ClassVar[str]
     needs_k: ClassVar[bool] = False
+    calibrates: ClassVar[bool] = False   # wants end-of-run batches (``calibrate``)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -135,6 +136,10 @@ class SAE(nn.Module):
 
     def after_step(self, out: TrainOut) -> None:
         """Per-step state updates that are not gradients (e.g. BatchTopK's threshold EMA)."""
+
+    def calibrate(self, batches: list[torch.Tensor]) -> None:
+        """End-of-run adjustment from batches (in training units) the last step did not see; most
+        architectures need none (BatchTopK sets its inference threshold here)."""
 
     # -- constraints -----------------------------------------------------------------------------
     @torch.no_grad()

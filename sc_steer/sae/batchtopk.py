@@ -1,9 +1,11 @@
 """BatchTopK: while training, keep the top ``k * batch`` activations over the whole batch.
 
 The number of active latents then varies per token (mean k). For inference, a single threshold
-(an EMA of the smallest activation kept in each training batch) turns it into a per-token JumpReLU,
-so encoding one token does not depend on the rest of the batch. Saved for SAELens as "jumprelu"
-with that threshold repeated per latent.
+turns it into a per-token JumpReLU, so encoding one token does not depend on the rest of the batch.
+While training the threshold is an EMA of the smallest activation kept in each batch (it lags the
+weights on short runs); at the end of a run ``calibrate`` sets it from batches drawn after the last
+step so that the inference L0 is k. Saved for SAELens as "jumprelu" with the threshold repeated per
+latent.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
     needs_k = True
+    calibrates = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -52,6 +55,17 @@ class BatchTopKSAE(SAE):
         m = torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float()
         new = torch.where(self.threshold < 0, m, self.ema * self.threshold + (1 - self.ema) * m)
         self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[torch.Tensor]) -> None:
+        """Threshold = mean over ``batches`` of the (k * batch)-th largest activation of each: the
+        value BatchTopK itself would have cut at, so inference keeps k latents per token on average."""
+        cuts = []
+        for x in batches:
+            h = torch.relu(self.pre_acts(x)).reshape(-1)
+            n_keep = min(self.cfg.k * x.shape[0], h.numel())
+            cuts.append(h.topk(n_keep, sorted=False).values.min())
+        self.threshold.copy_(torch.stack(cuts).mean())
 
     def loss(self, x, out, ctx):
         return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0))

@@ -1,8 +1,12 @@
-"""ReLU + L1, the original post's SAE: ``f = ReLU(pre)``, loss = MSE + lambda * sum_i f_i ||W_dec[i]||.
+"""ReLU + L1, the original post's SAE: ``f = ReLU(pre)``, loss = MSE + lambda * sum_i f_i.
 
-The L1 term is weighted by decoder row norms (so it cannot be dodged by shrinking f and growing
-W_dec); lambda ramps up linearly over the warm-up. The decoder is a real parameter with its own
-gradient: tied *initialisation* (W_enc = W_dec^T) is offered, a detached tied decoder is not.
+The penalty is the plain L1 norm of the code. It cannot be dodged by shrinking f and growing W_dec
+because the trainer keeps every decoder row at unit norm (the radial part of the gradient is removed
+and rows are renormalised after each step); the norm-weighted form ``sum_i f_i ||W_dec[i]||``
+(Anthropic's April 2024 update) is the same number under that constraint, so it is written here as
+the product with the row norms only to stay right if the constraint is ever lifted. lambda ramps up
+linearly over the warm-up. The decoder is a real parameter with its own gradient: tied
+*initialisation* (W_enc = W_dec^T) is offered, a detached tied decoder is not.
 """
 from __future__ import annotations
 

@@ -336,8 +336,22 @@ class Trainer:
             bar.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+        self._calibrate(stream)
         self._checkpoint()
         return self.save()
+
+    CALIBRATION_BATCHES = 8
+
+    def _calibrate(self, stream) -> None:
+        """Hand each SAE the batches that follow the last step (deterministic: the stream is a function
+        of the step), in training units, for its end-of-run calibration."""
+        wanted = [st for st in self.states.values() if st.sae.calibrates]
+        if not wanted:
+            return
+        batches = [next(stream) for _ in range(self.CALIBRATION_BATCHES)]
+        for st in wanted:
+            site = st.site
+            st.sae.calibrate([b[site].to(self.device, torch.float32) * st.scale for b in batches])
 
     def _request_stop(self, signum, frame) -> None:
         self._stop = True
@@ -397,23 +411,32 @@ def plot_training_curves(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+MIN_STEPS = 250    # bench/toy_recovery_results.md: 48 steps leave ReLU at L0 69 for a true 5, 250 reach 4.1
+
+
 def train_sae(x: torch.Tensor, architecture: str = "topk", *, d_sae: int | None = None, k: int | None = 32,
               tokens: int | None = None, batch_size: int = 4096, seed: int = 0, device: str | torch.device = "cpu",
-              progress: bool = False, out: str | Path | None = None, **sae_options) -> SAE:
+              progress: bool = False, out: str | Path | None = None, **options) -> SAE:
     """Train one SAE on an in-memory float tensor ``[N, d]`` and return it (raw-activation units), on
     ``device`` (where it was trained; ``x`` may live anywhere).
 
-    ``sae_options`` are fields of ``SAETrainConfig`` (``l1_coeff``, ``lr``, ``expansion``, ...);
-    ``tokens`` defaults to 10 passes over ``x``. Writes its files to ``out`` (a temp folder if None).
+    ``options`` are fields of ``SAETrainConfig`` (``l1_coeff``, ``lr``, ``expansion``, ...) or of
+    ``TrainConfig`` (``dead_tokens``, ``lr_warmup``, ...). ``tokens`` defaults to 10 passes over ``x``
+    or ``MIN_STEPS`` optimizer steps, whichever is more. Writes its files to ``out`` (a temp folder if
+    None).
     """
     import tempfile
+    from dataclasses import fields
 
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
         raise ScSteerError("train_sae: x must be a float tensor of shape [N, d]")
     batch_size = min(batch_size, len(x))
-    scfg = SAETrainConfig(architecture=architecture, d_sae=d_sae, k=k, **sae_options)
-    cfg = TrainConfig(sites=["x"], batch_size=batch_size, tokens=tokens or 10 * len(x), seed=seed,
-                      checkpoint_every=1 << 30, sae=scfg)
+    run_keys = {f.name for f in fields(TrainConfig)} - {"sites", "batch_size", "tokens", "seed", "sae", "layers"}
+    run_opts = {key: options.pop(key) for key in list(options) if key in run_keys}
+    scfg = SAETrainConfig(architecture=architecture, d_sae=d_sae, k=k, **options)
+    tokens = tokens or max(10 * len(x), MIN_STEPS * batch_size)
+    cfg = TrainConfig(sites=["x"], batch_size=batch_size, tokens=tokens, seed=seed, sae=scfg,
+                      **{"checkpoint_every": 1 << 30, **run_opts})
     cfg.check()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tensor_source({"x": x}, batch_size, seed), out or tmp,
