@@ -117,7 +117,8 @@ def reference_loss(p: dict, x: torch.Tensor, k: int, dead: torch.Tensor | None, 
         i = masked.topk(min(k_aux, int(dead.sum())), dim=-1).indices if aux_idx is None else aux_idx
         f_aux = torch.zeros_like(pre).scatter(-1, i, pre.gather(-1, i).relu() * dead[i])
         e_hat = (f_aux @ p["W_dec"]).float()
-        loss = loss + aux_coeff * (e_hat - (x - x_hat).detach()).pow(2).sum() / var
+        e = (x - x_hat).detach()
+        loss = loss + aux_coeff * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     return loss
 
 

@@ -27,9 +27,18 @@ def random_sae(arch, d_in=8, d_sae=24, k=3, seed=0):
 
 @pytest.mark.parametrize("arch, kw", [("topk", {"k": 4}), ("relu", {"l1_coeff": 1.0})])
 def test_recovers_known_directions_in_superposition(arch, kw):
+    """Uniform frequencies, defaults but the sparsity knob. Data and SAE are seeded apart: with one
+    seed the SAE's initial decoder was the true directions and this passed at any budget."""
     x, dirs = make_toy_data(40_000, 64, 256, 4, seed=0)
-    sae = train_sae(x, arch, d_sae=256, tokens=400_000, batch_size=1024, lr=3e-3, seed=0, **kw)
+    sae = train_sae(x, arch, d_sae=256, seed=0, **kw)
     assert mean_max_cosine(dirs, sae.W_dec.detach()) >= 0.95
+
+
+def test_toy_data_and_sae_initialisation_are_seeded_apart():
+    for seed in range(3):
+        _, dirs = make_toy_data(10, 64, 256, 4, seed=seed)
+        sae = make_sae(SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4)) if torch.manual_seed(seed) else None
+        assert mean_max_cosine(dirs, sae.W_dec.detach()) < 0.6
 
 
 def test_maps_match_the_formulas():
@@ -222,15 +231,26 @@ def test_saved_saes_take_raw_activations_with_a_large_mean(arch):
     assert arch not in ("topk", "batchtopk") or fvu < 0.5, fvu
 
 
-@pytest.mark.parametrize("data_seed", [0, pytest.param(1, marks=pytest.mark.xfail(
-    strict=True, reason="issue 12, open: this seed pair collapses to MMCS 0.66 with the defaults"))])
-def test_heavy_tailed_recovery_with_defaults(data_seed):
+@pytest.fixture(scope="module")
+def heavy_tailed_recovery():
     """Rare features (firing probability proportional to 0.98**i, 170x between the most and the least
-    frequent) in 2x superposition, the TopK trainer with its defaults only: the benchmark's 1x setting
-    (bench/toy_recovery.py), SAE seed 0."""
-    x, dirs = make_heavy_tailed_data(100_000, 128, 256, 5, 0.98, seed=data_seed)
+    frequent) in 2x superposition: the benchmark's 1x setting (bench/toy_recovery.py), data seed 1,
+    the TopK trainer with its defaults only (SAE seed 0)."""
+    x, dirs = make_heavy_tailed_data(100_000, 128, 256, 5, 0.98, seed=1)
     sae = train_sae(x, "topk", d_sae=256, k=5)
-    assert mean_max_cosine(dirs, sae.W_dec.detach()) >= 0.98
+    return mean_max_cosine(dirs, sae.W_dec.detach())
+
+
+def test_heavy_tailed_recovery_with_defaults(heavy_tailed_recovery):
+    """0.66 with the defaults before the AuxK normaliser, the dead window and the step count were
+    measured; 0.94 after (bench/toy_recovery_results.md)."""
+    assert heavy_tailed_recovery >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12, open: the target is 0.98 (the plain reference reaches "
+                   "0.98-0.99 at 10k steps of 256)")
+def test_heavy_tailed_recovery_reaches_the_target(heavy_tailed_recovery):
+    assert heavy_tailed_recovery >= 0.98
 
 
 @pytest.mark.parametrize("corr", [0.0, 0.5])

@@ -1,8 +1,9 @@
 """TopK SAE: keep the k largest pre-activations (after ReLU), zero the rest; AuxK revives dead latents.
 
-Loss = FVU + aux_coeff * AuxK, both normalised by the batch's variance about its mean. AuxK
-reconstructs the main model's residual error ``e = x - x_hat`` (detached) from the top ``k_aux``
-pre-activations of latents that have not fired for a while, decoded WITHOUT the decoder bias.
+Loss = FVU + aux_coeff * AuxK. FVU is normalised by the batch's variance about its mean, AuxK by
+the residual's: AuxK reconstructs the main model's residual error ``e = x - x_hat`` (detached) from
+the top ``k_aux`` pre-activations of latents that have not fired for a while, decoded WITHOUT the
+decoder bias, and its loss is ``||e_hat - e||^2 / ||e - mean(e)||^2``.
 
 On CUDA with Triton, training is sparse end to end (``sae/sparse.py``): the dense pre-activations are
 computed without autograd, the top-k (and AuxK) entries are selected, and the gradients flow through
@@ -43,7 +44,8 @@ def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float) -> tuple[torch.Tensor, dict[
     fvu = (x_hat - x).pow(2).sum() / total_var
     if e_hat is None:
         return fvu, {"fvu": fvu.detach()}
-    auxk = (e_hat.float() - (x - x_hat).detach()).pow(2).sum() / total_var
+    e = (x - x_hat).detach()   # normalised by the residual's own energy, not the input's: as FVU falls,
+    auxk = (e_hat.float() - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)  # it keeps its pull
     return fvu + aux_coeff * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()}
 
 
