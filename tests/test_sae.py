@@ -37,7 +37,8 @@ def test_recovers_known_directions_in_superposition(arch, kw):
 def test_toy_data_and_sae_initialisation_are_seeded_apart():
     for seed in range(3):
         _, dirs = make_toy_data(10, 64, 256, 4, seed=seed)
-        sae = make_sae(SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4)) if torch.manual_seed(seed) else None
+        torch.manual_seed(seed)   # as the trainer seeds before it builds the SAE
+        sae = make_sae(SAEConfig(architecture="topk", d_in=64, d_sae=256, k=4))
         assert mean_max_cosine(dirs, sae.W_dec.detach()) < 0.6
 
 

@@ -40,7 +40,8 @@ def make_toy_data(n: int, d: int, n_features: int, active: int, seed: int = 0) -
 
 
 def firing_probabilities(n_features: int, mean_active: float, decay: float) -> torch.Tensor:
-    """``p_i = c * decay**i`` with ``c`` chosen so that ``sum_i p_i = mean_active`` (capped at 1)."""
+    """``p_i = c * decay**i`` with ``c`` chosen so that ``sum_i p_i = mean_active`` (an error where the
+    most frequent would need a probability above 1)."""
     w = decay ** torch.arange(n_features, dtype=torch.float64)
     p = w * (mean_active / w.sum())
     if float(p.max()) > 1:
