@@ -5,6 +5,7 @@ Problems with the user's input (``ScSteerError``) print one ``error:`` line and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -66,17 +67,25 @@ def _train_config(args):
 
 
 def cmd_train(args) -> None:
+    from . import distributed
     from .pipeline import train_from_model, train_from_store
 
     cfg = _train_config(args)
+    dist, device = distributed.from_env(args.device)
+    split = {"dist": dist, "parallel": args.parallel}
     if args.activations:
-        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=args.device,
-                                force=args.force)
+        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=device,
+                                force=args.force, **split)
     else:
+        args.device = str(device)
         lm = _open(args)
         saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=lm.device,
-                                force=args.force)
-    print(f"trained {len(saes)} SAEs -> {args.out}/saes/ ({', '.join(saes)}); curves: {args.out}/training_curves.png")
+                                force=args.force, **split)
+    if dist.is_main:
+        sites = sorted(p.name for p in (Path(args.out) / "saes").iterdir()) if dist.active else list(saes)
+        print(f"trained {len(sites)} SAEs -> {args.out}/saes/ ({', '.join(sites)}); "
+              f"curves: {args.out}/training_curves.png" + (f" ({dist.world} processes, --parallel {args.parallel})"
+                                                           if dist.active else ""))
 
 
 def cmd_eval(args) -> None:
@@ -246,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a .toml / .yaml / .json training config; flags below override it")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
+    p.add_argument("--parallel", choices=["layers", "data"], help="under torchrun: 'layers' gives each process its "
+                   "share of the sites; 'data' splits every batch over the processes (needs --activations)")
     p.add_argument("--sites", help="e.g. resid_post.* or resid_post.1,resid_post.2")
     p.add_argument("--tokens", type=int, help="training tokens per SAE")
     p.add_argument("--batch-size", type=int)
@@ -345,16 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
+
     args = build_parser().parse_args(argv)
+    where = f"[rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}] " if distributed.launched() else ""
     try:
         args.func(args)
     except ScSteerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{where}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: progress was checkpointed; rerun the same command (train: add --resume) to continue",
-              file=sys.stderr)
+        print(f"{where}interrupted: progress was checkpointed; rerun the same command (train: add --resume) to "
+              "continue", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

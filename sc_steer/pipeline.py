@@ -21,6 +21,7 @@ from .activations import ActivationStore, collect
 from . import validate
 from .data import data_fingerprint
 from .devices import resolve_device
+from .distributed import LOCAL, Dist, share
 from .errors import ScSteerError
 from .files import atomic_write_text, check_folder, make_dir
 from .models import LM, open_model
@@ -82,9 +83,23 @@ def read_run(run: str | Path) -> dict:
     return info
 
 
+def check_parallel(parallel: str | None, dist: Dist, n_sites: int) -> None:
+    """A run split over several processes needs its split named, and enough sites to go round."""
+    if parallel not in (None, "layers", "data"):
+        raise ScSteerError(f"--parallel {parallel!r}: expected layers or data")
+    if dist.active and parallel is None:
+        raise ScSteerError(f"{dist.world} processes were started (torchrun): choose how they share the work with "
+                           "--parallel layers (sites across ranks) or --parallel data (batches across ranks)")
+    if dist.active and parallel == "layers" and n_sites < dist.world:
+        raise ScSteerError(f"--parallel layers with {dist.world} processes needs at least {dist.world} sites "
+                           f"(this run has {n_sites}); start fewer processes or use --parallel data")
+
+
 def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-                     device: str | torch.device = "cpu", force: bool = False, progress: bool = True) -> dict[str, SAE]:
-    """Train one SAE per requested site from an activation collection on disk, on ``device``."""
+                     device: str | torch.device = "cpu", force: bool = False, progress: bool = True,
+                     dist: Dist = LOCAL, parallel: str | None = None) -> dict[str, SAE]:
+    """Train one SAE per requested site from an activation collection on disk, on ``device``; under
+    torchrun, ``dist`` and ``parallel`` split the run (``sae/train.py``). Returns this rank's SAEs."""
     device = resolve_device(device)  # before anything is written
     store = ActivationStore(activations)
     from .sites import parse_sites
@@ -96,30 +111,45 @@ def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path,
     info = {s: {"d": store.d(s), "mean_norm": store.mean_norm(s), "module": store.manifest["sites"][s].get("module")}
             for s in sites}
     cfg.check_widths({s: v["d"] for s, v in info.items()})
+    check_parallel(parallel, dist, len(sites))
     c = store.manifest["config"]
     meta = {"model_name": store.manifest["model"]["name"], "context_size": c["ctx"], "prepend_bos": c["prepend_bos"],
             "dataset": c["data"]}
-    start_run(Path(out), {"model": meta["model_name"], "activations": str(activations),
-                          "dataset": {"sha256": store.manifest["dataset"]["sha256"], "n_tokens": store.n_tokens,
-                                      "collection": store.manifest["config"]},
-                          "sites": sites, "train_config": cfg.to_dict()}, force=force)
-    trainer = Trainer(cfg, store_source(store, sites, cfg.batch_size, cfg.seed), out, info, meta, device, progress)
+    run_info = {"model": meta["model_name"], "activations": str(activations),
+                "dataset": {"sha256": store.manifest["dataset"]["sha256"], "n_tokens": store.n_tokens,
+                            "collection": store.manifest["config"]},
+                "sites": sites, "train_config": cfg.to_dict()}
+    dist.agree(run_info, "the training settings")
+    dist.main_first(lambda: start_run(Path(out), run_info, force=force), "writing run.json")
+    mine = share(sites, dist) if dist.active and parallel == "layers" else sites
+    trainer = Trainer(cfg, store_source(store, mine, cfg.batch_size, cfg.seed), out, info, meta, device, progress,
+                      dist=dist, parallel=parallel)
     return trainer.run(resume=resume)
 
 
 def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ctx: int = 256, resume: bool = False,
-                     device: str | torch.device = "cpu", force: bool = False, progress: bool = True) -> dict[str, SAE]:
-    """Train straight from the model's activations, with no disk cache."""
+                     device: str | torch.device = "cpu", force: bool = False, progress: bool = True,
+                     dist: Dist = LOCAL, parallel: str | None = None) -> dict[str, SAE]:
+    """Train straight from the model's activations, with no disk cache. Under torchrun only
+    ``parallel="layers"``: each rank runs its own copy of the model for its share of the sites."""
     sites = lm.sites(cfg.sites)
     validate.integer("--ctx", ctx, 2)
     lm.check_positions(ctx)
     info = {str(s): {"d": lm.width(s), "module": lm.module_path(s)} for s in sites}
     cfg.check_widths({s: v["d"] for s, v in info.items()})
+    check_parallel(parallel, dist, len(sites))
+    if dist.active and parallel == "data":
+        raise ScSteerError("--parallel data trains from an activation collection (--activations): collect first "
+                           "(sc-steer collect runs under torchrun too), or use --parallel layers to train from "
+                           "the model")
     meta = {"model_name": lm.name, "context_size": ctx, "prepend_bos": True, "dataset": data}
-    start_run(Path(out), {"model": lm.name, "data": data, "dataset": {"sha256": data_fingerprint(data), "ctx": ctx},
-                          "sites": list(info), "train_config": cfg.to_dict()}, force=force)
-    source = model_source(lm, sites, data, cfg.batch_size, cfg.seed, ctx=ctx)
-    return Trainer(cfg, source, out, info, meta, device, progress).run(resume=resume)
+    run_info = {"model": lm.name, "data": data, "dataset": {"sha256": data_fingerprint(data), "ctx": ctx},
+                "sites": list(info), "train_config": cfg.to_dict()}
+    dist.agree(run_info, "the training settings")
+    dist.main_first(lambda: start_run(Path(out), run_info, force=force), "writing run.json")
+    mine = share(sites, dist) if dist.active else sites
+    source = model_source(lm, mine, data, cfg.batch_size, cfg.seed, ctx=ctx, run_sites_of=sites)
+    return Trainer(cfg, source, out, info, meta, device, progress, dist=dist, parallel=parallel).run(resume=resume)
 
 
 def load_run_saes(run: str | Path, sites: list[str] | None = None, *,

@@ -115,7 +115,7 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     # -- training hooks (overridden per architecture) --------------------------------------------
-    def train_encode(self, pre: torch.Tensor) -> torch.Tensor:
+    def train_encode(self, pre: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
         """Training-time activation; differs from ``activate`` for BatchTopK and JumpReLU (gradients)."""
         return self.activate(pre)
 
@@ -123,7 +123,7 @@ class SAE(nn.Module):
         """One training forward pass (``ctx``: see ``loss``). The default is dense; TopK overrides it
         with a sparse one."""
         pre = self.pre_acts(x)
-        f = self.train_encode(pre)
+        f = self.train_encode(pre, ctx)
         return TrainOut(x_hat=self.decode(f), pre=pre, counts=torch.count_nonzero(f.detach(), dim=0), f=f)
 
     def loss(self, x: torch.Tensor, out: TrainOut, ctx: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -134,12 +134,13 @@ class SAE(nn.Module):
     def set_training_options(self, scfg: Any, fresh: bool) -> None:
         """Architecture-specific training settings from ``SAETrainConfig`` (``fresh``: not a resume)."""
 
-    def after_step(self, out: TrainOut) -> None:
+    def after_step(self, out: TrainOut, ctx: dict | None = None) -> None:
         """Per-step state updates that are not gradients (e.g. BatchTopK's threshold EMA)."""
 
-    def calibrate(self, batches: list[torch.Tensor]) -> None:
-        """End-of-run adjustment from batches (in training units) the last step did not see; most
-        architectures need none (BatchTopK sets its inference threshold here)."""
+    def calibrate(self, xs: list[torch.Tensor], batch: Any = None) -> None:
+        """End-of-run adjustment from batches ``xs`` (in training units) the last step did not see, with
+        ``batch`` (``sae/batch.py``) joining slices in data-parallel runs; most architectures need none
+        (BatchTopK sets its inference threshold here)."""
 
     # -- constraints -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -154,11 +155,13 @@ class SAE(nn.Module):
             g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1)
 
     @torch.no_grad()
-    def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median") -> None:
+    def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median", batch: Any = None) -> None:
+        """b_dec from a sample of inputs (``batch``, from ``sae/batch.py``, joins a sample split over ranks)."""
         if method == "mean":
-            self.b_dec.copy_(sample.mean(0))
+            self.b_dec.copy_(sample.mean(0) if batch is None else batch.total(sample.sum(0)) / batch.total(
+                sample.new_tensor(float(len(sample)))))
         elif method == "geometric_median":
-            self.b_dec.copy_(geometric_median(sample.float()))
+            self.b_dec.copy_(geometric_median(sample.float(), batch=batch))
         elif method != "zeros":
             raise ScSteerError(f"b_dec init {method!r}: expected geometric_median, mean or zeros")
 
@@ -227,12 +230,16 @@ def config_from_dict(d: dict) -> SAEConfig:
     return SAEConfig(**{k: v for k, v in d.items() if k in known})
 
 
-def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x."""
-    y = x.mean(0)
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6, batch: Any = None) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x.
+
+    With ``batch`` (``sae/batch.py``), x is this rank's part of the points: each iteration's two sums
+    are taken over all ranks, so every rank reaches the median of the union."""
+    total = (lambda t: t) if batch is None else batch.total
+    y = x.mean(0) if batch is None else total(x.sum(0)) / total(x.new_tensor(float(len(x))))
     for _ in range(iters):
         w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
-        y_new = (w[:, None] * x).sum(0) / w.sum()
+        y_new = total((w[:, None] * x).sum(0)) / total(w.sum())
         if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-8):
             return y_new
         y = y_new

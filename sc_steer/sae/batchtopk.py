@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import batch as batches
 from . import sparse
 from .base import SAE, TrainOut
 from .topk import aux_k, dead_topk, fvu_and_auxk
@@ -30,12 +31,9 @@ class BatchTopKSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
 
-    def train_encode(self, pre: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(pre)
-        flat = h.reshape(-1)
-        n_keep = min(self.cfg.k * h.shape[0], flat.numel())
-        vals, idx = flat.topk(n_keep, sorted=False)
-        return torch.zeros_like(flat).scatter_(0, idx, vals).reshape_as(h)
+    def train_encode(self, pre: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+        batch = batches.of(ctx)
+        return batch.keep_top(torch.relu(pre), self.cfg.k * batch.rows(pre.shape[0]))
 
     def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
         out = super().train_forward(x, ctx)
@@ -48,27 +46,24 @@ class BatchTopKSAE(SAE):
         return out
 
     @torch.no_grad()
-    def after_step(self, out) -> None:
+    def after_step(self, out, ctx: dict | None = None) -> None:
         """EMA of the smallest kept activation, on the device (no host sync); a batch with none kept
         leaves the threshold as it was."""
         f = out.f
-        m = torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float()
+        m = batches.of(ctx).smallest(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float())
         new = torch.where(self.threshold < 0, m, self.ema * self.threshold + (1 - self.ema) * m)
         self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
 
     @torch.no_grad()
-    def calibrate(self, batches: list[torch.Tensor]) -> None:
-        """Threshold = mean over ``batches`` of the (k * batch)-th largest activation of each: the
-        value BatchTopK itself would have cut at, so inference keeps k latents per token on average."""
-        cuts = []
-        for x in batches:
-            h = torch.relu(self.pre_acts(x)).reshape(-1)
-            n_keep = min(self.cfg.k * x.shape[0], h.numel())
-            cuts.append(h.topk(n_keep, sorted=False).values.min())
+    def calibrate(self, xs: list[torch.Tensor], batch: batches.LocalBatch | None = None) -> None:
+        """Threshold = mean over the batches ``xs`` of the (k * batch)-th largest activation of each:
+        the value BatchTopK itself would have cut at, so inference keeps k latents per token on average."""
+        batch = batch or batches.LOCAL
+        cuts = [batch.cut(torch.relu(self.pre_acts(x)), self.cfg.k * batch.rows(x.shape[0])) for x in xs]
         self.threshold.copy_(torch.stack(cuts).mean())
 
     def loss(self, x, out, ctx):
-        return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0))
+        return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0), batches.of(ctx))
 
     def thresholds(self):
         return [self.threshold]

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from . import batch as batches
 from .base import SAE
 
 
@@ -78,13 +79,14 @@ class JumpReLUSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold).to(pre.dtype)
 
-    def train_encode(self, pre: torch.Tensor) -> torch.Tensor:
+    def train_encode(self, pre: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
         return _JumpReLU.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).reshape_as(pre)
 
     def loss(self, x, out, ctx):
-        mse = (out.x_hat - x).pow(2).sum(-1).mean()
+        batch = batches.of(ctx)
+        mse = batch.mean_rows((out.x_hat - x).pow(2).sum(-1))
         pre = out.pre
-        l0 = _Step.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).sum(-1).mean()
+        l0 = batch.mean_rows(_Step.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).sum(-1))
         coeff = ctx["l0_coeff"] * ctx["sparsity_scale"]
         return mse + coeff * l0, {"mse": mse.detach(), "l0_loss": l0.detach()}
 

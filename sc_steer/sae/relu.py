@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import batch as batches
 from .base import SAE
 
 
@@ -23,7 +24,8 @@ class ReluSAE(SAE):
         return torch.relu(pre)
 
     def loss(self, x, out, ctx):
-        mse = (out.x_hat - x).pow(2).sum(-1).mean()
-        l1 = (out.f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        batch = batches.of(ctx)
+        mse = batch.mean_rows((out.x_hat - x).pow(2).sum(-1))
+        l1 = batch.mean_rows((out.f * self.W_dec.norm(dim=1)).sum(-1))
         coeff = ctx["l1_coeff"] * ctx["sparsity_scale"]
         return mse + coeff * l1, {"mse": mse.detach(), "l1": l1.detach()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import batch as batches
 from . import sparse
 from .base import SAE, TrainOut
 
@@ -38,14 +39,16 @@ def dead_topk(pre: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
         return pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
 
 
-def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Shared by TopK and BatchTopK; ``e_hat`` is the AuxK reconstruction (None: no AuxK this step)."""
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-8)
+def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float, batch: batches.LocalBatch = batches.LOCAL
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Shared by TopK and BatchTopK; ``e_hat`` is the AuxK reconstruction (None: no AuxK this step);
+    ``batch`` computes the whole batch's variances (``sae/batch.py``)."""
+    total_var = batch.centered_energy(x).clamp_min(1e-8)
     fvu = (x_hat - x).pow(2).sum() / total_var
     if e_hat is None:
         return fvu, {"fvu": fvu.detach()}
     e = (x - x_hat).detach()   # normalised by the residual's own energy, not the input's: as FVU falls,
-    auxk = (e_hat.float() - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-8)  # it keeps its pull
+    auxk = (e_hat.float() - e).pow(2).sum() / batch.centered_energy(e).clamp_min(1e-8)  # it keeps its pull
     return fvu + aux_coeff * auxk, {"fvu": fvu.detach(), "auxk": auxk.detach()}
 
 
@@ -86,4 +89,4 @@ class TopKSAE(SAE):
         return TrainOut(x_hat=x_hat, pre=pre, counts=counts, aux=e_hat)
 
     def loss(self, x, out, ctx):
-        return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0))
+        return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0), batches.of(ctx))

@@ -7,6 +7,16 @@ stream up to the checkpoint and the run ends where an uninterrupted one would.
 Per step, per site: x is scaled by ``s = sqrt(d_in) / mean_norm``; loss -> backward -> remove the
 gradient parallel to each decoder row -> clip -> Adam -> renormalise decoder rows. On save, ``s`` is
 folded into the weights so the files take raw activations.
+
+Under torchrun (``sc_steer/distributed.py``) a run is split in one of two ways:
+
+* ``parallel="layers"``: each rank trains its share of the sites (site i on rank i mod N), with its
+  own checkpoint and log; the SAE files are those of a one-process run with the same seed (each
+  site's initialisation is drawn from (seed, site), and every rank reads the same batches).
+* ``parallel="data"``: every rank trains every SAE on its slice of each global batch; gradients,
+  firing counts and the batch-wide parts of the losses (``sae/batch.py``) are summed over ranks, so
+  the weights follow the one-process run on the same global batches, up to float rounding. Rank 0
+  writes the checkpoint and log.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import os
 import shutil
 import signal
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +39,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..devices import resolve_device
+from ..distributed import LOCAL, Dist, row_range, share
 from ..errors import ScSteerError
 from ..files import atomic_write, atomic_write_text, make_dir
+from . import batch as batches
 from .base import SAE, SAEConfig, make_sae
 from .config import SAETrainConfig, TrainConfig
 
@@ -68,15 +81,17 @@ def store_source(store, sites: list[str], batch_size: int, seed: int) -> BatchSo
 
 
 def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: int = 256, rows_per_pass: int = 16,
-                 buffer_tokens: int = 1 << 17, buffer_bytes: int = 8 << 30) -> BatchSource:
+                 buffer_tokens: int = 1 << 17, buffer_bytes: int = 8 << 30, run_sites_of: list | None = None
+                 ) -> BatchSource:
     """Activations straight from the model (no disk cache), shuffled in a host buffer of ``buffer_tokens``
     tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept in the model's
-    dtype; batches are handed out in fp32)."""
+    dtype; batches are handed out in fp32). ``run_sites_of`` is the whole run's sites where ``sites`` is
+    one rank's share: the buffer is sized for the run, so every rank draws the same tokens."""
     from ..activations import kept, run_sites, text_rows
     from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 
     names = [str(s) for s in sites]
-    per_token = sum(lm.width(s) for s in sites) * torch.empty((), dtype=lm.dtype).element_size()
+    per_token = sum(lm.width(s) for s in (run_sites_of or sites)) * torch.empty((), dtype=lm.dtype).element_size()
     buffer_tokens = max(2 * batch_size, min(buffer_tokens, buffer_bytes // per_token))
 
     def token_batches():
@@ -140,6 +155,11 @@ def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
+def site_seed(seed: int, site: str) -> int:
+    """The seed of one site's initialisation: the same whichever other sites (or ranks) share the run."""
+    return (seed * 1_000_003 + zlib.crc32(site.encode())) % (1 << 63)
+
+
 def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
     """Linear warm-up (<= 1,000 steps), constant, then linear decay to zero over the last ``decay``."""
     w = min(1000, max(1, int(warmup * steps)))
@@ -151,29 +171,61 @@ def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
     return 1.0
 
 
+PARALLEL_MODES = ("layers", "data")
+
+
 class Trainer:
-    """Owns the SAEs of one run; ``run()`` trains to the end (or until SIGTERM/SIGINT) and saves."""
+    """Owns the SAEs of one run (this rank's share of them under ``parallel="layers"``); ``run()`` trains
+    to the end (or until SIGTERM/SIGINT) and saves. ``source`` yields this rank's sites, whole batches."""
 
     def __init__(self, cfg: TrainConfig, source: BatchSource, out: str | Path, site_info: dict[str, dict],
-                 meta: dict | None = None, device: str | torch.device = "cpu", progress: bool = True):
+                 meta: dict | None = None, device: str | torch.device = "cpu", progress: bool = True,
+                 dist: Dist = LOCAL, parallel: str | None = None):
         cfg.check()
+        if parallel is not None and parallel not in PARALLEL_MODES:
+            raise ScSteerError(f"--parallel {parallel!r}: expected layers or data")
         self.cfg, self.source, self.out = cfg, source, Path(out)
         self.site_info, self.meta = site_info, meta or {}
-        self.device, self.progress = resolve_device(device), progress
-        self.sites = list(site_info)
+        self.device, self.dist = resolve_device(device), dist
+        self.parallel = parallel if dist.active else None
+        self.progress = progress and dist.is_main
+        self.all_sites = list(site_info)
+        self.sites = share(self.all_sites, dist) if self.parallel == "layers" else self.all_sites
+        self.data_parallel = self.parallel == "data"
+        self.batch = batches.Sharded(dist, cfg.batch_size) if self.data_parallel else batches.LOCAL
+        self.rows = row_range(cfg.batch_size, dist) if self.data_parallel else (0, cfg.batch_size)
+        self.writes_shared = dist.is_main or self.parallel == "layers"   # checkpoint and log of its own
         self.states: dict[str, SiteState] = {}
         self.step = 0
         self._stop = False
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / checkpoint_name(self.dist, self.parallel)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / (f"train_log.rank{self.dist.rank}-of-{self.dist.world}.jsonl" if self.parallel == "layers"
+                           else LOG)
+
+    def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's rows of a global batch (all of it unless data-parallel)."""
+        lo, hi = self.rows
+        return batch if not self.data_parallel else {s: t[lo:hi] for s, t in batch.items()}
+
     # -- set-up -----------------------------------------------------------------------------------
     def _init_states(self, first: dict[str, torch.Tensor]) -> None:
-        torch.manual_seed(self.cfg.seed)
+        """Fresh SAEs from the run's first batch (this rank's rows of it when data-parallel)."""
+        lo, hi = self.rows
+        n_init = max(0, min(hi, 8192) - lo)    # b_dec from the global batch's first 8,192 rows
         for site in self.sites:
+            torch.manual_seed(site_seed(self.cfg.seed, site))
             scfg = self.cfg.for_site(site)
             d_in = int(self.site_info[site]["d"])
             if first[site].shape[-1] != d_in:
                 raise ScSteerError(f"site {site}: activations have width {first[site].shape[-1]}, expected {d_in}")
-            mean_norm = self.site_info[site].get("mean_norm") or float(first[site].float().norm(dim=-1).mean())
+            mean_norm = self.site_info[site].get("mean_norm") or float(
+                self.batch.mean_rows(first[site].float().norm(dim=-1)))
             scale = math.sqrt(d_in) / max(mean_norm, 1e-12)
             sae_cfg = SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=scfg.resolved_d_sae(d_in),
                                 k=scfg.k if scfg.architecture in ("topk", "batchtopk") else None, site=site,
@@ -183,7 +235,8 @@ class Trainer:
                 with torch.no_grad():
                     w = torch.randn_like(sae.W_enc)
                     sae.W_enc.copy_(w / w.norm(dim=0, keepdim=True))
-            sae.init_b_dec(first[site][:8192].float() * scale, scfg.b_dec_init)
+            sae.init_b_dec(first[site][:n_init].float() * scale, scfg.b_dec_init,
+                           self.batch if self.data_parallel else None)
             sae.set_training_options(scfg, fresh=True)
             sae.to(self.device)
             opt = make_optimizer(sae, scfg.resolved_lr(d_in))
@@ -202,13 +255,18 @@ class Trainer:
         ctx = {"sparsity_scale": min(1.0, (self.step + 1) / max(1, st.cfg.sparsity_warmup * cfg.steps)),
                "l1_coeff": st.cfg.l1_coeff, "l0_coeff": st.cfg.l0_coeff, "aux_coeff": st.cfg.aux_coeff,
                "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2, "dead": dead,
-               "n_dead": int(dead.sum()) if uses_dead else 0}
+               "n_dead": int(dead.sum()) if uses_dead else 0, "batch": self.batch}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
             out = sae.train_forward(x, ctx)
         out.x_hat = out.x_hat.float()
         loss, parts = sae.loss(x, out, ctx)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.data_parallel:  # each rank's loss is its share of the global one: the gradients add up
+            for p in sae.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                self.dist.all_reduce_(p.grad, f"the gradient all-reduce of {st.site}")
         sae.remove_parallel_grad()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         for g in st.opt.param_groups:
@@ -216,17 +274,26 @@ class Trainer:
         st.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            sae.after_step(out)
-            counts = out.counts
-            record_firing(st, counts, x.shape[0])
-            stats = {"loss": loss.detach(), "l0": counts.sum() / x.shape[0],
+            sae.after_step(out, ctx)
+            counts = self.dist.all_reduce_(out.counts, "the firing counts") if self.data_parallel else out.counts
+            n = self.batch.rows(x.shape[0])
+            record_firing(st, counts, n)
+            stats = {"loss": loss.detach(), "l0": counts.sum() / n,
                      "dead": (st.since_fired > cfg.resolved_dead_tokens()).float().mean()}
             if "fvu" not in parts:  # TopK and BatchTopK losses already computed it
-                stats["fvu"] = (out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+                stats["fvu"] = (out.x_hat - x).pow(2).sum() / self.batch.centered_energy(x).clamp_min(1e-12)
         return stats | parts
 
+    SHARED_STATS = ("l0", "dead")   # the same on every rank; the other logged values are shares of a sum
+
     def _read_stats(self, stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
-        """Bring logged values to the host (one sync) and stop on a non-finite loss."""
+        """Bring logged values to the host (one sync; data-parallel: summed over ranks first) and stop on a
+        non-finite loss."""
+        if self.data_parallel:
+            keys = [(site, k) for site, s in stats.items() for k in s if k not in self.SHARED_STATS]
+            summed = self.dist.all_reduce_(torch.stack([stats[site][k].float() for site, k in keys]), "the logged values")
+            for (site, k), v in zip(keys, summed):
+                stats[site][k] = v
         values = {site: {k: float(v) for k, v in s.items()} for site, s in stats.items()}
         for site, v in values.items():
             if not math.isfinite(v["loss"]):  # raised before run() can checkpoint this step's weights
@@ -235,8 +302,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _diverged(self, site: str, what: str) -> None:
-        kept = (f"the last good checkpoint ({self.out / CHECKPOINT}) is kept; --resume continues from it"
-                if (self.out / CHECKPOINT).exists() else "nothing was saved")
+        kept = (f"the last good checkpoint ({self.checkpoint_path}) is kept; --resume continues from it"
+                if self.checkpoint_path.exists() else "nothing was saved")
         raise ScSteerError(f"training of {site} diverged at step {self.step}: {what} (try a lower lr); {kept}")
 
     def _checkpoint(self) -> None:
@@ -244,6 +311,8 @@ class Trainer:
         for site, st in self.states.items():
             if not all(bool(torch.isfinite(p).all()) for p in st.sae.parameters()):
                 self._diverged(site, "a weight is no longer finite")
+            if not self.writes_shared:  # data-parallel: rank 0 holds the same weights and writes them
+                continue
             for k, v in st.sae.state_dict().items():
                 tensors[f"{site}/sae/{k}"] = v.detach().cpu().contiguous()
             names = dict(st.sae.named_parameters())
@@ -257,10 +326,12 @@ class Trainer:
             tensors[f"{site}/since_fired"] = st.since_fired.cpu()
             tensors[f"{site}/fire_count"] = st.fire_count.cpu()
             meta["sites"][site] = {"scale": st.scale, "adam_steps": adam_steps, "sae_cfg": st.sae.cfg.__dict__}
-        atomic_write(self.out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata={"sc_steer": json.dumps(meta)}))
+        if self.writes_shared:
+            atomic_write(self.checkpoint_path,
+                         lambda p: save_file(tensors, str(p), metadata={"sc_steer": json.dumps(meta)}))
 
     def _restore(self) -> None:
-        path = self.out / CHECKPOINT
+        path = self.checkpoint_path
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads(f.metadata()["sc_steer"])
@@ -273,6 +344,9 @@ class Trainer:
             raise ScSteerError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}; "
                                "use the original config or start a new --out")
         self.step = meta["step"]
+        if sorted(meta["sites"]) != sorted(self.sites):
+            raise ScSteerError(f"--resume: checkpoint {str(path)!r} holds the sites {', '.join(meta['sites'])}, "
+                               f"this {'rank' if self.parallel == 'layers' else 'run'} trains {', '.join(self.sites)}")
         for site, info in meta["sites"].items():
             scfg = self.cfg.for_site(site)
             sae = make_sae(SAEConfig(**info["sae_cfg"])).to(self.device)
@@ -292,20 +366,33 @@ class Trainer:
                                           tensors[f"{site}/fire_count"].to(self.device))
 
     # -- the loop ---------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict[str, SAE]:
-        """Train to ``cfg.steps``; returns the SAEs in raw-activation units (also saved under saes/)."""
-        make_dir(self.out)
-        has_ckpt = (self.out / CHECKPOINT).exists()
-        if has_ckpt and not resume:
+    def _check_checkpoints(self, resume: bool) -> None:
+        """Refuse to overwrite a run's checkpoints without --resume, or to resume those of another split."""
+        found = sorted(p.name for p in self.out.glob("checkpoint*.safetensors"))
+        if found and not resume:
             raise ScSteerError(f"{str(self.out)!r} already holds a training checkpoint; pass --resume to "
                                "continue it or choose another --out")
-        if resume and has_ckpt:
+        mine = self.checkpoint_path.name
+        foreign = [f for f in found if f != mine and not (self.parallel == "layers" and f.startswith(
+            "checkpoint.rank") and f.endswith(f"-of-{self.dist.world}.safetensors"))]
+        if foreign:
+            raise ScSteerError(f"--resume: {str(self.out)!r} holds {', '.join(foreign)}, checkpoints of the same run "
+                               "split another way; resume it with the --parallel mode and number of processes "
+                               "that wrote them")
+
+    def run(self, resume: bool = False) -> dict[str, SAE]:
+        """Train to ``cfg.steps``; returns this rank's SAEs in raw-activation units (all of them are saved
+        under saes/)."""
+        make_dir(self.out)
+        self._check_checkpoints(resume)
+        self.dist.barrier("the start of training")   # every rank has looked before any rank writes
+        if resume and self.checkpoint_path.exists():
             self._restore()
-        log_path = self.out / LOG
-        if log_path.exists():  # drop log lines written after the checkpoint we resume from (and a torn last one)
+        log_path = self.log_path
+        if log_path.exists() and self.writes_shared:  # drop lines written after the checkpoint (and a torn last one)
             kept = [ln for ln in log_path.read_text().splitlines() if _log_step(ln) <= self.step]
             atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
-        stream = self.source(self.step)
+        stream = map(self._local, self.source(self.step))
         if not self.states:
             first = next(stream)
             self._init_states(first)
@@ -313,14 +400,15 @@ class Trainer:
         old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train SAEs", disable=not self.progress)
         try:
-            with log_path.open("a") as log:
+            with open(os.devnull if not self.writes_shared else log_path, "a") as log:
                 while self.step < self.cfg.steps:
                     batch = next(stream)
                     stats = {site: self._step_site(self.states[site], batch[site]) for site in self.sites}
                     self.step += 1
                     bar.update(1)
+                    stop = self._agreed_stop()
                     if (self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps
-                            or self.step % self.cfg.checkpoint_every == 0 or self._stop):
+                            or self.step % self.cfg.checkpoint_every == 0 or stop):
                         stats = self._read_stats(stats)
                     if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
                         for site, s in stats.items():
@@ -328,9 +416,9 @@ class Trainer:
                         log.flush()
                         mean = {k: sum(s[k] for s in stats.values()) / len(stats) for k in ("loss", "l0", "fvu")}
                         bar.set_postfix(loss=f"{mean['loss']:.4f}", L0=f"{mean['l0']:.1f}", FVU=f"{mean['fvu']:.3f}")
-                    if self.step % self.cfg.checkpoint_every == 0 or self._stop:
+                    if self.step % self.cfg.checkpoint_every == 0 or stop:
                         self._checkpoint()
-                    if self._stop:
+                    if stop:
                         raise KeyboardInterrupt
         finally:
             bar.close()
@@ -339,6 +427,14 @@ class Trainer:
         self._calibrate(stream)
         self._checkpoint()
         return self.save()
+
+    def _agreed_stop(self) -> bool:
+        """Whether to stop after this step: data-parallel ranks stop together (any rank's signal stops all,
+        at the same step, so their collectives stay paired); other runs stop on their own signal."""
+        if not self.data_parallel:
+            return self._stop
+        flag = torch.tensor([float(self._stop)], device=self.device)
+        return bool(self.dist.all_reduce_(flag, "the stop check", op="max"))
 
     CALIBRATION_BATCHES = 8
 
@@ -350,30 +446,55 @@ class Trainer:
             return
         batches = [next(stream) for _ in range(self.CALIBRATION_BATCHES)]
         for st in wanted:
-            st.sae.calibrate([b[st.site].to(self.device, torch.float32) * st.scale for b in batches])
+            st.sae.calibrate([b[st.site].to(self.device, torch.float32) * st.scale for b in batches], self.batch)
 
     def _request_stop(self, signum, frame) -> None:
         self._stop = True
 
     def save(self) -> dict[str, SAE]:
-        """Fold the input scale into copies of the SAEs and write them under ``saes/<site>/``; the copies
-        are returned on the training device."""
+        """Fold the input scale into copies of the SAEs and write them under ``saes/<site>/``, all sites
+        replaced as one set (under ``parallel="layers"`` each rank writes its own into a shared staging
+        folder and rank 0 swaps it in); this rank's copies are returned on the training device."""
         out = {}
-        staging = self.out / f".saes-{uuid.uuid4().hex[:8]}"   # the run's SAE files are replaced as a set
+        staging = self.out / self.dist.broadcast_object(f".saes-{uuid.uuid4().hex[:8]}", "choosing the staging folder")
         for site, st in self.states.items():
             sae = copy.deepcopy(st.sae)
             sae.fold_input_scale(st.scale)
-            tokens = max(1, self.step * self.cfg.batch_size)
-            freq = (st.fire_count.cpu() / tokens).float()
-            sae.save(staging / site, log_firing_freq=torch.log10(freq.clamp_min(1e-10)))
+            if self.writes_shared:
+                tokens = max(1, self.step * self.cfg.batch_size)
+                freq = (st.fire_count.cpu() / tokens).float()
+                sae.save(staging / site, log_firing_freq=torch.log10(freq.clamp_min(1e-10)))
             out[site] = sae.eval()
-        final, old = self.out / "saes", self.out / f".saes-old-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-        plot_training_curves(self.out / LOG, self.out / "training_curves.png")
+        self.dist.barrier("saving the SAEs")
+        if self.dist.is_main:
+            final, old = self.out / "saes", self.out / f".saes-old-{uuid.uuid4().hex[:8]}"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+            if self.parallel == "layers":
+                merge_logs(self.out, self.dist.world, self.all_sites)
+            plot_training_curves(self.out / LOG, self.out / "training_curves.png")
+        self.dist.barrier("the end of training")
         return out
+
+
+def checkpoint_name(dist: Dist, parallel: str | None) -> str:
+    """One checkpoint per rank when the sites are split over ranks; otherwise one for the run."""
+    return f"checkpoint.rank{dist.rank}-of-{dist.world}.safetensors" if parallel == "layers" and dist.active \
+        else CHECKPOINT
+
+
+def merge_logs(out: Path, world: int, sites: list[str]) -> None:
+    """The ranks' logs as one, in the order a one-process run writes it (by step, then site)."""
+    order = {s: i for i, s in enumerate(sites)}
+    rows = []
+    for r in range(world):
+        path = out / f"train_log.rank{r}-of-{world}.jsonl"
+        if path.exists():
+            rows += [ln for ln in path.read_text().splitlines() if math.isfinite(_log_step(ln))]
+    rows.sort(key=lambda ln: (_log_step(ln), order.get(json.loads(ln).get("site"), len(order))))
+    atomic_write_text(out / LOG, "".join(ln + "\n" for ln in rows))
 
 
 def _log_step(line: str) -> float:
