@@ -9,6 +9,13 @@ Only real text tokens are stored (no BOS, separators or padding). A shard is wri
 file and renamed, and only then listed in the manifest (also replaced atomically), so a killed run
 keeps every finished shard; rerunning the same command redoes only the partial one. Shards are cut
 at batch boundaries, so a resumed run produces exactly the shards an uninterrupted run would.
+
+Under torchrun (N processes) batch j of the row stream goes to rank j mod N: every rank tokenizes
+the whole stream (cheap; it counts tokens, so ``max_tokens`` ends the collection on the same batch as
+one process would) and runs the model on its own batches only. Rank r writes
+``shards/rank{r}-of-{N}_shard_*.safetensors`` listed in ``manifest.rank{r}-of-{N}.json``, resumable on
+its own; at the end rank 0 merges them into ``manifest.json``. The merged collection holds the same
+tokens, with the same activations, as a one-process collection (shards ordered by rank, not by row).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from tqdm import tqdm
 from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
 from . import validate
 from .devices import DTYPES
+from .distributed import LOCAL, Dist
 from .errors import ScSteerError
 from .files import atomic_write, atomic_write_text, check_folder, make_dir
 from .models import LM
@@ -110,6 +118,9 @@ def _prepare_folder(out: Path, header: dict) -> dict:
         if differs:
             raise ScSteerError(f"output folder {str(out)!r} holds a different run (its {', '.join(differs)} "
                                "differ); choose another --out or delete that folder")
+        if old.get("status") != "complete" and old.get("ranks", 1) != header.get("ranks", 1):
+            raise ScSteerError(f"output folder {str(out)!r} holds a collection started with {old.get('ranks', 1)} "
+                               f"process(es); resume it with the same number (this run has {header.get('ranks', 1)})")
         return old
     if out.exists() and any(out.iterdir()):
         raise ScSteerError(f"output folder {str(out)!r} is not empty and holds no sc-steer manifest")
@@ -118,11 +129,12 @@ def _prepare_folder(out: Path, header: dict) -> dict:
 
 
 def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, progress: bool = True,
-            **options) -> dict:
+            dist: Dist = LOCAL, **options) -> dict:
     """Collect activations for ``sites`` over the documents of ``data`` into ``out``; return the manifest.
 
     ``options`` are the fields of :class:`CollectConfig` (ctx, batch_size, max_tokens, ...). Rerunning
-    with the same arguments after an interruption resumes; a finished folder is returned as is.
+    with the same arguments after an interruption resumes; a finished folder is returned as is. Under
+    torchrun ``dist`` shares the batches out over the ranks (see the module's docstring).
     """
     if isinstance(sites, str) or not all(isinstance(s, Site) for s in sites):
         sites = lm.sites(sites)
@@ -137,22 +149,49 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     docs = iter_documents(data, field=cfg.field, split=cfg.split)  # a bad source fails here, before any write
     header = {"format": FORMAT, "config": cfg.__dict__ | {"sites": list(cfg.sites)}, "model": lm.fingerprint(),
               "dataset": {"spec": data, "sha256": data_fingerprint(data)}}
-    manifest = _prepare_folder(out, header)
-    if manifest["status"] == "complete":
-        return manifest
+    if dist.active:
+        header["ranks"] = dist.world
+        dist.agree(header, "the collection settings")
+    main = dist.main_first(lambda: _prepare_folder(out, header), "checking the output folder")
+    if dist.broadcast_object(main["status"] if main else None, "checking the output folder") == "complete":
+        return main if dist.is_main else json.loads((out / "manifest.json").read_text())
+    if dist.is_main:
+        write_json_atomic(out / "manifest.json", main)
+    dist.barrier("preparing the output folder")
+    manifest = main if not dist.active else _rank_manifest(out, header, dist)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     done = {s["file"] for s in manifest["shards"]}
-    for f in shard_dir.iterdir():  # a partial shard from a killed run
-        if f.name not in done:
+    prefix = _shard_prefix(manifest)
+    for f in shard_dir.iterdir():  # a partial shard from a killed run (of this rank)
+        if f.name not in done and (prefix in f.name if dist.active else True):
             f.unlink()
-    write_json_atomic(out / "manifest.json", manifest)
+    if manifest["status"] != "complete":
+        _collect_batches(lm, sites, docs, cfg, store_dtype, out, manifest, dist, progress)
+    if not dist.active:
+        if not manifest["shards"]:
+            raise ScSteerError(f"data {data!r} produced no tokens to collect")
+        _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites}, {str(s): lm.width(s) for s in sites})
+        write_json_atomic(out / "manifest.json", manifest)
+        return manifest
+    manifest["status"] = "complete"
+    write_json_atomic(out / _manifest_name(manifest), manifest)
+    dist.barrier("waiting for every rank to finish collecting")
+    dist.main_first(lambda: _merge(out, main, sites, lm), "merging the ranks' manifests")
+    return json.loads((out / "manifest.json").read_text())
 
-    start_row = manifest["shards"][-1]["rows_end"] if manifest["shards"] else 0
-    n_tokens = sum(s["n_tokens"] for s in manifest["shards"])
+
+def _collect_batches(lm: LM, sites: list[Site], docs, cfg: CollectConfig, store_dtype: torch.dtype, out: Path,
+                     manifest: dict, dist: Dist, progress: bool) -> None:
+    """Run the model on this rank's batches (all of them with one process) from where the manifest
+    stops, writing shards, until the whole stream holds ``max_tokens``."""
+    resume_row = manifest["shards"][-1]["rows_end"] if manifest["shards"] else 0
+    # one process skips straight to its resume row; ranks count every batch from the start (tokenizer only)
+    start_row = 0 if dist.active else resume_row
+    n_tokens = 0 if dist.active else sum(s["n_tokens"] for s in manifest["shards"])
     rows = iter_rows(docs, lm.tokenizer, cfg.ctx, prepend_bos=cfg.prepend_bos, packing=cfg.packing)
     batches = iter_batches(rows, cfg.batch_size, cfg.ctx, pad_token_id(lm.tokenizer), start_row=start_row)
-    bar = tqdm(total=cfg.max_tokens, initial=n_tokens, unit="tok", desc="collect", disable=not progress)
+    bar = tqdm(total=cfg.max_tokens, initial=n_tokens, unit="tok", desc="collect", disable=not (progress and dist.is_main))
     if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
         batches = iter(())  # killed after the last shard was listed: only the manifest is left to finish
     widths = {str(s): lm.width(s) for s in sites}
@@ -161,14 +200,16 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     shard = None
     try:
         for batch in batches:
-            if shard is None:
-                shard = ShardBuffer(widths, cap + cfg.batch_size * cfg.ctx, store_dtype, lm.device)
-            shard.add(batch, run_sites(lm, batch, sites))
+            first = int(batch.row[0])
+            if first // cfg.batch_size % dist.world == dist.rank and first >= resume_row:
+                if shard is None:
+                    shard = ShardBuffer(widths, cap + cfg.batch_size * cfg.ctx, store_dtype, lm.device)
+                shard.add(batch, run_sites(lm, batch, sites))
             n_new = int(batch.keep.sum())
             n_tokens += n_new
             bar.update(n_new)
             reached = cfg.max_tokens is not None and n_tokens >= cfg.max_tokens
-            if shard.n >= cap or reached:
+            if shard is not None and (shard.n >= cap or reached):
                 writer.put(shard)
                 shard = None
             if reached:
@@ -178,11 +219,43 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     finally:
         writer.close()  # waits for queued shards (also when interrupted: each is whole or absent)
         bar.close()
-    if not manifest["shards"]:
-        raise ScSteerError(f"data {data!r} produced no tokens to collect")
-    _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites}, widths)
-    write_json_atomic(out / "manifest.json", manifest)
-    return manifest
+
+
+def _manifest_name(manifest: dict) -> str:
+    r = manifest.get("rank")
+    return "manifest.json" if r is None else f"manifest.rank{r['rank']}-of-{r['world']}.json"
+
+
+def _shard_prefix(manifest: dict) -> str:
+    r = manifest.get("rank")
+    return "shard_" if r is None else f"rank{r['rank']}-of-{r['world']}_shard_"
+
+
+def _rank_manifest(out: Path, header: dict, dist: Dist) -> dict:
+    """This rank's own progress: reloaded when it matches the run, else started afresh."""
+    fresh = {**header, "rank": {"rank": dist.rank, "world": dist.world}, "status": "running", "shards": []}
+    path = out / _manifest_name(fresh)
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old and all(old.get(k) == v for k, v in fresh.items() if k not in ("status", "shards")):
+            return old
+    write_json_atomic(path, fresh)
+    return fresh
+
+
+def _merge(out: Path, main: dict, sites: list[Site], lm: LM) -> None:
+    """Rank 0: the ranks' shards listed in one manifest.json, in rank order, marked complete."""
+    world = main["ranks"]
+    parts = [json.loads((out / f"manifest.rank{r}-of-{world}.json").read_text()) for r in range(world)]
+    merged = {**main, "shards": [s for p in parts for s in p["shards"]]}
+    if not merged["shards"]:
+        raise ScSteerError(f"data {main['dataset']['spec']!r} produced no tokens to collect")
+    _finish(merged, sites, {str(s): lm.module_path(s) for s in sites}, {str(s): lm.width(s) for s in sites})
+    merged["n_rows"] = max(s["rows_end"] for s in merged["shards"])
+    write_json_atomic(out / "manifest.json", merged)
 
 
 def shard_capacity(cfg: CollectConfig, widths: dict[str, int], dtype: torch.dtype) -> int:
@@ -266,12 +339,12 @@ class ShardWriter:
 
 def _write_shard(out: Path, manifest: dict, shard: ShardBuffer) -> None:
     tensors = shard.tensors()
-    name = f"shard_{len(manifest['shards']):05d}.safetensors"
+    name = f"{_shard_prefix(manifest)}{len(manifest['shards']):05d}.safetensors"
     atomic_write(out / "shards" / name,
                  lambda p: write_safetensors(p, tensors, {"format": FORMAT, "rows_end": str(shard.rows_end)}))
     manifest["shards"].append({"file": name, "n_tokens": shard.n, "rows_end": shard.rows_end,
                                "norm_sums": shard.norm_floats})
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(out / _manifest_name(manifest), manifest)
 
 
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -39,12 +39,18 @@ def _open(args):
 
 
 def cmd_collect(args) -> None:
+    from . import distributed
     from .activations import collect
 
+    dist, device = distributed.from_env(args.device)
+    args.device = str(device)
     lm = _open(args)
     manifest = collect(lm, args.sites, args.data, args.out, ctx=args.ctx, batch_size=args.batch_size,
                        max_tokens=args.max_tokens, shard_tokens=args.shard_tokens, store_dtype=args.store_dtype,
-                       packing=args.packing, prepend_bos=not args.no_bos, field=args.field, split=args.split)
+                       packing=args.packing, prepend_bos=not args.no_bos, field=args.field, split=args.split,
+                       dist=dist)
+    if not dist.is_main:
+        return
     norms = ", ".join(f"{s} {v['mean_norm']:.2f}" for s, v in manifest["sites"].items())
     print(f"collected {manifest['n_tokens']:,} tokens x {len(manifest['sites'])} sites "
           f"in {len(manifest['shards'])} shards -> {args.out}")

@@ -51,8 +51,8 @@ class Dist:
         try:
             yield
         except RuntimeError as e:  # DistBackendError, DistNetworkError and gloo/NCCL timeouts are RuntimeErrors
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ScSteerError(f"{self}: {what} failed, so another rank stopped or is not answering ({first}); "
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". This is typically")[0][:300]
+            raise ScSteerError(f"{what} failed on {self}: another rank stopped or is not answering ({first}); "
                                "see that rank's output. Finished files and checkpoints are kept: rerun the same "
                                "command (train: with --resume) to continue") from None
 

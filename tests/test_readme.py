@@ -51,13 +51,21 @@ def commands(block: str) -> list[str]:
     return out
 
 
+def subcommand(words: list[str]) -> str | None:
+    """The sc-steer subcommand of a command line: ``sc-steer train ...`` or ``torchrun ... $(which sc-steer) train``."""
+    for i, w in enumerate(words[:-1]):
+        if w in ("sc-steer", "sc-steer)"):
+            return words[i + 1]
+    return None
+
+
 def small(cmd: str) -> str:
     """The command with BUDGETS applied (flags replaced in place or appended before any comment)."""
     words = shlex.split(cmd, comments=True)
-    if words[:1] != ["sc-steer"] or len(words) < 2:
+    if words[0] not in ("sc-steer", "torchrun") or subcommand(words) is None:
         return cmd
     code, _, comment = cmd.partition("  #")
-    for flag, value in BUDGETS.get(words[1], {}).items():
+    for flag, value in BUDGETS.get(subcommand(words), {}).items():
         if flag in words:
             code = re.sub(rf"{flag} \S+", f"{flag} {value}", code)
         else:
@@ -82,6 +90,8 @@ def test_command_parsing():
     assert commands(block) == ['sc-steer steer --run r --prompt "A.\nB" --add x:1:2', "sc-steer eval --run r  # comment"]
     assert small("sc-steer eval --run r  # comment") == "sc-steer eval --run r --max-tokens 1500"
     assert small("sc-steer train --out o --tokens 2000000 --k 3") == "sc-steer train --out o --tokens 8192 --k 3"
+    assert small("torchrun --nproc_per_node 2 $(which sc-steer) train --out o --tokens 409600") == \
+        "torchrun --nproc_per_node 2 $(which sc-steer) train --out o --tokens 8192"
 
 
 def test_every_readme_command_runs_as_written(tmp_path):
@@ -107,7 +117,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
             assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd, r.stdout[-2000:], r.stderr[-4000:])
             ran.append(words[1] if words[0] == "sc-steer" else words[0])
     assert {"demo", "collect", "train", "eval", "interpret", "graph", "steer"} <= set(ran), ran
-    assert ran.count("train") == 3
+    assert ran.count("train") == 3 and ran.count("torchrun") >= 3, ran
 
     demo = tmp_path / "runs" / "demo"
     ev = json.loads((demo / "eval.json").read_text())["sites"]
@@ -119,6 +129,10 @@ def test_every_readme_command_runs_as_written(tmp_path):
         assert (demo / f).exists(), f
     assert json.loads((tmp_path / "runs/x/activations/manifest.json").read_text())["n_tokens"] >= 12000
     assert (tmp_path / "runs/x/eval.json").exists() and (tmp_path / "runs/y/saes/resid_post.0/cfg.json").exists()
+    # torchrun: the 2-process collection is complete and merged; both splits wrote every site's SAE
+    assert json.loads((tmp_path / "runs/acts2/manifest.json").read_text())["ranks"] == 2
+    for run in ("layers2", "data2"):
+        assert sorted(p.name for p in (tmp_path / "runs" / run / "saes").iterdir()) == [f"resid_post.{i}" for i in range(4)]
     graph = json.loads((tmp_path / "graphs/my-graph/graph.json").read_text())
     assert graph["links"] and json.loads((tmp_path / "graphs/my-graph/recipe.json").read_text())["prompts"]
     recipe = (tmp_path / "stage.json").read_text()

@@ -224,8 +224,10 @@ class Trainer:
             d_in = int(self.site_info[site]["d"])
             if first[site].shape[-1] != d_in:
                 raise ScSteerError(f"site {site}: activations have width {first[site].shape[-1]}, expected {d_in}")
+            x0 = first[site].to(self.device, torch.float32)  # on the device: data-parallel sums go through NCCL
+            norms = x0.norm(dim=-1)
             mean_norm = self.site_info[site].get("mean_norm") or float(
-                self.batch.mean_rows(first[site].float().norm(dim=-1)))
+                self.batch.total(norms.sum()) / self.batch.rows(len(norms)))
             scale = math.sqrt(d_in) / max(mean_norm, 1e-12)
             sae_cfg = SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=scfg.resolved_d_sae(d_in),
                                 k=scfg.k if scfg.architecture in ("topk", "batchtopk") else None, site=site,
@@ -235,8 +237,7 @@ class Trainer:
                 with torch.no_grad():
                     w = torch.randn_like(sae.W_enc)
                     sae.W_enc.copy_(w / w.norm(dim=0, keepdim=True))
-            sae.init_b_dec(first[site][:n_init].float() * scale, scfg.b_dec_init,
-                           self.batch if self.data_parallel else None)
+            sae.init_b_dec(x0[:n_init] * scale, scfg.b_dec_init, self.batch if self.data_parallel else None)
             sae.set_training_options(scfg, fresh=True)
             sae.to(self.device)
             opt = make_optimizer(sae, scfg.resolved_lr(d_in))
