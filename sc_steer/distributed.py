@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -206,6 +207,29 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wait_for_ranks(d: Dist, done: Callable[[int], Path], heartbeat: Callable[[int], Path], what: str,
+                   poll_s: float = 0.5) -> None:
+    """Wait until every rank's ``done(r)`` file exists. Ranks with unequal shares of the work finish far
+    apart, so no collective timeout bounds this wait; instead a rank whose ``heartbeat(r)`` file (its
+    log) has not changed for the timeout, and that is not done, is taken to have stopped."""
+    import time
+
+    limit = _timeout().total_seconds()
+    while True:
+        waiting = [r for r in range(d.world) if not done(r).exists()]
+        if not waiting:
+            return
+        now = time.time()
+        for r in waiting:
+            beat = heartbeat(r)
+            last = beat.stat().st_mtime if beat.exists() else None
+            if last is not None and now - last > limit:
+                raise ScSteerError(f"{what} failed on {d}: rank {r} has written nothing to {beat.name} for "
+                                   f"{now - last:.0f} s ({TIMEOUT_ENV}={limit:g}) and has not finished; it "
+                                   "probably stopped: see its output. Checkpoints are kept: rerun with --resume")
+        time.sleep(poll_s)
 
 
 def share(items: list[T], d: Dist) -> list[T]:

@@ -224,3 +224,32 @@ def test_torchrun_without_a_mode_is_a_one_line_error(work):
     assert r.returncode != 0 and "/sc_steer/" not in r.stderr   # torchrun adds a traceback of its own, not ours
     assert "[rank 0 of 2] error: 2 processes were started (torchrun): choose how they share the work" in r.stderr
     assert not (work / "nomode").exists()
+
+
+def test_waiting_for_slower_ranks_lasts_while_they_work_and_ends_when_they_go_quiet(tmp_path, monkeypatch):
+    """--parallel layers: a rank with fewer sites waits for the others by their logs, not by a timeout."""
+    import threading
+
+    from sc_steer.distributed import wait_for_ranks
+
+    monkeypatch.setenv("SC_STEER_DIST_TIMEOUT", "1.5")
+    d = Dist(rank=0, world=2)
+    done, log = (lambda r: tmp_path / f"done{r}"), (lambda r: tmp_path / f"log{r}")
+    done(0).write_text("1")
+    log(1).write_text("")
+
+    def working_rank():   # writes its log for twice the timeout, then finishes
+        for _ in range(10):
+            time.sleep(0.3)
+            log(1).write_text(log(1).read_text() + "x")
+        done(1).write_text("1")
+
+    t = time.time()
+    worker = threading.Thread(target=working_rank)
+    worker.start()
+    wait_for_ranks(d, done, log, "waiting", poll_s=0.05)
+    worker.join()
+    assert time.time() - t >= 2.9
+    done(1).unlink()   # the same rank, now silent
+    with pytest.raises(ScSteerError, match=r"waiting failed on rank 0 of 2: rank 1 has written nothing to log1"):
+        wait_for_ranks(d, done, log, "waiting", poll_s=0.05)

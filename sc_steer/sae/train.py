@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..devices import resolve_device
-from ..distributed import LOCAL, Dist, row_range, share
+from ..distributed import LOCAL, Dist, row_range, share, wait_for_ranks
 from ..errors import ScSteerError
 from ..files import atomic_write, atomic_write_text, make_dir
 from . import batch as batches
@@ -205,8 +205,13 @@ class Trainer:
 
     @property
     def log_path(self) -> Path:
-        return self.out / (f"train_log.rank{self.dist.rank}-of-{self.dist.world}.jsonl" if self.parallel == "layers"
-                           else LOG)
+        return self._rank_log(self.dist.rank) if self.parallel == "layers" else self.out / LOG
+
+    def _rank_log(self, rank: int) -> Path:
+        return self.out / f"train_log.rank{rank}-of-{self.dist.world}.jsonl"
+
+    def _done_marker(self, rank: int) -> Path:
+        return self.out / f".done.rank{rank}-of-{self.dist.world}"
 
     def _local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's rows of a global batch (all of it unless data-parallel)."""
@@ -386,6 +391,8 @@ class Trainer:
         under saes/)."""
         make_dir(self.out)
         self._check_checkpoints(resume)
+        self._done_marker(self.dist.rank).unlink(missing_ok=True)
+        self.staging = self.out / self.dist.broadcast_object(f".saes-{uuid.uuid4().hex[:8]}", "the start of training")
         self.dist.barrier("the start of training")   # every rank has looked before any rank writes
         if resume and self.checkpoint_path.exists():
             self._restore()
@@ -457,7 +464,7 @@ class Trainer:
         replaced as one set (under ``parallel="layers"`` each rank writes its own into a shared staging
         folder and rank 0 swaps it in); this rank's copies are returned on the training device."""
         out = {}
-        staging = self.out / self.dist.broadcast_object(f".saes-{uuid.uuid4().hex[:8]}", "choosing the staging folder")
+        staging = getattr(self, "staging", None) or self.out / f".saes-{uuid.uuid4().hex[:8]}"
         for site, st in self.states.items():
             sae = copy.deepcopy(st.sae)
             sae.fold_input_scale(st.scale)
@@ -466,6 +473,9 @@ class Trainer:
                 freq = (st.fire_count.cpu() / tokens).float()
                 sae.save(staging / site, log_firing_freq=torch.log10(freq.clamp_min(1e-10)))
             out[site] = sae.eval()
+        if self.parallel == "layers":   # shares differ: the others may still be training, for hours
+            atomic_write_text(self._done_marker(self.dist.rank), str(self.step))
+            wait_for_ranks(self.dist, self._done_marker, self._rank_log, "waiting for the other ranks' SAEs")
         self.dist.barrier("saving the SAEs")
         if self.dist.is_main:
             final, old = self.out / "saes", self.out / f".saes-old-{uuid.uuid4().hex[:8]}"
@@ -475,6 +485,8 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
             if self.parallel == "layers":
                 merge_logs(self.out, self.dist.world, self.all_sites)
+                for r in range(self.dist.world):
+                    self._done_marker(r).unlink(missing_ok=True)
             plot_training_curves(self.out / LOG, self.out / "training_curves.png")
         self.dist.barrier("the end of training")
         return out
