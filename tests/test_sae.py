@@ -243,15 +243,10 @@ def heavy_tailed_recovery():
 
 
 def test_heavy_tailed_recovery_with_defaults(heavy_tailed_recovery):
-    """0.66 with the defaults before the AuxK normaliser, the dead window and the step count were
-    measured; 0.94 after (bench/toy_recovery_results.md)."""
-    assert heavy_tailed_recovery >= 0.9
-
-
-@pytest.mark.xfail(strict=True, reason="issue 12, open: the target is 0.98 (the plain reference reaches "
-                   "0.98-0.99 at 10k steps of 256)")
-def test_heavy_tailed_recovery_reaches_the_target(heavy_tailed_recovery):
-    assert heavy_tailed_recovery >= 0.98
+    """0.66 with the defaults before the AuxK normaliser, the dead window, the step count and the LR were
+    measured; 0.94 after the first three, 0.986 on this pair now (over three seeds the benchmark's mean
+    is 0.977, short of issue 12's 0.98: bench/toy_recovery_results.md)."""
+    assert heavy_tailed_recovery >= 0.97
 
 
 @pytest.mark.parametrize("corr", [0.0, 0.5])
