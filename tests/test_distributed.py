@@ -151,6 +151,22 @@ def test_parallel_layers_is_file_for_file_a_one_process_run_and_resumes_after_a_
             assert filecmp.cmp(one / f, run / f, shallow=False), (name, f)
 
 
+def test_parallel_layers_streaming_from_the_model_is_file_for_file_a_one_process_run(tiny_model_dirs, tmp_path):
+    """No activation store: each rank runs its own copy of the model (tiny Llama, 3 sites: rank 0 trains
+    two, rank 1 one) and must draw the same shuffled batches as one process."""
+    (tmp_path / "text.txt").write_text("In the beginning God created the heaven and the earth. " * 400)
+    args = ["train", "--model", str(tiny_model_dirs["llama"]), "--data", "text.txt", "--ctx", "64",
+            "--tokens", "4096", "--batch-size", "256", "--k", "4"]
+    ok(sc_steer([*args, "--out", "one"], tmp_path))
+    ok(torchrun([*args, "--out", "two", "--parallel", "layers"], tmp_path))
+    sites = sorted(p.name for p in (tmp_path / "one" / "saes").iterdir())
+    assert sites == ["resid_post.0", "resid_post.1", "resid_post.2"]
+    for site in sites:
+        for f in ("sae_weights.safetensors", "sparsity.safetensors", "cfg.json"):
+            assert filecmp.cmp(tmp_path / "one" / "saes" / site / f, tmp_path / "two" / "saes" / site / f,
+                               shallow=False), (site, f)
+
+
 def test_parallel_data_matches_a_one_process_run_for_every_architecture(work):
     """One run, a different architecture per site; the 2-rank run resumed after rank 1 was killed too."""
     (work / "mixed.toml").write_text(
