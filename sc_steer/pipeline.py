@@ -227,7 +227,7 @@ def interpret_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None 
 
 
 DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800, "checkpoint_every": 50,
-              "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 4e-3}}
+              "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 6e-3}}
 
 
 def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 1_200_000, train_tokens: int | None = None,

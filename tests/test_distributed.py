@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from helpers import free_port, sc_steer_exe
 from sc_steer import ActivationStore, ScSteerError
 from sc_steer.distributed import Dist
-from sc_steer.pipeline import check_parallel
+from sc_steer.pipeline import check_parallel, load_run_saes
 
 BIN = Path(sys.executable).parent
 COLLECT = ["collect", "--max-tokens", "30000", "--shard-tokens", "4096", "--batch-size", "8"]
@@ -177,18 +177,29 @@ def test_parallel_data_matches_a_one_process_run_for_every_architecture(work):
     args = ["train", "--activations", "single", "--config", "mixed.toml", *TRAIN]
     one_run, runs = train_three_ways(work, args, "data", "checkpoint.safetensors")
     one = _saes(one_run)
+    x = {s: ActivationStore(work / "single").load(s, max_tokens=5000).float() for s in one}
+    ref_saes = load_run_saes(one_run)
     for run in runs:
         name = run.name
         got = _saes(run)
         assert set(got) == set(one)
         for site, tensors in one.items():
             for key, ref in tensors.items():
-                # sums taken in another order differ in the last bits; JumpReLU's hard threshold turns a few
-                # of those into different steps, so its weights drift most (measured: mean 0.2%, max 0.6%)
+                # sums taken in another order differ in the last bits; JumpReLU's hard threshold turns some
+                # of those into different steps, so its weights drift apart in directions that barely change
+                # what it computes (measured: mean 1.3-1.7%, max 3.7%) and it is held to its function below
                 diff = (got[site][key] - ref).abs()
                 worst = float(diff.max() / ref.abs().max().clamp_min(1e-6))
                 mean = float(diff.mean() / ref.abs().mean().clamp_min(1e-6))
-                assert worst < 2e-2 and mean < 5e-3, (name, site, key, worst, mean)
+                loose = site == "resid_post.3"
+                assert worst < (0.1 if loose else 2e-2) and mean < (0.04 if loose else 5e-3), (name, site, key, worst, mean)
+        for site, sae in load_run_saes(run).items():   # the same function: reconstruction error and L0
+            with torch.no_grad():
+                fa, fb = ref_saes[site].encode(x[site]), sae.encode(x[site])
+                ea = (ref_saes[site].decode(fa) - x[site]).pow(2).sum()
+                eb = (sae.decode(fb) - x[site]).pow(2).sum()
+            assert float(eb / ea) == pytest.approx(1.0, abs=5e-3), (name, site)
+            assert float((fb > 0).sum()) == pytest.approx(float((fa > 0).sum()), rel=5e-3), (name, site)
         logs = [[json.loads(ln) for ln in (r / "train_log.jsonl").read_text().splitlines()] for r in (one_run, run)]
         assert [(r["step"], r["site"]) for r in logs[0]] == [(r["step"], r["site"]) for r in logs[1]]
         for a, b in zip(*logs):
