@@ -75,7 +75,7 @@ MUTANTS = [
      "g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=1)", SAE),
     ("sae/base.py", "        self.b_enc.div_(s)", "        self.b_enc.mul_(s)", SAE),
     ("sae/jumprelu.py", "grad_theta = (-(theta / eps)", "grad_theta = ((theta / eps)", SAE),
-    ("sae/batchtopk.py", "n_keep = min(self.cfg.k * h.shape[0], flat.numel())", "n_keep = min(self.cfg.k, flat.numel())",
+    ("sae/batchtopk.py", "batch.keep_top(torch.relu(pre), self.cfg.k * batch.rows(pre.shape[0]))", "batch.keep_top(torch.relu(pre), self.cfg.k)",
      SAE),
     ("sae/train.py", "        return (step + 1) / w", "        return step / w", SAE),
     ("sae/train.py", "    st.since_fired.masked_fill_(counts > 0, 0)", "    st.since_fired.masked_fill_(counts > 1, 0)", SAE),
