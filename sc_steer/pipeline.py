@@ -28,7 +28,7 @@ from .models import LM, open_model
 from .sae import SAE, load_sae
 from .sae.config import TrainConfig
 from .sae.metrics import evaluate_saes, write_results
-from .sae.train import Trainer, model_source, store_source
+from .sae.train import PARALLEL_MODES, Trainer, model_source, store_source
 
 
 # what makes two trainings the same run: a folder is only ever continued by the run that made it
@@ -85,7 +85,7 @@ def read_run(run: str | Path) -> dict:
 
 def check_parallel(parallel: str | None, dist: Dist, n_sites: int) -> None:
     """A run split over several processes needs its split named, and enough sites to go round."""
-    if parallel not in (None, "layers", "data"):
+    if parallel is not None and parallel not in PARALLEL_MODES:
         raise ScSteerError(f"--parallel {parallel!r}: expected layers or data")
     if dist.active and parallel is None:
         raise ScSteerError(f"{dist.world} processes were started (torchrun): choose how they share the work with "
