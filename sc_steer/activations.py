@@ -152,8 +152,8 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
         header["ranks"] = dist.world
         dist.agree(header, "the collection settings")
     main = dist.main_first(lambda: _prepare_folder(out, header), "checking the output folder")
-    if dist.broadcast_object(main["status"] if main else None, "checking the output folder") == "complete":
-        return main if dist.is_main else json.loads((out / "manifest.json").read_text())
+    if main["status"] == "complete":
+        return main
     if dist.is_main:
         write_json_atomic(out / "manifest.json", main)
     dist.barrier("preparing the output folder")
@@ -170,7 +170,7 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     if not dist.active:
         if not manifest["shards"]:
             raise ScSteerError(f"data {data!r} produced no tokens to collect")
-        _finish(manifest, sites, {str(s): lm.module_path(s) for s in sites}, {str(s): lm.width(s) for s in sites})
+        _finish(manifest, lm, sites)
         write_json_atomic(out / "manifest.json", manifest)
         return manifest
     manifest["status"] = "complete"
@@ -248,12 +248,11 @@ def _rank_manifest(out: Path, header: dict, dist: Dist) -> dict:
 def _merge(out: Path, main: dict, sites: list[Site], lm: LM) -> None:
     """Rank 0: the ranks' shards listed in one manifest.json, in rank order, marked complete."""
     world = main["ranks"]
-    parts = [json.loads((out / f"manifest.rank{r}-of-{world}.json").read_text()) for r in range(world)]
+    parts = [json.loads((out / _manifest_name({"rank": {"rank": r, "world": world}})).read_text()) for r in range(world)]
     merged = {**main, "shards": [s for p in parts for s in p["shards"]]}
     if not merged["shards"]:
         raise ScSteerError(f"data {main['dataset']['spec']!r} produced no tokens to collect")
-    _finish(merged, sites, {str(s): lm.module_path(s) for s in sites}, {str(s): lm.width(s) for s in sites})
-    merged["n_rows"] = max(s["rows_end"] for s in merged["shards"])
+    _finish(merged, lm, sites)
     write_json_atomic(out / "manifest.json", merged)
 
 
@@ -370,13 +369,14 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
                 f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def _finish(manifest: dict, sites: list[Site], modules: dict[str, str], widths: dict[str, int]) -> None:
+def _finish(manifest: dict, lm: LM, sites: list[Site]) -> None:
+    """Per-site widths, modules and mean norms, token and row counts: the manifest of a finished collection."""
     n = sum(s["n_tokens"] for s in manifest["shards"])
-    manifest["sites"] = {str(s): {"d": widths[str(s)], "module": modules[str(s)],
+    manifest["sites"] = {str(s): {"d": lm.width(s), "module": lm.module_path(s),
                                   "mean_norm": sum(sh["norm_sums"][str(s)] for sh in manifest["shards"]) / n}
                          for s in sites}
     manifest["n_tokens"] = n
-    manifest["n_rows"] = manifest["shards"][-1]["rows_end"]
+    manifest["n_rows"] = max(s["rows_end"] for s in manifest["shards"])   # ranks' shards interleave
     manifest["dtype"] = manifest["config"]["store_dtype"] or manifest["model"]["dtype"]
     manifest["versions"] = _versions()
     manifest["status"] = "complete"

@@ -113,15 +113,15 @@ class Dist:
         return out
 
     def main_first(self, fn: Callable[[], T], what: str) -> T | None:
-        """Run ``fn`` on rank 0 only (e.g. checks and writes of shared files), then let every rank go on,
-        or raise rank 0's error on every rank, so that no rank waits for one that gave up."""
+        """Run ``fn`` on rank 0 only (e.g. checks and writes of shared files) and hand its result (picklable)
+        to every rank, or raise rank 0's error on every rank, so that no rank waits for one that gave up."""
         error, result = None, None
         if self.is_main:
             try:
                 result = fn()
             except ScSteerError as e:
                 error = str(e)
-        error = self.broadcast_object(error, what)
+        error, result = self.broadcast_object((error, result), what)
         if error is not None:
             raise ScSteerError(error if self.is_main else f"{error} (reported by rank 0)")
         return result

@@ -198,6 +198,7 @@ class Trainer:
         self.states: dict[str, SiteState] = {}
         self.step = 0
         self._stop = False
+        self.staging: Path | None = None   # where save() gathers the SAEs; chosen by rank 0 in run()
 
     @property
     def checkpoint_path(self) -> Path:
@@ -208,7 +209,7 @@ class Trainer:
         return self._rank_log(self.dist.rank) if self.parallel == "layers" else self.out / LOG
 
     def _rank_log(self, rank: int) -> Path:
-        return self.out / f"train_log.rank{rank}-of-{self.dist.world}.jsonl"
+        return self.out / rank_log_name(rank, self.dist.world)
 
     def _done_marker(self, rank: int) -> Path:
         return self.out / f".done.rank{rank}-of-{self.dist.world}"
@@ -378,9 +379,8 @@ class Trainer:
         if found and not resume:
             raise ScSteerError(f"{str(self.out)!r} already holds a training checkpoint; pass --resume to "
                                "continue it or choose another --out")
-        mine = self.checkpoint_path.name
-        foreign = [f for f in found if f != mine and not (self.parallel == "layers" and f.startswith(
-            "checkpoint.rank") and f.endswith(f"-of-{self.dist.world}.safetensors"))]
+        ours = {checkpoint_name(Dist(r, self.dist.world), self.parallel) for r in range(self.dist.world)}
+        foreign = [f for f in found if f not in ours]
         if foreign:
             raise ScSteerError(f"--resume: {str(self.out)!r} holds {', '.join(foreign)}, checkpoints of the same run "
                                "split another way; resume it with the --parallel mode and number of processes "
@@ -467,7 +467,7 @@ class Trainer:
         replaced as one set (under ``parallel="layers"`` each rank writes its own into a shared staging
         folder and rank 0 swaps it in); this rank's copies are returned on the training device."""
         out = {}
-        staging = getattr(self, "staging", None) or self.out / f".saes-{uuid.uuid4().hex[:8]}"
+        staging = self.staging or self.out / f".saes-{uuid.uuid4().hex[:8]}"
         for site, st in self.states.items():
             sae = copy.deepcopy(st.sae)
             sae.fold_input_scale(st.scale)
@@ -501,12 +501,16 @@ def checkpoint_name(dist: Dist, parallel: str | None) -> str:
         else CHECKPOINT
 
 
+def rank_log_name(rank: int, world: int) -> str:
+    return f"train_log.rank{rank}-of-{world}.jsonl"
+
+
 def merge_logs(out: Path, world: int, sites: list[str]) -> None:
     """The ranks' logs as one, in the order a one-process run writes it (by step, then site)."""
     order = {s: i for i, s in enumerate(sites)}
     rows = []
     for r in range(world):
-        path = out / f"train_log.rank{r}-of-{world}.jsonl"
+        path = out / rank_log_name(r, world)
         if path.exists():
             rows += [ln for ln in path.read_text().splitlines() if math.isfinite(_log_step(ln))]
     rows.sort(key=lambda ln: (_log_step(ln), order.get(json.loads(ln).get("site"), len(order))))
