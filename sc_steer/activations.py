@@ -28,9 +28,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id
+from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id, prefetch
 from . import validate
-from .devices import DTYPES
+from .devices import DTYPES, host_buffer, to_device
 from .distributed import LOCAL, Dist
 from .errors import ScSteerError
 from .files import atomic_write, atomic_write_text, check_folder, make_dir
@@ -54,7 +54,8 @@ def run_sites(lm: LM, batch: TokenBatch, sites: list[Site]) -> dict[Site, torch.
     import nnsight
 
     ordered = sorted(sites, key=lambda s: s.order)
-    inputs = {"input_ids": batch.input_ids.to(lm.device), "attention_mask": batch.attention_mask.to(lm.device)}
+    inputs = {"input_ids": to_device(batch.input_ids, lm.device),
+              "attention_mask": to_device(batch.attention_mask, lm.device)}
     saved = []
     with torch.no_grad(), lm.trace(inputs) as tracer:
         for s in ordered:
@@ -71,7 +72,7 @@ def text_rows(batch: TokenBatch) -> torch.Tensor:
 def kept(acts: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """``[n, d]``: the rows of ``acts [B, T, d]`` at the flat indices ``where``, gathered on acts' device
     (no boolean mask, so no host sync)."""
-    return acts.reshape(-1, acts.shape[-1]).index_select(0, where.to(acts.device, non_blocking=True))
+    return acts.reshape(-1, acts.shape[-1]).index_select(0, to_device(where, acts.device))
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class CollectConfig:
     ctx: int = 256
     batch_size: int = 16
     max_tokens: int | None = None
-    shard_tokens: int = 1 << 16
-    shard_bytes: int = 1 << 30     # a shard of many wide sites is cut earlier (writes overlap the forward)
+    shard_tokens: int = 1 << 14     # small shards: writes overlap the forward sooner, and the last one is short
+    shard_bytes: int = 1 << 28     # a shard of many wide sites is cut earlier
     store_dtype: str | None = None  # default: the model's dtype
     packing: str = "pad"
     prepend_bos: bool = True
@@ -189,10 +190,10 @@ def _collect_batches(lm: LM, sites: list[Site], docs, cfg: CollectConfig, store_
     start_row = 0 if dist.active else resume_row
     n_tokens = 0 if dist.active else sum(s["n_tokens"] for s in manifest["shards"])
     rows = iter_rows(docs, lm.tokenizer, cfg.ctx, prepend_bos=cfg.prepend_bos, packing=cfg.packing)
-    batches = iter_batches(rows, cfg.batch_size, cfg.ctx, pad_token_id(lm.tokenizer), start_row=start_row)
+    batches = prefetch(iter_batches(rows, cfg.batch_size, cfg.ctx, pad_token_id(lm.tokenizer), start_row=start_row))
     bar = tqdm(total=cfg.max_tokens, initial=n_tokens, unit="tok", desc="collect", disable=not (progress and dist.is_main))
     if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
-        batches = iter(())  # killed after the last shard was listed: only the manifest is left to finish
+        batches = prefetch(())  # killed after the last shard was listed: only the manifest is left to finish
     widths = {str(s): lm.width(s) for s in sites}
     cap = shard_capacity(cfg, widths, store_dtype)
     writer = ShardWriter(out, manifest)
@@ -216,6 +217,7 @@ def _collect_batches(lm: LM, sites: list[Site], docs, cfg: CollectConfig, store_
         if shard is not None and shard.n:
             writer.put(shard)
     finally:
+        batches.close()  # stops the tokenizing thread
         writer.close()  # waits for queued shards (also when interrupted: each is whole or absent)
         bar.close()
 
@@ -265,24 +267,26 @@ def shard_capacity(cfg: CollectConfig, widths: dict[str, int], dtype: torch.dtyp
 
 class ShardBuffer:
     """One shard being filled: each batch's kept tokens are gathered on the model's device and copied
-    once into preallocated host tensors (no per-shard concatenation); norm sums stay on the device."""
+    once, asynchronously, into preallocated (pinned, on CUDA) host tensors; norm sums stay on the device.
+    Nothing here waits for the GPU: ``close`` marks the shard's last copy, and the writer thread waits
+    for that mark (``ready``) before it reads the host tensors."""
 
     def __init__(self, widths: dict[str, int], capacity: int, dtype: torch.dtype, device: torch.device):
-        self.acts = {s: torch.empty(capacity, d, dtype=dtype) for s, d in widths.items()}
-        self.norm_sums = {s: torch.zeros((), dtype=torch.float64, device=device) for s in widths}
+        self.device = device
+        self.acts = {s: host_buffer((capacity, d), dtype, device) for s, d in widths.items()}
+        self.slot = {s: i for i, s in enumerate(widths)}  # site -> its entry in norm_sums
+        self.norm_sums = torch.zeros(len(widths), dtype=torch.float64, device=device)
         self.meta: dict[str, list[torch.Tensor]] = {k: [] for k in META_KEYS}
         self.n, self.rows_end = 0, 0
+        self._done = None
 
     def add(self, batch: TokenBatch, acts: dict[Site, torch.Tensor]) -> None:
         where = text_rows(batch)
         m = len(where)
-        on_device = {}
         for s, a in acts.items():
             rows = kept(a, where).to(self.acts[str(s)].dtype)
-            self.norm_sums[str(s)] += rows.double().norm(dim=-1).sum()
-            on_device[str(s)] = rows
-        for s, rows in on_device.items():
-            self.acts[s][self.n:self.n + m].copy_(rows)
+            self.norm_sums[self.slot[str(s)]] += rows.double().norm(dim=-1).sum()
+            self.acts[str(s)][self.n:self.n + m].copy_(rows, non_blocking=True)
         for key, val in (("tokens", batch.input_ids), ("doc", batch.doc), ("pos", batch.pos),
                          ("row", batch.row[:, None].expand_as(batch.input_ids))):
             self.meta[key].append(val.reshape(-1)[where].to(torch.int64 if key == "row" else torch.int32))
@@ -290,8 +294,18 @@ class ShardBuffer:
         self.rows_end = int(batch.row[-1]) + 1
 
     def close(self) -> None:
-        """Bring the norm sums to the host (already computed: the copies above waited for them)."""
-        self.norm_floats = {s: float(v) for s, v in self.norm_sums.items()}
+        """Queue the norm sums' copy to the host and mark the end of this shard's copies."""
+        self._norms_host = host_buffer(tuple(self.norm_sums.shape), torch.float64, self.device)
+        self._norms_host.copy_(self.norm_sums, non_blocking=True)
+        if self.device.type == "cuda":
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(self.device))
+
+    def ready(self) -> None:
+        """Wait until every queued copy into this shard has landed; then the host tensors are final."""
+        if self._done is not None:
+            self._done.synchronize()
+        self.norm_floats = dict(zip(self.acts, self._norms_host.tolist()))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"act.{s}": t[:self.n] for s, t in self.acts.items()}
@@ -336,6 +350,7 @@ class ShardWriter:
 
 
 def _write_shard(out: Path, manifest: dict, shard: ShardBuffer) -> None:
+    shard.ready()
     tensors = shard.tensors()
     name = f"{_shard_prefix(manifest)}{len(manifest['shards']):05d}.safetensors"
     atomic_write(out / "shards" / name,

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=256, help="context length in tokens, BOS included (default: 256)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, help="stop after this many stored tokens")
-    p.add_argument("--shard-tokens", type=int, default=1 << 16, help="tokens per shard file (default: 65536)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 14, help="tokens per shard file (default: 16384)")
     p.add_argument("--store-dtype", help="float32, float16 or bfloat16 (default: the model's dtype)")
     p.add_argument("--packing", default="pad", choices=["pad", "pack"],
                    help="pad: one document per row group; pack: concatenate documents (default: pad)")

@@ -295,3 +295,48 @@ def pad_token_id(tokenizer: Any) -> int:
         if cand is not None:
             return int(cand)
     return 0
+
+
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """The items of ``items``, produced ``depth`` ahead on a background thread, so that tokenizing the
+    next batches overlaps the model's work on this one. Errors reach the consumer where the failing item
+    would have; a consumer that stops early stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def offer(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            offer((end, e))
+            return
+        offer((end, None))
+
+    thread = threading.Thread(target=produce, name="sc-steer-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -76,3 +76,17 @@ def follow_model(saes: T, lm: LM) -> T:
         if sae is not None and sae.W_enc.device != dev:
             sae.to(dev)
     return saes
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait for the GPU's queued work: on CUDA it is
+    staged in pinned memory and copied asynchronously (a plain ``.to`` synchronises the stream)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, for_device: torch.device) -> torch.Tensor:
+    """An empty host tensor that ``for_device`` copies into: pinned for CUDA (fast asynchronous copies;
+    torch's caching host allocator reuses freed blocks, so repeated shards pin no new memory)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=for_device.type == "cuda")

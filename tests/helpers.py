@@ -132,3 +132,19 @@ def sparse_path_indices(sae, x, k: int, dead, k_aux: int):
     idx = pre.topk(k, dim=-1, sorted=False).indices
     aux = dead_topk(pre, dead, min(k_aux, int(dead.sum()))) if dead is not None and dead.any() else None
     return idx, aux
+
+
+def hook_activations(hf, modules, input_ids, attention_mask, inputs_of=()):
+    """Independent reference: forward hooks on the given modules during a plain forward (for names in
+    ``inputs_of``, the module's input instead of its output)."""
+    got, handles = {}, []
+    for name, mod in modules.items():
+        def hook(_m, inp, out, name=name):
+            val = inp if name in inputs_of else out
+            got[name] = (val[0] if isinstance(val, tuple) else val).detach().clone()
+        handles.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        hf(input_ids=input_ids, attention_mask=attention_mask)
+    for h in handles:
+        h.remove()
+    return got

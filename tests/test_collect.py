@@ -13,21 +13,7 @@ from safetensors.torch import load_file
 from sc_steer import ActivationStore, ScSteerError, collect, open_model
 from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
 
-
-def hook_activations(hf, modules, input_ids, attention_mask, inputs_of=()):
-    """Independent reference: forward hooks on the given modules during a plain forward (for names in
-    ``inputs_of``, the module's input instead of its output)."""
-    got, handles = {}, []
-    for name, mod in modules.items():
-        def hook(_m, inp, out, name=name):
-            val = inp if name in inputs_of else out
-            got[name] = (val[0] if isinstance(val, tuple) else val).detach().clone()
-        handles.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        hf(input_ids=input_ids, attention_mask=attention_mask)
-    for h in handles:
-        h.remove()
-    return got
+from helpers import hook_activations
 
 
 @pytest.fixture

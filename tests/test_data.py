@@ -94,3 +94,38 @@ def test_batches_pad_right_and_resume(tokenizer, text_docs):
 def test_context_length_must_fit_bos_and_a_token(tokenizer, ctx):
     with pytest.raises(ScSteerError, match="context length"):
         list(iter_rows(["text"], tokenizer, ctx=ctx))
+
+
+def test_prefetch_keeps_order_raises_where_the_source_fails_and_stops_with_its_consumer():
+    import threading
+
+    from sc_steer.data import prefetch
+
+    assert list(prefetch(range(50), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ScSteerError("data 'x': unreadable")
+
+    got = []
+    with pytest.raises(ScSteerError, match="unreadable"):
+        for v in prefetch(failing()):
+            got.append(v)
+    assert got == [1, 2]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert not any(t.name == "sc-steer-prefetch" for t in threading.enumerate())
+    n = len(produced)
+    assert n <= 3 + 2 + 1  # what was consumed, the queue, and one item in hand

@@ -187,3 +187,32 @@ def _missing(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is None
+
+
+def test_collection_on_cuda_equals_forward_hooks_bitwise(models, tmp_path):
+    """The asynchronous path (pinned shard buffers, copies that do not wait, the tokenizer on a thread)
+    stores exactly what plain forward hooks on the same device see, in fp32, over several shards."""
+    from helpers import hook_activations
+
+    from sc_steer.activations import ActivationStore, collect
+    from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
+
+    lm = models["cuda"]
+    sites = lm.sites("resid_post.*")
+    collect(lm, sites, "demo:heldout", tmp_path / "acts", ctx=64, batch_size=8, max_tokens=3000, shard_tokens=700,
+            progress=False)
+    store = ActivationStore(tmp_path / "acts")
+    assert len(store.shards) > 2
+    expected = {str(s): [] for s in sites}
+    for b in iter_batches(iter_rows(iter_documents("demo:heldout"), lm.tokenizer, 64), 8, 64,
+                          pad_token_id(lm.tokenizer)):
+        ref = hook_activations(lm.hf, {str(s): lm.module(s) for s in sites}, b.input_ids.to(lm.device),
+                               b.attention_mask.to(lm.device))
+        for s in expected:
+            expected[s].append(ref[s][b.keep.to(lm.device)].cpu())
+        if sum(len(e) for e in expected[str(sites[0])]) >= store.n_tokens:
+            break
+    for s in expected:
+        want = torch.cat(expected[s])
+        assert torch.equal(store.load(s), want), s
+        assert abs(store.mean_norm(s) - float(want.double().norm(dim=-1).mean())) < 1e-9 * store.mean_norm(s), s

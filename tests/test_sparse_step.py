@@ -233,3 +233,29 @@ def test_auxk_by_hand(arch, path, monkeypatch):
     loss, parts = sae.loss(x, out, ctx)
     assert abs(float(parts["fvu"]) - fvu) < 1e-6 and abs(float(parts["auxk"]) - auxk) < 1e-5
     assert abs(float(loss) - (fvu + auxk / 32)) < 1e-5
+
+
+@pytest.mark.parametrize("grad_size", [1e-3, 1e3])  # below the clip (no scaling) and far above it
+def test_clipping_inside_fused_adam_equals_clip_grad_norm(grad_size):
+    """``clip_gradients`` hands the clip to fused Adam (its ``grad_scale``) instead of scaling every gradient
+    first: the parameters after a few steps equal those of ``clip_grad_norm_`` + the same Adam. Fused Adam
+    runs on the CPU too, so this guards the GPU's path here."""
+    from sc_steer.sae.train import clip_gradients
+
+    runs = []
+    for fused in (False, True):
+        sae, x = make(seed=3)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2, fused=fused)
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+            for i, p in enumerate(sae.parameters()):
+                g = torch.Generator().manual_seed(100 * step + i)
+                p.grad = torch.randn(p.shape, generator=g) * grad_size * (1.0, 50.0, 0.02)[step]  # Adam is not
+                # invariant to a scale that changes between steps: a clip that did nothing would show
+            clip_gradients(opt, sae.parameters(), 1.0)
+            if not fused:
+                assert torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()]) <= 1.0 + 1e-5
+            opt.step()
+        runs.append([p.detach().clone() for p in sae.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
