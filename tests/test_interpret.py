@@ -1,5 +1,6 @@
 """Feature interpretation against brute force, the neuron baseline, the HTML browser, bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -78,6 +79,74 @@ def test_sparse_token_table_equals_the_dense_one_for_signed_units():
         a, b = sparse.top_tokens(u, 3, 1), dense.top_tokens(u, 3, 1)
         assert [(t, c) for t, _, c in a] == [(t, c) for t, _, c in b]
         assert [m for _, m, _ in a] == pytest.approx([m for _, m, _ in b], rel=1e-5)
+
+
+def test_sig_round_agrees_with_sig_within_one_unit_in_the_last_digit():
+    from sc_steer.interpret.features import _sig, sig_round
+
+    g = torch.Generator().manual_seed(4)
+    mags = torch.randint(-30, 31, (4000,), generator=g).double()
+    x = torch.randn(4000, generator=g, dtype=torch.float64) * 10 ** mags
+    x[::97] = 0.0
+    x[1::89] = 10 ** mags[1::89]                  # exact powers of ten and their negatives
+    x[2::89] = -(10 ** mags[2::89])
+    for vals in (x, x.float()):                   # the read-out rounds float32 activations too
+        for digits in (4, 5):
+            got = sig_round(vals, digits).tolist()
+            ref = [_sig(v, digits) for v in vals.tolist()]
+            unit = [10.0 ** (math.floor(math.log10(abs(r))) - digits + 1) if r else 0.0 for r in ref]
+            assert all(abs(a - b) <= u * (1 + 1e-9) for a, b, u in zip(got, ref, unit))
+            plain = [(a, b) for a, b, u in zip(got, ref, unit) if 1e-15 < u * 10 ** digits < 1e20]
+            assert sum(a != b for a, b in plain) <= len(plain) // 1000   # exact but for rounding ties
+    odd = sig_round(torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan])).tolist()
+    assert odd[:4] == [0.0, 0.0, math.inf, -math.inf] and math.copysign(1, odd[1]) == -1 and math.isnan(odd[4])
+
+
+def test_concentration_and_entropy_of_many_units_equal_the_scalar_functions():
+    from sc_steer.interpret.score import concentration, concentration_many, token_entropy, token_entropy_many
+
+    g = torch.Generator().manual_seed(6)
+    vals = torch.rand(300, 20, generator=g).sort(dim=1, descending=True).values * 5
+    toks = torch.randint(0, 9, (300, 20), generator=g)            # few token ids: many repeats
+    toks[:40] = 3                                                  # one token only
+    vals[50:60, -3:] = float("-inf")                               # fewer positive activations than n
+    vals[60:65, -1] = 0.0
+    vals[65:70, -1] = -0.5
+    for n_tokens in (1, 5, 30):
+        got, ref = concentration_many(vals, toks, n_tokens), [concentration(v, t, n_tokens) for v, t in zip(vals, toks)]
+        assert [r is None for r in ref] == [x is None for x in got] and sum(r is None for r in ref) == 20
+        assert [x for x in got if x is not None] == pytest.approx([r for r in ref if r is not None], rel=1e-9)
+    got, ref = token_entropy_many(vals, toks), [token_entropy(v, t) for v, t in zip(vals, toks)]
+    assert [r is None for r in ref] == [x is None for x in got]
+    assert [x for x in got if x is not None] == pytest.approx([r for r in ref if r is not None], rel=1e-9, abs=1e-12)
+    assert got[0] == 0.0
+
+
+@pytest.mark.parametrize("dense_limit", [10**9, 0])
+def test_top_tokens_of_a_block_of_units_equal_the_per_unit_ones(dense_limit, monkeypatch):
+    from sc_steer.interpret import stats as stats_module
+
+    monkeypatch.setattr(stats_module, "MEANS_BLOCK", 50)          # several sub-blocks per call
+    g = torch.Generator().manual_seed(7)
+    T, U, V = 600, 23, 40
+    rows = torch.arange(T) // 20
+    tokens = torch.randint(0, V, (T,), generator=g)
+    acts = torch.randn(T, U, generator=g) + torch.linspace(-1, 1, U)   # signed: some means <= 0
+    acts[:, 4] = torch.relu(acts[:, 4] - 2)                            # sparse
+    acts[:, 5] = 0.0                                                   # never fires
+    st = UnitStats(U, V, top_n=4, window=2, dense_token_limit=dense_limit)
+    assert st.tokens.dense == (dense_limit > 0)
+    for lo in range(0, T, 200):
+        st.update(acts[lo:lo + 200], tokens[lo:lo + 200], rows[lo:lo + 200])
+    for min_count, k in ((1, 5), (15, 10), (10**6, 3)):
+        for start, stop in ((0, U), (3, 17)):
+            ids, means, counts = st.top_tokens_block(start, stop, k, min_count)
+            for row, u in enumerate(range(start, stop)):
+                ref = st.top_tokens(u, k, min_count)
+                ok = means[row] > 0
+                assert ids[row][ok].tolist() == [t for t, _, _ in ref]
+                assert counts[row][ok].tolist() == [c for _, _, c in ref]
+                assert means[row][ok].tolist() == pytest.approx([m for _, m, _ in ref], rel=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -27,20 +27,28 @@ def final_norm_map(lm: LM):
     return apply
 
 
-def logit_lens(lm: LM, directions: torch.Tensor, k: int = 8) -> list[dict]:
-    """For each row of ``directions [n, d_model]``: top-k promoted and suppressed tokens with their logits.
-    The products run in fp32 on the model's device; only the top-k lists come back to the host."""
+def lens_topk(lm: LM, directions: torch.Tensor, k: int = 8) -> tuple[torch.Tensor, ...]:
+    """For each row of ``directions [n, d_model]``: (promoted ids, their logits, suppressed ids, their logits),
+    each ``[n, k]`` on the host. The products run in fp32 on the model's device, 1024 rows at a time."""
     W_U = lm._get(lm.adapter.unembed).weight.detach().float()  # [vocab, d_model]
     norm = final_norm_map(lm)
-    out = []
+    parts = []
     for chunk in directions.split(1024):
         logits = norm(chunk.to(W_U.device, torch.float32)) @ W_U.T
-        top = [t.cpu().tolist() for t in logits.topk(k, dim=-1)]
-        bottom = [t.cpu().tolist() for t in (-logits).topk(k, dim=-1)]
-        for i in range(len(chunk)):
-            out.append({"promoted": [[t, v] for v, t in zip(top[0][i], top[1][i])],
-                        "suppressed": [[t, -v] for v, t in zip(bottom[0][i], bottom[1][i])]})
-    return out
+        top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
+        parts.append((top.indices.cpu(), top.values.cpu(), bottom.indices.cpu(), bottom.values.cpu()))
+    if not parts:
+        empty = torch.zeros(0, k)
+        return empty.long(), empty, empty.long(), empty
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def logit_lens(lm: LM, directions: torch.Tensor, k: int = 8) -> list[dict]:
+    """For each row of ``directions [n, d_model]``: top-k promoted and suppressed tokens with their logits."""
+    up_ids, up_vals, down_ids, down_vals = (t.tolist() for t in lens_topk(lm, directions, k))
+    pairs = lambda ids, vals: [[t, v] for t, v in zip(ids, vals)]  # noqa: E731
+    return [{"promoted": pairs(up_ids[i], up_vals[i]), "suppressed": pairs(down_ids[i], down_vals[i])}
+            for i in range(len(up_ids))]
 
 
 def unit_directions(lm: LM, kind: str, site, sae=None) -> torch.Tensor:

@@ -41,6 +41,36 @@ def token_entropy(top_vals: torch.Tensor, top_tokens: torch.Tensor) -> float | N
     return -sum(m / total * math.log2(m / total) for m in mass.values())
 
 
+def _token_mass(top_vals: torch.Tensor, top_tokens: torch.Tensor) -> torch.Tensor:
+    """``[U, n]`` float64: each row's activation mass per distinct token id (zeros pad the unused slots).
+    Sorting the ids puts equal ones next to each other, so each run of equal ids is one group."""
+    tok, order = top_tokens.sort(dim=1)
+    vals = top_vals.double().gather(1, order)
+    new_group = torch.ones_like(tok, dtype=torch.bool)
+    new_group[:, 1:] = tok[:, 1:] != tok[:, :-1]
+    group = new_group.long().cumsum(1) - 1
+    return torch.zeros_like(vals).scatter_add_(1, group, vals)
+
+
+def _none_unless(ok: torch.Tensor, vals: torch.Tensor) -> list[float | None]:
+    return [v if o else None for v, o in zip(vals.tolist(), ok.tolist())]
+
+
+def concentration_many(top_vals: torch.Tensor, top_tokens: torch.Tensor, n_tokens: int = 5) -> list[float | None]:
+    """``concentration`` for every row of ``top_vals [U, n]`` / ``top_tokens [U, n]`` at once."""
+    mass = _token_mass(top_vals, top_tokens)
+    heavy = mass.topk(min(n_tokens, mass.shape[1]), dim=1).values.sum(1)
+    return _none_unless((top_vals > 0).all(1), heavy / mass.sum(1))
+
+
+def token_entropy_many(top_vals: torch.Tensor, top_tokens: torch.Tensor) -> list[float | None]:
+    """``token_entropy`` for every row of ``top_vals [U, n]`` / ``top_tokens [U, n]`` at once."""
+    mass = _token_mass(top_vals, top_tokens)
+    p = mass / mass.sum(1, keepdim=True)
+    bits = -torch.where(p > 0, p * p.log2(), torch.zeros_like(p)).sum(1)
+    return _none_unless((top_vals > 0).all(1), bits)
+
+
 def summarize(scores: list[float | None]) -> dict:
     vals = sorted(s for s in scores if s is not None)
     if not vals:

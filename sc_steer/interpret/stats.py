@@ -11,6 +11,7 @@ import torch
 from .tokens import DENSE_TOKEN_TABLE_LIMIT, TokenTable
 
 HIST_EDGES = torch.linspace(-3, 3, 37)  # log10 of positive activations, clipped into the end bins
+MEANS_BLOCK = 1 << 23                   # float64 per-token means held at once by top_tokens_block (64 MiB)
 
 
 class UnitStats:
@@ -113,3 +114,20 @@ class UnitStats:
             return []
         order = means.argsort(descending=True)[:k]
         return [(int(ids[i]), float(means[i]), int(self.token_count[ids[i]])) for i in order if means[i] > 0]
+
+    def top_tokens_block(self, start: int, stop: int, k: int = 10,
+                         min_count: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``top_tokens`` of units ``start:stop`` at once: (ids, means, counts), each ``[units, k']`` best first,
+        ``k' = min(k, qualifying tokens)``. Means <= 0 are still in; the caller drops them. The means are
+        built a block of units at a time, so memory stays bounded for large vocabularies."""
+        ids = (self.token_count >= min_count).nonzero(as_tuple=True)[0]
+        counts = self.token_count[ids]
+        k = min(k, len(ids))
+        step = max(1, MEANS_BLOCK // max(1, len(ids)))
+        best = [(self.tokens.block_sums(a, min(stop, a + step), ids) / counts).topk(k, dim=1)
+                for a in range(start, stop, step)]
+        if not best:
+            empty = torch.zeros(0, k, dtype=torch.int64, device=ids.device)
+            return empty, empty.double(), empty
+        pick = torch.cat([b.indices for b in best])
+        return ids[pick], torch.cat([b.values for b in best]), counts[pick]

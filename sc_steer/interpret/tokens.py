@@ -68,6 +68,23 @@ class TokenTable:
             out[self._keys[0][a:b] % self.vocab] = self._vals[0][a:b]
         return out
 
+    def block_sums(self, start: int, stop: int, cols: torch.Tensor) -> torch.Tensor:
+        """``[stop - start, len(cols)]`` float64: ``unit_sums`` of units ``start:stop`` at token ids ``cols``,
+        for the read-out of many units at once (a sparse table fills it from one slice of its sorted keys)."""
+        if self.dense:
+            return self.sums[start:stop, cols].double()
+        self.merge()
+        out = torch.zeros(stop - start, len(cols), dtype=torch.float64, device=self.device)
+        if self._keys:
+            a, b = self._unit_starts[start], self._unit_starts[stop]
+            keys = self._keys[0][a:b]
+            col = torch.full((self.vocab,), -1, dtype=torch.int64, device=self.device)
+            col[cols] = torch.arange(len(cols), device=self.device)
+            c = col[keys % self.vocab]
+            ok = c >= 0
+            out[keys[ok] // self.vocab - start, c[ok]] = self._vals[0][a:b][ok]
+        return out
+
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every nonzero sum as (unit, token, value) in ascending key order (float64 values)."""
         if self.dense:
