@@ -104,8 +104,8 @@ def reference_loss(p: dict, x: torch.Tensor, k: int, dead: torch.Tensor | None, 
     pre = x @ p["W_enc"] + (p["b_enc"] - p["b_dec"] @ p["W_enc"])  # the formula of SAE.pre_acts
     if batch_topk:
         flat = pre.relu().flatten()
-        v, i = flat.topk(k * x.shape[0])
-        f = torch.zeros_like(flat).scatter(0, i, v).view_as(pre)
+        i = flat.topk(k * x.shape[0]).indices if idx is None else idx
+        f = torch.zeros_like(flat).scatter(0, i, flat[i]).view_as(pre)
     else:
         i = pre.topk(k, dim=-1).indices if idx is None else idx
         f = torch.zeros_like(pre).scatter(-1, i, pre.gather(-1, i).relu())
@@ -122,14 +122,19 @@ def reference_loss(p: dict, x: torch.Tensor, k: int, dead: torch.Tensor | None, 
     return loss
 
 
-def sparse_path_indices(sae, x, k: int, dead, k_aux: int):
-    """The latents the sparse TopK path selects under bf16 autocast (its pre-activations are bf16)."""
+def sparse_path_indices(sae, x, k: int, dead, k_aux: int, batch_topk: bool = False):
+    """The latents a TopK (or BatchTopK: flat indices) step selects under bf16 autocast, where the
+    pre-activations are bf16, rounded once with the bias added in the GEMM (on every path)."""
     from sc_steer.sae.sparse import low_precision_pre_acts
     from sc_steer.sae.topk import dead_topk
 
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         pre, _ = low_precision_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec)
-    idx = pre.topk(k, dim=-1, sorted=False).indices
+        assert torch.equal(pre, sae.pre_acts(x))  # the dense path rounds the same way
+    if batch_topk:
+        idx = pre.relu().flatten().topk(k * x.shape[0]).indices
+    else:
+        idx = pre.topk(k, dim=-1, sorted=False).indices
     aux = dead_topk(pre, dead, min(k_aux, int(dead.sum()))) if dead is not None and dead.any() else None
     return idx, aux
 

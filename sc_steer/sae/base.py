@@ -98,8 +98,12 @@ class SAE(nn.Module):
     # -- the maps ------------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) W_enc + b_enc``, written so that b_dec's gradient costs a vector-matrix product
-        instead of a second [batch, d_in] x [d_in, d_sae] matmul."""
-        return x.to(self.W_enc.dtype) @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
+        instead of a second [batch, d_in] x [d_in, d_sae] matmul. One ``addmm``: under autocast the bias
+        is added in the GEMM and the ``[batch, d_sae]`` result stays bf16 (a separate fp32 bias add
+        would promote it, doubling the bytes of every later pass over it)."""
+        flat = x.reshape(-1, x.shape[-1]).to(self.W_enc.dtype)
+        pre = torch.addmm(self.b_enc - self.b_dec @ self.W_enc, flat, self.W_enc)
+        return pre.reshape(*x.shape[:-1], pre.shape[-1])
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         """Inference-time activation function (per token, deterministic)."""
