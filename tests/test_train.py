@@ -176,6 +176,33 @@ def test_train_streaming_from_the_model_without_a_cache(tiny_run, tmp_path):
     assert (tmp_path / "s" / "saes" / "resid_post.2" / "cfg.json").exists()
 
 
+def test_model_source_hands_out_each_collected_row_once(tiny_run):
+    """The streaming shuffle buffer (slots reused as batches leave) yields real activations only, each
+    token at most once while the data's first pass lasts, from every site of the same tokens."""
+    import itertools
+
+    from sc_steer.activations import ActivationStore
+    from sc_steer.sae.train import model_source
+
+    lm = open_model(tiny_run["model"])
+    sites = lm.sites("resid_post.0,resid_post.2")
+    store = ActivationStore(tiny_run["acts"])   # the same text, ctx 64, collected by nnsight
+    ref = {str(s): store.load(str(s)) for s in sites}
+    unused: dict[tuple, list[int]] = {}   # repeated text gives repeated rows: each copy may be drawn once
+    for i, r in enumerate(ref["resid_post.0"]):
+        unused.setdefault(tuple(r.tolist()), []).append(i)
+    batches = model_source(lm, sites, tiny_run["text"], 100, 0, ctx=64, rows_per_pass=2, buffer_tokens=400)(0)
+    drawn = 0
+    for b in itertools.islice(batches, 30):
+        for row0, row2 in zip(b["resid_post.0"], b["resid_post.2"]):
+            copies = unused[tuple(row0.tolist())]    # a KeyError: a row no forward produced (a stale slot)
+            assert copies, "a token handed out twice"
+            assert any(torch.equal(row2, ref["resid_post.2"][i]) for i in copies)   # both sites, same token
+            copies.pop()
+            drawn += 1
+    assert drawn == 3000 < store.n_tokens
+
+
 def test_divergence_stops_with_one_line_and_keeps_no_broken_weights(tiny_run, tmp_path, capsys):
     out = tmp_path / "div"
     args = ["train", "--activations", str(tiny_run["acts"]), "--out", str(out), "--tokens", "5120",

@@ -84,13 +84,12 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
                  buffer_tokens: int = 1 << 17, buffer_bytes: int = 8 << 30, run_sites_of: list | None = None
                  ) -> BatchSource:
     """Activations straight from the model (no disk cache), shuffled in a host buffer of ``buffer_tokens``
-    tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept in the model's
-    dtype; batches are handed out in fp32). ``run_sites_of`` is the whole run's sites where ``sites`` is
+    tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept and handed out in
+    the model's dtype: the trainer casts on its device). ``run_sites_of`` is the whole run's sites where ``sites`` is
     one rank's share: the buffer is sized for the run, so every rank draws the same tokens."""
     from ..activations import kept, run_sites, text_rows
     from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 
-    names = [str(s) for s in sites]
     per_token = sum(lm.width(s) for s in (run_sites_of or sites)) * torch.empty((), dtype=lm.dtype).element_size()
     buffer_tokens = max(2 * batch_size, min(buffer_tokens, buffer_bytes // per_token))
 
@@ -107,25 +106,35 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
             epoch += 1
 
     def generate() -> Iterator[dict[str, torch.Tensor]]:
-        chunks: dict[str, list[torch.Tensor]] = {s: [] for s in names}
-        n = 0
+        # A shuffle buffer of slots in one host tensor per site, allocated once: a pass's rows go into free
+        # slots, a batch is gathered from random live slots and its slots are freed. ``live`` lists the
+        # live slots in pool order (the remainder of the last shuffle, then the rows added since), so the
+        # batches are those of shuffling a concatenated pool, without copying the pool at each refill.
+        cap = buffer_tokens + rows_per_pass * ctx
+        buf: dict[str, torch.Tensor] = {}
+        live = torch.zeros(0, dtype=torch.int64)
+        free = torch.arange(cap)
         gen = torch.Generator().manual_seed(seed)
         for _, b in token_batches():
             acts = run_sites(lm, b, sites)
             where = text_rows(b)
+            slots, free = free[:len(where)], free[len(where):]
             for s in sites:
-                chunks[str(s)].append(kept(acts[s], where).cpu())
-            n += len(where)
+                rows = kept(acts[s], where).cpu()
+                if str(s) not in buf:
+                    buf[str(s)] = torch.empty(cap, rows.shape[1], dtype=rows.dtype)
+                buf[str(s)].index_copy_(0, slots, rows)
+            live = torch.cat([live, slots])
+            n = len(live)
             if n < buffer_tokens:
                 continue
-            perm = torch.randperm(n, generator=gen)
-            pool = {s: torch.cat(c)[perm] for s, c in chunks.items()}  # one concatenation per refill
+            order = live[torch.randperm(n, generator=gen)]
             i = 0
             while n - i >= buffer_tokens // 2 + batch_size:
-                yield {s: v[i:i + batch_size].float() for s, v in pool.items()}
+                idx = order[i:i + batch_size]
+                yield {s: v.index_select(0, idx) for s, v in buf.items()}  # the model's dtype: cast on the device
                 i += batch_size
-            chunks = {s: [v[i:]] for s, v in pool.items()}
-            n -= i
+            live, free = order[i:], torch.cat([free, order[:i]])
 
     return lambda start: itertools.islice(generate(), start, None)
 
@@ -271,7 +280,7 @@ class Trainer:
         """One optimiser step; returns detached 0-d tensors, read on the host only when logged (the only
         host sync per step is the dead-latent count that sizes AuxK, and only when AuxK is on)."""
         cfg = self.cfg
-        x = x_raw.to(self.device, torch.float32) * st.scale
+        x = x_raw.to(self.device).to(torch.float32) * st.scale  # moved as stored (bf16: half the bytes), then cast
         sae = st.sae
         dead = st.since_fired > cfg.resolved_dead_tokens()
         uses_dead = sae.needs_k and st.cfg.aux_coeff > 0
