@@ -80,6 +80,21 @@ def timed(fn, dev: torch.device, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def python_profile(fn, top: int = 12):
+    """Run ``fn`` under cProfile; return its result and the ``top`` functions by own time (seconds), to show
+    where host time goes in loops that the GPU waits on."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    table = {f"{Path(f).name}:{line}({name})"[:90]: round(v[2], 3) for (f, line, name), v in rows}
+    print("host time by function (s, own):\n" + "\n".join(f"  {v:8.3f}  {k}" for k, v in table.items()), flush=True)
+    return result, table
+
+
 # -- ceilings ---------------------------------------------------------------------------------------
 def ceilings(dev: torch.device, small: bool) -> dict:
     n = 1024 if small else 8192
@@ -101,8 +116,16 @@ def ceilings(dev: torch.device, small: bool) -> dict:
 
 
 # -- SAE training step ------------------------------------------------------------------------------
-def plain_step_fn(arch: str, d_in: int, d_sae: int, k: int, dev: torch.device, autocast: bool):
-    """A plain-torch dense training step: encoder, activation, dense decoder, MSE (+ L1), backward, Adam."""
+def dead_mask(d_sae: int, dev: torch.device) -> torch.Tensor:
+    """A tenth of the latents dead (every tenth one): AuxK active with its full k_aux = d_in / 2 per token."""
+    dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
+    dead[::10] = True
+    return dead
+
+
+def plain_step_fn(arch: str, d_in: int, d_sae: int, k: int, dev: torch.device, autocast: bool, auxk: bool = False):
+    """A plain-torch dense training step: encoder, activation, dense decoder, MSE (+ L1; + AuxK on a tenth of
+    the latents dead with ``auxk``), backward, Adam."""
     g = torch.Generator(device=dev).manual_seed(0)
     W_dec = torch.randn(d_sae, d_in, generator=g, device=dev)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -110,7 +133,8 @@ def plain_step_fn(arch: str, d_in: int, d_sae: int, k: int, dev: torch.device, a
               requires_grad=True), "W_dec": W_dec.requires_grad_(),
               "b_dec": torch.zeros(d_in, device=dev, requires_grad=True)}
     theta = torch.full((d_sae,), 0.1, device=dev)
-    opt = torch.optim.Adam(params.values(), lr=1e-4)
+    dead = dead_mask(d_sae, dev)
+    opt = torch.optim.Adam(params.values(), lr=1e-4, fused=dev.type == "cuda" or None)
 
     def step(x):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
@@ -127,7 +151,13 @@ def plain_step_fn(arch: str, d_in: int, d_sae: int, k: int, dev: torch.device, a
             else:
                 f = pre.relu()
             x_hat = f @ params["W_dec"] + params["b_dec"]
+            if auxk:
+                masked = pre.masked_fill(~dead, float("-inf"))
+                v, i = masked.topk(d_in // 2, dim=-1)
+                e_hat = torch.zeros_like(pre).scatter(-1, i, v.relu()) @ params["W_dec"]
         loss = (x_hat.float() - x).pow(2).sum(-1).mean()
+        if auxk:
+            loss = loss + (e_hat.float() - (x - x_hat.float()).detach()).pow(2).sum(-1).mean() / 8
         if arch == "relu":
             loss = loss + 1e-3 * f.float().sum(-1).mean()
         opt.zero_grad(set_to_none=True)
@@ -144,12 +174,15 @@ def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float)
     d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
     data = [torch.randn(batch, d_in, device=dev) for _ in range(3)]
     out = {}
-    variants = [("topk", "auto"), ("topk", "torch"), ("batchtopk", "auto"), ("jumprelu", "auto"), ("relu", "auto")]
+    # (architecture, kernel path, AuxK on a tenth of the latents dead). Without AuxK no latent dies during
+    # the benchmark (the dead window is 10 M tokens); with it, AuxK runs at its full k_aux = d_in / 2.
+    variants = [("topk", "auto", False), ("topk", "auto", True), ("topk", "torch", False), ("batchtopk", "auto", False),
+                ("jumprelu", "auto", False), ("relu", "auto", False)]
     if dev.type == "cpu":
-        variants.insert(2, ("topk", "autograd"))    # the CPU's own path (on CUDA, auto is the Triton one)
-    for arch, kernels in variants:
+        variants.insert(3, ("topk", "autograd", False))    # the CPU's own path (on CUDA, auto is the Triton one)
+    for arch, kernels, auxk in variants:
         os.environ["SC_STEER_KERNELS"] = kernels
-        cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": batch * 1000, "autocast": autocast,
+        cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": 1 << 40, "autocast": autocast,
                                 "checkpoint_every": 1 << 30, "log_every": 1 << 30,
                                 "sae": {"architecture": arch, "d_sae": d_sae, "k": k}})
         x_cpu = data[0].cpu()
@@ -157,6 +190,8 @@ def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float)
                      {"x": {"d": d_in, "mean_norm": float(x_cpu.norm(dim=-1).mean())}}, device=dev, progress=False)
         tr._init_states({"x": x_cpu})
         st = tr.states["x"]
+        if auxk:
+            st.since_fired.masked_fill_(dead_mask(d_sae, dev), float(1 << 40))
         i = [0]
 
         def ours():
@@ -164,18 +199,20 @@ def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float)
             tr.step += 1
             i[0] += 1
 
+        parts = tr._step_site(st, data[0])
+        assert ("auxk" in parts) == auxk, f"AuxK should be {'on' if auxk else 'off'} in this variant"
         t_ours = timed(ours, dev, repeats=10, warmup=3)
         from sc_steer.sae.sparse import kernels as kernel_choice
 
         used = kernel_choice(dev) if arch == "topk" else "-"
         del tr, st
-        plain = plain_step_fn(arch, d_in, d_sae, k, dev, autocast)
+        plain = plain_step_fn(arch, d_in, d_sae, k, dev, autocast, auxk)
         t_plain = timed(lambda: plain(data[i[0] % 3]), dev, repeats=10, warmup=3)
         del plain
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         flops = 10 * batch * d_in * d_sae  # dense-equivalent: 2 forward + 3 backward matmuls, 2 FLOPs each
-        name = arch if kernels == "auto" else f"{arch}[{kernels}]"
+        name = (arch if kernels == "auto" else f"{arch}[{kernels}]") + ("+auxk" if auxk else "")
         out[name] = {"ms": 1e3 * t_ours, "plain_ms": 1e3 * t_plain, "tokens_per_s": batch / t_ours,
                      "pct_of_peak": 100 * flops / t_ours / (peak_tflops * 1e12), "kernels": used}
     os.environ.pop("SC_STEER_KERNELS", None)
@@ -192,23 +229,25 @@ def sparsify_step(dev, d_in, d_sae, k, batch, data, peak_tflops) -> dict:
         return {}
     sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=dev)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=dev.type == "cuda" or None)  # as fast as ours
-    dead = torch.zeros(d_sae, dtype=torch.bool, device=dev)
-    dead[: d_sae // 10] = True
-    i = [0]
+    out = {}
+    for dead in (None, dead_mask(d_sae, dev)):   # its AuxK runs with k_aux = d_in / 2 too
+        i = [0]
 
-    def step():
-        x = data[i[0] % 3]
-        i[0] += 1
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = sae(x, dead_mask=dead)
-        loss = out.fvu + out.auxk_loss / 32
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step():
+            x = data[i[0] % 3]
+            i[0] += 1
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                res = sae(x, dead_mask=dead)
+            loss = res.fvu + res.auxk_loss / 8
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-    t = timed(step, dev, repeats=10, warmup=3)
-    flops = 10 * batch * d_in * d_sae
-    return {"sparsify_topk": {"ms": 1e3 * t, "pct_of_peak": 100 * flops / t / (peak_tflops * 1e12)}}
+        t = timed(step, dev, repeats=10, warmup=3)
+        flops = 10 * batch * d_in * d_sae
+        out["sparsify_topk" + ("" if dead is None else "+auxk")] = {
+            "ms": 1e3 * t, "pct_of_peak": 100 * flops / t / (peak_tflops * 1e12)}
+    return out
 
 
 def profile_topk_step(dev: torch.device, s: dict) -> dict:
@@ -220,7 +259,7 @@ def profile_topk_step(dev: torch.device, s: dict) -> dict:
 
     d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
     x = torch.randn(batch, d_in)
-    cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": batch * 1000, "autocast": dev.type == "cuda",
+    cfg = config_from_dict({"sites": ["x"], "batch_size": batch, "tokens": 1 << 40, "autocast": dev.type == "cuda",
                             "checkpoint_every": 1 << 30, "log_every": 1 << 30,
                             "sae": {"architecture": "topk", "d_sae": d_sae, "k": k}})
     tr = Trainer(cfg, tensor_source({"x": x}, batch, 0), tempfile.mkdtemp(prefix="sc_bench_"),
@@ -330,15 +369,17 @@ def stream_training(lm, dev: torch.device, s: dict, work: Path) -> dict:
                             "sae": {"architecture": "topk", "d_sae": s["stream_d_sae"], "k": s["k"]}})
     out = work / "stream"
     t = time.perf_counter()
-    train_from_model(lm, "demo:heldout", cfg, out, ctx=256, device=dev, progress=False)
+    _, where = python_profile(lambda: train_from_model(lm, "demo:heldout", cfg, out, ctx=256, device=dev,
+                                                       progress=False))
     sync(dev)
     dt = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return {"sites": lm.n_layers, "d_sae": s["stream_d_sae"], "tokens": s["batch"] * steps,
-            "tokens_per_s": s["batch"] * steps / dt, "seconds": dt,
-            "note": "includes filling the shuffle buffer (model_source caps it at 8 GiB for all sites) before the first step"}
+            "tokens_per_s": s["batch"] * steps / dt, "seconds": dt, "host_time_by_function": where,
+            "note": "under cProfile; includes filling the shuffle buffer (model_source caps it at 8 GiB for all sites) "
+                    "before the first step and saving the 32 SAEs"}
 
 
 def random_topk_sae(d_in: int, d_sae: int, k: int, dev: torch.device, seed: int):
@@ -406,8 +447,9 @@ def steering(lm, dev: torch.device, s: dict) -> dict:
 
     t_hf, t_add, t_remove = interleaved([hf, lambda: generate(lm, prompt, add, saes, max_new_tokens=new),
                                          lambda: generate(lm, prompt, remove, saes, max_new_tokens=new)], dev, repeats=4)
+    _, where = python_profile(lambda: generate(lm, prompt, remove, saes, max_new_tokens=new))
     return {"hf_generate_ms_per_token": 1e3 * t_hf / new, "add_vector_ms_per_token": 1e3 * t_add / new,
-            "remove_feature_ms_per_token": 1e3 * t_remove / new}
+            "remove_feature_ms_per_token": 1e3 * t_remove / new, "remove_host_time_by_function": where}
 
 
 def main() -> None:
@@ -459,13 +501,17 @@ def summary(res: dict) -> str:
     if "ceilings" in sec:
         c = sec["ceilings"]
         lines.append(f"ceilings: {c['matmul_dtype']} matmul {c['matmul_tflops']:.1f} TFLOP/s, copy {c['copy_gbs']:.0f} GB/s")
-    for arch, r in sec.get("train", {}).items():
+    train = sec.get("train", {})
+    for arch, r in train.items():
         if "plain_ms" not in r:
             lines.append(f"train step {arch:16s}: {r['ms']:7.1f} ms ({r['pct_of_peak']:.0f}% of peak, dense-equiv.)")
             continue
         lines.append(f"train step {arch:16s}: {r['ms']:7.1f} ms ({r['pct_of_peak']:.0f}% of peak, dense-equiv.) "
                      f"| plain dense step {r['plain_ms']:7.1f} ms | ratio {r['ms'] / r['plain_ms']:.2f}"
                      + (f" | kernels {r['kernels']}" if r.get("kernels", "-") != "-" else ""))
+    for ours, theirs in (("topk", "sparsify_topk"), ("topk+auxk", "sparsify_topk+auxk")):
+        if ours in train and theirs in train:
+            lines.append(f"{ours} step against sparsify: {train[theirs]['ms'] / train[ours]['ms']:.2f}x faster")
     if "collect" in sec:
         c = sec["collect"]
         lines.append(f"collect: plain fwd {c['plain_tok_s']:,.0f} tok/s | last block {c['last_block_tok_s']:,.0f} tok/s "

@@ -3,7 +3,7 @@
 # benchmark. Results (logs, JSON) go to $OUT (default gpu_out/). See ../shared/GUIDE.md section 8.
 #
 #   bash bench/gpu_session.sh                 # wheels for nnsight & co. in .whl/ (if the image lacks them)
-#   BENCH_ONLY=ceilings,train bash bench/gpu_session.sh
+#   BENCH_ONLY=ceilings,train PYTEST_ARGS=tests/test_gpu_kernels.py bash bench/gpu_session.sh   # a part of each
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -24,7 +24,7 @@ python3 -c "import sys, torch, transformers, nnsight; print('python', sys.versio
 '| cuda', torch.version.cuda, '| transformers', transformers.__version__, '| nnsight', nnsight.__version__, '|', \
 torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 t0=$(date +%s)
-timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -m gpu --durations=15 2>&1 \
+timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -p no:cacheprovider -q -m gpu --durations=15 ${PYTEST_ARGS:-} 2>&1 \
   | grep -v "Loading weights" | tee "$OUT/pytest_gpu.log"
 echo "pytest -m gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/pytest_gpu.log"
 timeout "${DEVICES_TIMEOUT:-60}" python3 -m pytest -p no:cacheprovider -q tests/test_devices.py 2>&1 | grep -v "Loading weights" \

@@ -51,8 +51,11 @@ def _step(sae, x, ctx, autocast=True):
     return float(loss.detach()), {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
+@pytest.mark.parametrize("split", ["gathers", "auto"])  # row gathers throughout; dense where entries are many
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_gpu_step_matches_torch_kernels_and_the_dense_reference(arch, monkeypatch):
+def test_gpu_step_matches_torch_kernels_and_the_dense_reference(arch, split, monkeypatch):
+    if split == "gathers":
+        monkeypatch.setattr(sparse, "DENSE_FROM", float("inf"))
     torch.manual_seed(0)
     d_in, d_sae, k, B = 256, 4096, 32, 1024
     sae = make_sae(SAEConfig(arch, d_in, d_sae, k=k)).to(DEV)
@@ -74,8 +77,8 @@ def test_gpu_step_matches_torch_kernels_and_the_dense_reference(arch, monkeypatc
     monkeypatch.delenv("SC_STEER_KERNELS")
     p = {n: t.detach().clone().requires_grad_() for n, t in sae.named_parameters()}
     idx = aux_idx = None
-    if arch == "topk" and default != "autograd":
-        idx, aux_idx = sparse_path_indices(sae, x, k, dead, 128)
+    if default != "autograd":
+        idx, aux_idx = sparse_path_indices(sae, x, k, dead, 128, batch_topk=arch == "batchtopk")
     with torch.autocast(x.device.type, dtype=torch.bfloat16):
         ref = reference_loss(p, x, k, dead, 128, 1 / 32, batch_topk=arch == "batchtopk", idx=idx, aux_idx=aux_idx)
     ref.backward()

@@ -48,16 +48,22 @@ def reference(sae, x, dead, k_aux, aux_coeff, autocast, same_selection=False):
     return loss.detach(), {n: t.grad for n, t in p.items()}
 
 
-@pytest.mark.parametrize("path", ["torch", "autograd"])
+DENSE_SPLITS = {"gathers": float("inf"), "aux-dense": 12 / D_SAE, "dense": 0.0}  # sparse.DENSE_FROM per case
+
+
+@pytest.mark.parametrize("path", ["torch", "autograd", "torch-aux-dense", "torch-dense"])
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("n_dead,k_aux,b_enc", [(0, 24, 0.0), (10, 24, 0.0), (200, 24, 0.0), (0, 24, -5.0)])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_sparse_step_matches_the_dense_reference(arch, n_dead, k_aux, b_enc, autocast, path, monkeypatch):
     """Loss and all four gradients agree on both CPU paths (the sparse one with its PyTorch fallbacks,
     and plain autograd); n_dead < k_aux exercises AuxK's masking of live latents; b_enc = -5 puts some
-    selected pre-activations below zero."""
+    selected pre-activations below zero. The sparse path runs with row gathers only, with its dense
+    products for AuxK's many entries per row (k = 6 gathers, 6 + 24 entries dense), and dense throughout."""
     if b_enc < 0 and autocast:
         pytest.skip("selected values crowd around zero, where bf16 rounding flips ReLU's mask: fp32 only")
+    path, _, split = path.partition("-")
+    monkeypatch.setattr(sparse, "DENSE_FROM", DENSE_SPLITS[split or "gathers"])
     monkeypatch.setenv("SC_STEER_KERNELS", path)
     sae, x = make(arch, b_enc=b_enc)
     if b_enc < 0 and arch == "topk":

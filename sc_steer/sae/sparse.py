@@ -9,6 +9,10 @@ A TopK code is ``idx [B, k]`` (which latents) and ``vals [B, k]`` (their values)
 * ``decode(idx, vals, W_dec)``: ``sum_j vals[:, j] W_dec[idx[:, j]]``; backward gives ``d vals`` (a
   gathered dot product) and ``dW_dec[j] = sum_b vals[b, j] g_b``.
 
+With many entries per row (AuxK's k_aux = d_in / 2 dead latents per token) gathering rows costs more
+than dense products, so both maps scatter the code into a dense ``[B, d_sae]`` matrix and multiply
+(:func:`runs_dense`).
+
 Both weight gradients are the same operation, :func:`scatter_rows`: add ``coef * dense[row]`` into
 row ``col`` of a ``[d_sae, d]`` output. On CUDA it runs as a Triton kernel over latents sorted into
 segments (no atomics, every output row written once); with ``SC_STEER_KERNELS=torch``, as chunked
@@ -28,6 +32,20 @@ import torch.nn.functional as F
 from ..errors import ScSteerError
 
 CHUNK_ELEMENTS = 1 << 26  # the torch paths materialise at most this many [rows, d] elements at a time
+# Per row, gathering ``e`` rows of a [d_sae, d] weight reads e * d values; a dense product costs 2 * d_sae * d
+# FLOPs. At ~3 TB/s against ~800 bf16 TFLOP/s (H100/H200) the gather wins below about d_sae / 260 entries
+# per row: TopK's k = 64 of 65,536 latents stays sparse, AuxK's k_aux = 2,048 goes dense (8x faster).
+DENSE_FROM = 1 / 256      # entries per row, as a share of d_sae, from which the maps below run dense
+
+
+def runs_dense(entries_per_row: int, n_latents: int) -> bool:
+    """Whether a map over ``entries_per_row`` selected latents of ``n_latents`` is cheaper as dense products."""
+    return entries_per_row >= DENSE_FROM * n_latents
+
+
+def densify(idx: torch.Tensor, vals: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """``[B, n_latents]`` with ``vals`` added at ``idx`` (a latent listed twice in a row adds up)."""
+    return torch.zeros(idx.shape[0], n_latents, device=vals.device, dtype=vals.dtype).scatter_add_(1, idx, vals)
 
 
 def kernels(device: torch.device) -> str:
@@ -86,16 +104,32 @@ class _Decode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx, vals, W):
         W_lp = W if W.dtype == vals.dtype else W.to(vals.dtype)   # one cast per step, not per row read
-        ctx.save_for_backward(idx, vals, W_lp)
         ctx.w_dtype = W.dtype
+        ctx.dense = runs_dense(idx.shape[1], W.shape[0])
         with torch.autocast(W.device.type, enabled=False):
+            if ctx.dense:
+                code = densify(idx, vals, W.shape[0])
+                ctx.save_for_backward(idx, code, W_lp)
+                return code @ W_lp
+            ctx.save_for_backward(idx, vals, W_lp)
             return F.embedding_bag(idx, W_lp, per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, g):
-        idx, vals, W_lp = ctx.saved_tensors
-        grad_vals = gather_dot(idx, W_lp, g).to(vals.dtype) if ctx.needs_input_grad[1] else None
-        grad_W = scatter_rows(idx, vals, g, W_lp.shape[0]).to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
+        idx, vals_or_code, W_lp = ctx.saved_tensors
+        grad_vals = grad_W = None
+        if ctx.dense:
+            code, g = vals_or_code, g.to(W_lp.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_vals = (g @ W_lp.T).gather(1, idx).to(code.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_W = (code.T @ g).to(ctx.w_dtype)
+            return None, grad_vals, grad_W
+        vals = vals_or_code
+        if ctx.needs_input_grad[1]:
+            grad_vals = gather_dot(idx, W_lp, g).to(vals.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = scatter_rows(idx, vals, g, W_lp.shape[0]).to(ctx.w_dtype)
         return None, grad_vals, grad_W
 
 
@@ -128,7 +162,10 @@ class _Select(torch.autograd.Function):
         grad_W = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[3]:
             centred = x.to(g.dtype) - b_dec.to(g.dtype)
-            grad_W = scatter_rows(idx, g, centred, d_sae).t().contiguous().to(ctx.w_dtype)
+            if runs_dense(idx.shape[1], d_sae):   # many entries per row (AuxK): one dense product
+                grad_W = (centred.T @ densify(idx, g, d_sae)).to(ctx.w_dtype)
+            else:
+                grad_W = scatter_rows(idx, g, centred, d_sae).t().contiguous().to(ctx.w_dtype)
         if ctx.needs_input_grad[4]:
             grad_b_enc = g_sum.to(ctx.w_dtype)
         if ctx.needs_input_grad[5]:
