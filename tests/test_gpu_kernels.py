@@ -41,6 +41,42 @@ def test_triton_scatter_rows_matches_the_torch_fallback(shape):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,dtype", [((4096, 65536), torch.bfloat16), ((301, 5003), torch.float32)])
+def test_triton_row_dot_matches_an_fp64_product(shape, dtype):
+    """b_dec's gradient ``W_enc @ g_sum``: the Triton row kernel against a float64 product."""
+    if not triton_ok():
+        pytest.skip("needs Triton on CUDA")
+    from sc_steer.sae.triton_kernels import row_dot
+
+    g = torch.Generator(device=DEV).manual_seed(1)
+    W = torch.randn(*shape, device=DEV, generator=g).to(dtype)
+    v = torch.randn(shape[1], device=DEV, generator=g)
+    want = W.double() @ v.double()
+    got = row_dot(W, v)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(4096, 64, 4096, 65536), (300, 7, 1000, 5000)])
+def test_triton_gather_dot_matches_the_torch_fallback(shape):
+    if not triton_ok():
+        pytest.skip("needs Triton on CUDA")
+    from sc_steer.sae.triton_kernels import gather_dot
+
+    B, k, d, s = shape
+    g = torch.Generator(device=DEV).manual_seed(2)
+    idx = torch.randn(B, s, device=DEV, generator=g).topk(k, dim=1).indices
+    W = torch.randn(s, d, device=DEV, generator=g).to(torch.bfloat16)
+    grad = torch.randn(B, d, device=DEV, generator=g).to(torch.bfloat16)
+    want = (W.double()[idx] * grad.double()[:, None, :]).sum(-1) if B * k * d <= 1 << 28 else None
+    got = gather_dot(idx, W, grad)
+    ref = sparse.gather_dot_torch(idx, W, grad).float()
+    assert got.dtype == torch.float32 and got.shape == (B, k)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-1)   # the fallback's output is rounded to bf16
+    if want is not None:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
 def _step(sae, x, ctx, autocast=True):
     sae.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):

@@ -91,8 +91,27 @@ def scatter_rows_torch(idx: torch.Tensor, coef: torch.Tensor, dense: torch.Tenso
     return out
 
 
+def row_dot(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``W @ v`` in fp32 (``v`` [cols]): the Triton kernel on the ``triton`` path, else ``torch.mv`` in W's dtype."""
+    if kernels(W.device) == "triton":
+        from .triton_kernels import row_dot as triton_row_dot
+
+        return triton_row_dot(W, v)
+    return (W @ v.to(W.dtype)).float()
+
+
 def gather_dot(idx: torch.Tensor, W: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``out[b, j] = <g_b, W[idx[b, j]]>`` in W's dtype, without a ``[B, k, d]`` tensor larger than a chunk."""
+    """``out[b, j] = <g_b, W[idx[b, j]]>`` in W's dtype, without a ``[B, k, d]`` tensor larger than a chunk
+    (the Triton kernel on the ``triton`` path; see :func:`gather_dot_torch`)."""
+    if kernels(W.device) == "triton":
+        from .triton_kernels import gather_dot as triton_gather_dot
+
+        return triton_gather_dot(idx, W, g).to(W.dtype)
+    return gather_dot_torch(idx, W, g)
+
+
+def gather_dot_torch(idx: torch.Tensor, W: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``gather_dot`` with PyTorch ops: rows gathered a chunk at a time, then a batched product."""
     out = torch.empty(idx.shape, device=W.device, dtype=W.dtype)
     g = g.to(W.dtype)
     for rows in _chunks(idx.shape[0], idx.shape[1] * W.shape[1]):
@@ -169,7 +188,7 @@ class _Select(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b_enc = g_sum.to(ctx.w_dtype)
         if ctx.needs_input_grad[5]:
-            grad_b_dec = -(W_enc @ g_sum.to(W_enc.dtype)).to(ctx.w_dtype)
+            grad_b_dec = -row_dot(W_enc, g_sum).to(ctx.w_dtype)
         return None, None, None, grad_W, grad_b_enc, grad_b_dec, None
 
 
