@@ -85,8 +85,8 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
                  ) -> BatchSource:
     """Activations straight from the model (no disk cache), shuffled in a host buffer of ``buffer_tokens``
     tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept and handed out in
-    the model's dtype: the trainer casts on its device). ``run_sites_of`` is the whole run's sites where ``sites`` is
-    one rank's share: the buffer is sized for the run, so every rank draws the same tokens."""
+    the model's dtype: the trainer casts on its device). ``run_sites_of`` is the whole run's sites where
+    ``sites`` is one rank's share: the buffer is sized for the run, so every rank draws the same tokens."""
     from ..activations import kept, run_sites, text_rows
     from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
     from ..devices import host_buffer
