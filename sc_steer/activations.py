@@ -286,7 +286,8 @@ class ShardBuffer:
         for s, a in acts.items():
             rows = kept(a, where).to(self.acts[str(s)].dtype)
             self.norm_sums[self.slot[str(s)]] += rows.double().norm(dim=-1).sum()
-            self.acts[str(s)][self.n:self.n + m].copy_(rows, non_blocking=True)
+            # on CUDA an event (``close``) marks when the copy has landed; other devices copy before returning
+            self.acts[str(s)][self.n:self.n + m].copy_(rows, non_blocking=self.device.type == "cuda")
         for key, val in (("tokens", batch.input_ids), ("doc", batch.doc), ("pos", batch.pos),
                          ("row", batch.row[:, None].expand_as(batch.input_ids))):
             self.meta[key].append(val.reshape(-1)[where].to(torch.int64 if key == "row" else torch.int32))
@@ -296,7 +297,7 @@ class ShardBuffer:
     def close(self) -> None:
         """Queue the norm sums' copy to the host and mark the end of this shard's copies."""
         self._norms_host = host_buffer(tuple(self.norm_sums.shape), torch.float64, self.device)
-        self._norms_host.copy_(self.norm_sums, non_blocking=True)
+        self._norms_host.copy_(self.norm_sums, non_blocking=self.device.type == "cuda")
         if self.device.type == "cuda":
             self._done = torch.cuda.Event()
             self._done.record(torch.cuda.current_stream(self.device))
