@@ -68,16 +68,7 @@ def interleaved(fns, dev: torch.device, repeats: int = 3, warmup: int = 1) -> li
 
 def timed(fn, dev: torch.device, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds, device synchronised."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(dev)
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return interleaved([fn], dev, repeats, warmup)[0]
 
 
 def python_profile(fn, top: int = 12):
@@ -334,10 +325,11 @@ def collection(lm, dev: torch.device, s: dict, work: Path) -> dict:
     few = batches[:4]                                  # all blocks: 4 batches, ~4 GB written a run
     n_few = sum(int(b.attention_mask.sum()) for b in few)
     t_plain_few = timed(lambda: plain(few), dev, repeats=1)
-    t0 = time.perf_counter()
-    ours("resid_post.*", few)                          # cold: the pinned shard buffers are allocated here
-    t_all_cold = time.perf_counter() - t0
-    t_all = timed(lambda: ours("resid_post.*", few), dev, repeats=1, warmup=0)
+    def all_blocks():
+        ours("resid_post.*", few)
+
+    t_all_cold = timed(all_blocks, dev, repeats=1, warmup=0)   # this first run allocates the pinned shard buffers
+    t_all = timed(all_blocks, dev, repeats=1, warmup=0)
     nbytes = sum(p.stat().st_size for p in (work / "collect").rglob("*.safetensors"))
     kept = sum(int(b.keep.sum()) for b in few)
     tensors = {f"act.{i}": torch.randn(kept, lm.d_model, dtype=lm.dtype) for i in range(lm.n_layers)}
