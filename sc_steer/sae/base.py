@@ -78,6 +78,7 @@ class SAE(nn.Module):
     saelens_architecture: ClassVar[str]
     needs_k: ClassVar[bool] = False
     calibrates: ClassVar[bool] = False   # wants end-of-run batches (``calibrate``)
+    resamples: ClassVar[bool] = True     # dead and duplicated latents re-initialised by default (sae/resample.py)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

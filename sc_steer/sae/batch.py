@@ -49,6 +49,14 @@ class LocalBatch:
         """The minimum of a 0-d tensor over the batch's parts."""
         return t
 
+    def all_rows(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-row values ``v [n_local]`` of every part, in global row order (no gradient)."""
+        return v.detach()
+
+    def rows_at(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` (global row numbers) of the whole batch's ``t [n, d]``, on every part."""
+        return t.detach()[idx.to(t.device)]
+
 
 class Sharded(LocalBatch):
     """This rank holds ``n_local`` of the global batch's ``n_global`` rows; ``dist`` joins the parts."""
@@ -89,6 +97,25 @@ class Sharded(LocalBatch):
 
     def smallest(self, t: torch.Tensor) -> torch.Tensor:
         return self.dist.all_reduce_(t.detach().clone(), "the batch minimum", op="min")
+
+    def _bounds(self) -> list[int]:
+        return [self.n_global * r // self.dist.world for r in range(self.dist.world + 1)]
+
+    def all_rows(self, v: torch.Tensor) -> torch.Tensor:
+        b = self._bounds()   # slices differ by at most one row: pad to the longest for the gather
+        size = max(hi - lo for lo, hi in zip(b, b[1:]))
+        padded = torch.zeros(size, dtype=v.dtype, device=v.device)
+        padded[:len(v)] = v.detach()
+        parts = self.dist.all_gather(padded, "the per-row values of the batch")
+        return torch.cat([p[:hi - lo] for p, lo, hi in zip(parts, b, b[1:])])
+
+    def rows_at(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        lo, hi = self._bounds()[self.dist.rank:self.dist.rank + 2]
+        idx = idx.to(t.device)
+        mine = (idx >= lo) & (idx < hi)
+        out = torch.zeros(len(idx), t.shape[1], dtype=t.dtype, device=t.device)
+        out[mine] = t.detach()[idx[mine] - lo]
+        return self.dist.all_reduce_(out, "the picked rows of the batch")   # each row is held by one rank
 
 
 LOCAL = LocalBatch()

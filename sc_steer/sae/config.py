@@ -20,7 +20,7 @@ class SAETrainConfig:
     expansion: int = 8                 # d_sae = expansion * d_in, unless d_sae is given
     d_sae: int | None = None
     k: int | None = 32                 # TopK / BatchTopK
-    l1_coeff: float = 5.0              # ReLU + L1
+    l1_coeff: float = 1.0              # ReLU + L1; bench/toy_recovery_results.md (with resampling)
     l0_coeff: float = 0.4              # JumpReLU; bench/toy_recovery_results.md
     jumprelu_threshold: float = 1.0    # JumpReLU: initial threshold (in normalised units, |x| ~ sqrt(d_in))
     jumprelu_bandwidth: float = 0.5    # JumpReLU: width of the straight-through kernel
@@ -30,6 +30,8 @@ class SAETrainConfig:
     sparsity_warmup: float = 0.05      # fraction of steps over which lambda ramps up
     b_dec_init: str = "geometric_median"
     tied_init: bool = True             # W_enc = W_dec^T at initialisation
+    resample: bool | None = None       # re-initialise dead and duplicated latents (sae/resample.py);
+                                       # None: the architecture's default (off for TopK only)
 
     def resolved_d_sae(self, d_in: int) -> int:
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
@@ -38,6 +40,9 @@ class SAETrainConfig:
         # twice sparsify's 2e-4 / sqrt(n / 2^14): measured better on the heavy-tailed toy (256 latents) and
         # on the demo (2,048 latents: 4e-3 beat 2e-3); not measured at 65k latents
         return self.lr if self.lr is not None else 4e-4 / math.sqrt(self.resolved_d_sae(d_in) / 2 ** 14)
+
+    def resolved_resample(self) -> bool:
+        return self.resample if self.resample is not None else ARCHITECTURES[self.architecture].resamples
 
     def check(self, where: str = "sae") -> None:
         v = validate
@@ -58,6 +63,8 @@ class SAETrainConfig:
         v.number(f"{where}.sparsity_warmup", self.sparsity_warmup, 0, 1)
         v.choice(f"{where}.b_dec_init", self.b_dec_init, ("geometric_median", "mean", "zeros"))
         v.boolean(f"{where}.tied_init", self.tied_init)
+        if self.resample is not None:
+            v.boolean(f"{where}.resample", self.resample)
 
 
 @dataclass

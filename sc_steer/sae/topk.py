@@ -56,6 +56,7 @@ class TopKSAE(SAE):
     architecture = "topk"
     saelens_architecture = "topk"
     needs_k = True
+    resamples = False   # AuxK revives its dead latents; resampling too cost MMCS on the toy (toy_recovery_results.md)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_relu(pre, self.cfg.k)

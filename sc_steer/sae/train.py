@@ -45,6 +45,7 @@ from ..files import atomic_write, atomic_write_text, make_dir
 from . import batch as batches
 from .base import SAE, SAEConfig, make_sae
 from .config import SAETrainConfig, TrainConfig
+from .resample import duplicates, resample
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
@@ -319,11 +320,22 @@ class Trainer:
             counts = self.dist.all_reduce_(out.counts, "the firing counts") if self.data_parallel else out.counts
             n = self.batch.rows(x.shape[0])
             record_firing(st, counts, n)
+            if st.cfg.resolved_resample() and self._resample_due():
+                picked = (st.since_fired > cfg.resolved_dead_tokens()) | duplicates(sae.W_dec, st.fire_count)
+                gen = torch.Generator().manual_seed(site_seed(cfg.seed, st.site) + self.step)
+                st.since_fired[resample(sae, st.opt, picked, x, out.x_hat, gen, self.batch)] = 0
             stats = {"loss": loss.detach(), "l0": counts.sum() / n,
                      "dead": (st.since_fired > cfg.resolved_dead_tokens()).float().mean()}
             if "fvu" not in parts:  # TopK and BatchTopK losses already computed it
                 stats["fvu"] = (out.x_hat - x).pow(2).sum() / self.batch.centered_energy(x).clamp_min(1e-12)
         return stats | parts
+
+    def _resample_due(self) -> bool:
+        """Resampling rounds: once per dead window (so a resampled latent has a whole window to fire),
+        from the end of the first window until the learning rate starts to decay."""
+        window = max(1, -(-self.cfg.resolved_dead_tokens() // self.cfg.batch_size))
+        step = self.step + 1
+        return step % window == 0 and step < int((1 - self.cfg.lr_decay) * self.cfg.steps)
 
     SHARED_STATS = ("l0", "dead")   # the same on every rank; the other logged values are shares of a sum
 
