@@ -88,11 +88,14 @@ def run_uniform(seeds: int) -> None:
             print(row(f"{d}, {n}, {active} | 1x | {arch}", res, time.time() - t0), flush=True)
 
 
-def run_heavy(seeds: int, archs=ARCHS, quick: bool = False) -> None:
+def run_heavy(seeds: int, archs=ARCHS, quick: bool = False, only: list[str] | None = None,
+              only_mults: list[int] | None = None) -> None:
     d, n, active, samples = HEAVY_SHAPE
     print(HEADER)
     for name, decay, corr, mults in HEAVY[:1] if quick else HEAVY:
-        mults = (1,) if quick else mults
+        if only and name not in only:
+            continue
+        mults = (1,) if quick else tuple(m for m in mults if not only_mults or m in only_mults)
         data = [make_heavy_tailed_data(samples, d, n, active, decay, seed=s, correlation=corr) for s in range(seeds)]
         for mult in mults:
             for arch in archs:
@@ -111,12 +114,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--quick", action="store_true", help="heavy-tailed: decay 0.98 at 1x only")
+    ap.add_argument("--setting", action="append", choices=[h[0] for h in HEAVY],
+                    help="heavy-tailed: only these data settings (to split the run over processes)")
+    ap.add_argument("--mult", action="append", type=int, help="heavy-tailed: only these dictionary sizes")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.family in ("uniform", "all"):
         run_uniform(args.seeds)
     if args.family in ("heavy", "all"):
-        run_heavy(args.seeds, tuple(args.archs.split(",")), args.quick)
+        run_heavy(args.seeds, tuple(args.archs.split(",")), args.quick, args.setting, args.mult)
 
 
 if __name__ == "__main__":

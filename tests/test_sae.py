@@ -232,21 +232,23 @@ def test_saved_saes_take_raw_activations_with_a_large_mean(arch):
     assert arch not in ("topk", "batchtopk") or fvu < 0.5, fvu
 
 
-@pytest.fixture(scope="module")
-def heavy_tailed_recovery():
+@pytest.fixture(scope="module", params=["topk", "relu"])
+def heavy_tailed_recovery(request):
     """Rare features (firing probability proportional to 0.98**i, 170x between the most and the least
     frequent) in 2x superposition: the benchmark's 1x setting (bench/toy_recovery.py), data seed 1,
-    the TopK trainer with its defaults only (SAE seed 0)."""
+    the trainer with its defaults only (SAE seed 0); ReLU + L1 with its own sparsity default."""
     x, dirs = make_heavy_tailed_data(100_000, 128, 256, 5, 0.98, seed=1)
-    sae = train_sae(x, "topk", d_sae=256, k=5)
-    return mean_max_cosine(dirs, sae.W_dec.detach())
+    sae = train_sae(x, request.param, d_sae=256, k=5)
+    return request.param, mean_max_cosine(dirs, sae.W_dec.detach())
 
 
 def test_heavy_tailed_recovery_with_defaults(heavy_tailed_recovery):
-    """0.66 with the defaults before the AuxK normaliser, the dead window, the step count and the LR were
-    measured; 0.94 after the first three, 0.986 on this pair now (over three seeds the benchmark's mean
-    is 0.977, short of issue 12's 0.98: bench/toy_recovery_results.md)."""
-    assert heavy_tailed_recovery >= 0.97
+    """TopK: 0.66 with the defaults before the AuxK normaliser, the dead window, the step count and the LR
+    were measured; 0.94 after the first three, 0.986 on this pair now (over three seeds the benchmark's
+    mean is 0.977, short of issue 12's 0.98: bench/toy_recovery_results.md). ReLU + L1: 0.74 (three
+    seeds) at l1_coeff 5 without resampling, which left 44 latents dead and 95 with a twin."""
+    arch, mmcs = heavy_tailed_recovery
+    assert mmcs >= {"topk": 0.97, "relu": 0.95}[arch], mmcs
 
 
 @pytest.mark.parametrize("corr", [0.0, 0.5])

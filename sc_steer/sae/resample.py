@@ -35,6 +35,8 @@ def duplicates(W_dec: torch.Tensor, fire_count: torch.Tensor, cos: float = DUPLI
     the lower index is kept), so of each group of twins exactly one stays."""
     n = W_dec.shape[0]
     w = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    if w.is_cuda:   # d_sae^2 d_in: 35 TFLOP at 65k x 4096, seconds in fp32; bf16's ~1e-3 error is far from the cut
+        w = w.to(torch.bfloat16)
     order = torch.arange(n, device=W_dec.device)
     out = torch.zeros(n, dtype=torch.bool, device=W_dec.device)
     for lo in range(0, n, _BLOCK):
