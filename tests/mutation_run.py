@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH, STEER, INTERP = ["tests/test_graph.py"], ["tests/test_steer.py"], ["tests/test_interpret.py"]
-SAE = ["tests/test_sparse_step.py", "tests/test_sae.py", "tests/test_train.py"]
+SAE = ["tests/test_sparse_step.py", "tests/test_resample.py", "tests/test_sae.py", "tests/test_train.py"]
 
 # (file, exact text, replacement, tests that should notice)
 MUTANTS = [
@@ -79,6 +79,10 @@ MUTANTS = [
      SAE),
     ("sae/train.py", "        return (step + 1) / w", "        return step / w", SAE),
     ("sae/train.py", "    st.since_fired.masked_fill_(counts > 0, 0)", "    st.since_fired.masked_fill_(counts > 1, 0)", SAE),
+    ("sae/resample.py", "stronger = (fire_count[None, :] > c)", "stronger = (fire_count[None, :] < c)", SAE),
+    ("sae/resample.py", "    sae.b_enc[idx] = 0\n", "\n", SAE),
+    ("sae/resample.py", "            if state and key in state:\n                state[key][where] = 0\n",
+     "            pass\n", SAE),
 ]
 
 

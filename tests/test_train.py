@@ -37,8 +37,12 @@ def _weights(run):
             ("resid_post.0", "resid_post.1", "resid_post.2")}
 
 
-def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tiny_run, tmp_path):
-    cli = [sys.executable, "-m", "sc_steer.cli", "train", "--activations", str(tiny_run["acts"])] + TRAIN
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tiny_run, tmp_path, arch):
+    """ReLU + L1 resamples dead and duplicated latents (here every step: the dead window of this short
+    run is less than a batch), so the resumed run must also draw the same residuals."""
+    cli = [sys.executable, "-m", "sc_steer.cli", "train", "--activations", str(tiny_run["acts"]),
+           "--architecture", arch] + TRAIN
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cli + ["--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
     part = tmp_path / "part"
