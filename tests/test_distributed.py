@@ -169,11 +169,11 @@ def test_parallel_layers_streaming_from_the_model_is_file_for_file_a_one_process
 
 def test_parallel_data_matches_a_one_process_run_for_every_architecture(work):
     """One run, a different architecture per site; the 2-rank run resumed after rank 1 was killed too.
-    Dead after 8 batches: with the default window (a two-hundredth of this 60-step run, less than one
-    batch) whether a latent is dead, so resampled, turns on whether it fired in the last batch, and a
-    latent at BatchTopK's cut can fire in one run and not in the other (float rounding of the sums)."""
+    Resampling every 8 batches: with the default interval (a two-hundredth of this 60-step run, less than
+    one batch) whether a latent is resampled turns on whether it fired in the last batch, and a latent at
+    BatchTopK's cut can fire in one run and not in the other (float rounding of the sums)."""
     (work / "mixed.toml").write_text(
-        'sites = ["resid_post.*"]\ndead_tokens = 8192\n[sae]\narchitecture = "topk"\nk = 16\n'
+        'sites = ["resid_post.*"]\nresample_tokens = 8192\n[sae]\narchitecture = "topk"\nk = 16\n'
         '[layers."resid_post.1"]\narchitecture = "batchtopk"\n'
         '[layers."resid_post.2"]\narchitecture = "relu"\nl1_coeff = 1.0\n'
         '[layers."resid_post.3"]\narchitecture = "jumprelu"\n')

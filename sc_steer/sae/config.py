@@ -78,7 +78,8 @@ class TrainConfig:
     lr_warmup: float = 0.05            # fraction of steps (at most 1,000 steps)
     lr_decay: float = 0.2              # final fraction of steps with linear decay to 0
     grad_clip: float = 1.0
-    dead_tokens: int | None = None     # a latent is dead after this many tokens without firing
+    dead_tokens: int | None = None     # a latent is dead (AuxK trains it) after this many tokens without firing
+    resample_tokens: int | None = None # resampling rounds this many tokens apart, of latents silent as long
     checkpoint_every: int = 200        # steps
     log_every: int = 10                # steps
     autocast: bool = False             # bf16 autocast for the SAE matmuls (GPU); weights stay fp32
@@ -90,9 +91,16 @@ class TrainConfig:
         return max(1, self.tokens // self.batch_size)
 
     def resolved_dead_tokens(self) -> int:
-        # a two-hundredth of the run (a fifth left 68 of 256 latents dead on the heavy-tailed toy; a fiftieth
-        # recovered less than this; on the demo it changes nothing); at most 10 M tokens
-        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(self.tokens // 200, 1))
+        # a thousandth of the run, at most 10 M tokens (bench/toy_recovery_results.md: on the heavy-tailed toy
+        # a fifth left 68 of 256 latents dead, a two-hundredth left TopK latents that fire once in 10,000
+        # tokens, never dead so never trained by AuxK; a thousandth took TopK from 0.977 to 0.988; on the
+        # demo it changes nothing)
+        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(self.tokens // 1000, 1))
+
+    def resolved_resample_tokens(self) -> int:
+        # a two-hundredth of the run: resampling as often as AuxK's window cost BatchTopK 0.007 on the toy
+        return self.resample_tokens if self.resample_tokens is not None else min(
+            10_000_000, max(self.tokens // 200, 1))
 
     def for_site(self, site: str) -> SAETrainConfig:
         over = self.layers.get(site, {}) if isinstance(self.layers, dict) else {}
@@ -109,8 +117,9 @@ class TrainConfig:
         for name in ("lr_warmup", "lr_decay"):
             v.number(name, getattr(self, name), 0, 1, hi_open=True)
         v.number("grad_clip", self.grad_clip, 0, lo_open=True)
-        if self.dead_tokens is not None:
-            v.integer("dead_tokens", self.dead_tokens, 1)
+        for name in ("dead_tokens", "resample_tokens"):
+            if getattr(self, name) is not None:
+                v.integer(name, getattr(self, name), 1)
         v.boolean("autocast", self.autocast)
         self.sae.check()
         v.table("layers", self.layers)

@@ -7,7 +7,8 @@ so twins that found the same frequent feature early stay twins, and the features
 never learned (on the heavy-tailed toy at ``l1_coeff`` 1, 65 of 256 latents had a twin above cosine
 0.9). Here both kinds are resampled:
 
-* dead: no firing for the run's dead window (``TrainConfig.resolved_dead_tokens``);
+* dead: no firing since the last round (``TrainConfig.resample_tokens``, by default a two-hundredth of
+  the run; AuxK's own dead window is shorter);
 * duplicate: decoder row at cosine > ``DUPLICATE_COS`` with a latent that fired more often.
 
 Each picked latent gets a residual ``e = x - x_hat`` of the current batch, drawn with probability

@@ -321,7 +321,7 @@ class Trainer:
             n = self.batch.rows(x.shape[0])
             record_firing(st, counts, n)
             if st.cfg.resolved_resample() and self._resample_due():
-                picked = (st.since_fired > cfg.resolved_dead_tokens()) | duplicates(sae.W_dec, st.fire_count)
+                picked = (st.since_fired > cfg.resolved_resample_tokens()) | duplicates(sae.W_dec, st.fire_count)
                 gen = torch.Generator().manual_seed(site_seed(cfg.seed, st.site) + self.step)
                 st.since_fired[resample(sae, st.opt, picked, x, out.x_hat, gen, self.batch)] = 0
             stats = {"loss": loss.detach(), "l0": counts.sum() / n,
@@ -331,9 +331,9 @@ class Trainer:
         return stats | parts
 
     def _resample_due(self) -> bool:
-        """Resampling rounds: once per dead window (so a resampled latent has a whole window to fire),
-        from the end of the first window until the learning rate starts to decay."""
-        window = max(1, -(-self.cfg.resolved_dead_tokens() // self.cfg.batch_size))
+        """Resampling rounds: every ``resample_tokens`` (so a resampled latent has that long to fire before
+        it can be picked again), from the end of the first interval until the learning rate decays."""
+        window = max(1, -(-self.cfg.resolved_resample_tokens() // self.cfg.batch_size))
         step = self.step + 1
         return step % window == 0 and step < int((1 - self.cfg.lr_decay) * self.cfg.steps)
 
