@@ -89,7 +89,7 @@ def run_uniform(seeds: int) -> None:
 
 
 def run_heavy(seeds: int, archs=ARCHS, quick: bool = False, only: list[str] | None = None,
-              only_mults: list[int] | None = None) -> None:
+              only_mults: list[int] | None = None, reference_too: bool = True) -> None:
     d, n, active, samples = HEAVY_SHAPE
     print(HEADER)
     for name, decay, corr, mults in HEAVY[:1] if quick else HEAVY:
@@ -102,6 +102,8 @@ def run_heavy(seeds: int, archs=ARCHS, quick: bool = False, only: list[str] | No
                 t0 = time.time()
                 res = [ours(x, dirs, arch, mult * n, active, s) for s, (x, dirs) in enumerate(data)]
                 print(row(f"{name} | {mult}x | {arch}", res, time.time() - t0), flush=True)
+            if not reference_too:
+                continue
             t0 = time.time()
             budget = max(10 * samples, MIN_STEPS * 1024)   # the samples train_sae's defaults draw
             res = [reference(x, dirs, mult * n, active, s, budget) for s, (x, dirs) in enumerate(data)]
@@ -117,12 +119,14 @@ def main() -> None:
     ap.add_argument("--setting", action="append", choices=[h[0] for h in HEAVY],
                     help="heavy-tailed: only these data settings (to split the run over processes)")
     ap.add_argument("--mult", action="append", type=int, help="heavy-tailed: only these dictionary sizes")
+    ap.add_argument("--no-reference", action="store_true", help="heavy-tailed: our trainer only")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.family in ("uniform", "all"):
         run_uniform(args.seeds)
     if args.family in ("heavy", "all"):
-        run_heavy(args.seeds, tuple(args.archs.split(",")), args.quick, args.setting, args.mult)
+        run_heavy(args.seeds, tuple(args.archs.split(",")), args.quick, args.setting, args.mult,
+                  not args.no_reference)
 
 
 if __name__ == "__main__":
