@@ -95,12 +95,15 @@ class TrainConfig:
         # a fifth left 68 of 256 latents dead, a two-hundredth left TopK latents that fire once in 10,000
         # tokens, never dead so never trained by AuxK; a thousandth took TopK from 0.977 to 0.988; on the
         # demo it changes nothing)
-        return self.dead_tokens if self.dead_tokens is not None else min(10_000_000, max(self.tokens // 1000, 1))
+        return self.dead_tokens if self.dead_tokens is not None else self._share_of_run(1000)
 
     def resolved_resample_tokens(self) -> int:
         # a two-hundredth of the run: resampling as often as AuxK's window cost BatchTopK 0.007 on the toy
-        return self.resample_tokens if self.resample_tokens is not None else min(
-            10_000_000, max(self.tokens // 200, 1))
+        return self.resample_tokens if self.resample_tokens is not None else self._share_of_run(200)
+
+    def _share_of_run(self, parts: int) -> int:
+        """``tokens / parts``, at least 1 and at most 10 M tokens."""
+        return min(10_000_000, max(self.tokens // parts, 1))
 
     def for_site(self, site: str) -> SAETrainConfig:
         over = self.layers.get(site, {}) if isinstance(self.layers, dict) else {}
