@@ -77,6 +77,7 @@ MUTANTS = [
     ("sae/jumprelu.py", "grad_theta = (-(theta / eps)", "grad_theta = ((theta / eps)", SAE),
     ("sae/batchtopk.py", "batch.keep_top(torch.relu(pre), self.cfg.k * batch.rows(pre.shape[0]))", "batch.keep_top(torch.relu(pre), self.cfg.k)",
      SAE),
+    ("sae/batchtopk.py", "            l1 = batch.mean_rows(out.f.sum(-1)) / rms", "            l1 = batch.mean_rows(out.f.sum(-1)) * rms", SAE),
     ("sae/train.py", "        return (step + 1) / w", "        return step / w", SAE),
     ("sae/train.py", "    st.since_fired.masked_fill_(counts > 0, 0)", "    st.since_fired.masked_fill_(counts > 1, 0)", SAE),
     ("sae/resample.py", "stronger = (fire_count[None, :] > c)", "stronger = (fire_count[None, :] < c)", SAE),

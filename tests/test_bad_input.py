@@ -43,7 +43,8 @@ def ws(tiny_model_dirs, tmp_path_factory):
     configs = {
         "layers5.toml": "layers = 5\n", "warmup.toml": 'lr_warmup = "x"\n', "sites5.toml": "sites = 5\n",
         "seed.toml": 'seed = "abc"\n', "dead.toml": "dead_tokens = -5\n", "resample.toml": "resample_tokens = 0\n",
-        "resample_flag.toml": '[sae]\nresample = "yes"\n', "autocast.toml": 'autocast = "yes"\n',
+        "resample_flag.toml": '[sae]\nresample = "yes"\n', "btl1.toml": "[sae]\nbatchtopk_l1 = -0.5\n",
+        "autocast.toml": 'autocast = "yes"\n',
         "k.toml": '[sae]\nk = "x"\n', "layerk.toml": '[layers."resid_post.0"]\nk = 0\n', "unknown.toml": "foo = 1\n",
         "sae_unknown.toml": "[sae]\nfoo = 1\n", "list.json": "[1, 2]", "broken.toml": "tokens = = 3\n",
         "lrnan.yaml": "sae:\n  lr: .nan\n", "clip.toml": "grad_clip = 0\n", "decay.toml": "lr_decay = 1.5\n",
@@ -154,7 +155,8 @@ def cli_cases():
     add("train --k larger than d_sae", lambda ws: tb(ws, "--d-sae", "8", "--k", "9"), "larger than d_sae")
     for cfg, msg in [("layers5.toml", "layers 5"), ("warmup.toml", "lr_warmup 'x'"), ("sites5.toml", "sites 5"),
                      ("seed.toml", "seed 'abc'"), ("dead.toml", "dead_tokens -5"), ("resample.toml", "resample_tokens 0"),
-                     ("resample_flag.toml", "sae.resample 'yes'"), ("autocast.toml", "autocast 'yes'"),
+                     ("resample_flag.toml", "sae.resample 'yes'"), ("btl1.toml", "sae.batchtopk_l1 -0.5"),
+                     ("autocast.toml", "autocast 'yes'"),
                      ("k.toml", "sae.k 'x'"), ("layerk.toml", "layers.resid_post.0.k 0"), ("unknown.toml", "foo"),
                      ("sae_unknown.toml", "foo"), ("list.json", "table"), ("broken.toml", "does not parse"),
                      ("lrnan.yaml", "sae.lr nan"), ("clip.toml", "grad_clip 0"), ("decay.toml", "lr_decay 1.5"),

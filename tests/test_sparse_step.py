@@ -241,6 +241,37 @@ def test_auxk_by_hand(arch, path, monkeypatch):
     assert abs(float(loss) - (fvu + auxk / 32)) < 1e-5
 
 
+def test_batchtopk_l1_by_hand():
+    """The same two tokens as ``test_auxk_by_hand``, BatchTopK without AuxK and batchtopk_l1 = 0.1: the kept
+    activations 3/sqrt2 and 2 sum to 4.1213 over 2 tokens, mean 2.0607; the inputs' energy about their
+    mean is 4, RMS norm sqrt(4 / 2); L1 term 2.0607 / sqrt2 = 1.4571, halved at sparsity_scale 0.5.
+    Its gradient reaches the two kept pre-activations only, 0.1 * 0.5 / (2 sqrt2) each."""
+    r = 2 ** -0.5
+    sae = make_sae(SAEConfig("batchtopk", 2, 4, k=1))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [r, r], [r, -r]]))
+        sae.W_enc.copy_(sae.W_dec.T)
+        for p in (sae.b_enc, sae.b_dec):
+            p.zero_()
+    x = torch.tensor([[2.0, 1.0], [0.0, -1.0]])
+    grads = []
+    for coeff in (0.1, 0.0):
+        ctx = {"aux_coeff": 0.0, "batchtopk_l1": coeff, "sparsity_scale": 0.5}
+        out = sae.train_forward(x, ctx)
+        out.pre.retain_grad()
+        loss, parts = sae.loss(x, out, ctx)
+        loss.backward()
+        grads.append(out.pre.grad)
+        if coeff:
+            l1 = (3 * r + 2) / 2 / 2 ** 0.5
+            assert abs(float(parts["l1"]) - l1) < 1e-5 and abs(float(loss) - (0.875 + 0.05 * l1)) < 1e-5
+        else:
+            assert "l1" not in parts and abs(float(loss) - 0.875) < 1e-6
+    g = torch.zeros(2, 4)
+    g[0, 0] = g[0, 2] = 0.05 / (2 * 2 ** 0.5)
+    torch.testing.assert_close(grads[0] - grads[1], g)
+
+
 @pytest.mark.parametrize("grad_size", [1e-3, 1e3])  # below the clip (no scaling) and far above it
 def test_clipping_inside_fused_adam_equals_clip_grad_norm(grad_size):
     """``clip_gradients`` hands the clip to fused Adam (its ``grad_scale``) instead of scaling every gradient

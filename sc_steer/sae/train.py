@@ -296,7 +296,7 @@ class Trainer:
         uses_dead = sae.needs_k and st.cfg.aux_coeff > 0
         ctx = {"sparsity_scale": min(1.0, (self.step + 1) / max(1, st.cfg.sparsity_warmup * cfg.steps)),
                "l1_coeff": st.cfg.l1_coeff, "l0_coeff": st.cfg.l0_coeff, "aux_coeff": st.cfg.aux_coeff,
-               "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2, "dead": dead,
+               "batchtopk_l1": st.cfg.batchtopk_l1, "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2, "dead": dead,
                "n_dead": int(dead.sum()) if uses_dead else 0, "batch": self.batch}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
             out = sae.train_forward(x, ctx)
