@@ -207,6 +207,19 @@ def test_jumprelu_pseudo_gradients_by_hand():
     assert theta.grad.item() == pytest.approx(-1.0 * (1.0 + 2.0))
 
 
+def two_token_case(arch: str):
+    """The worked example of the two tests below: decoder rows e1, e2, (e1+e2)/sqrt2, (e1-e2)/sqrt2, tied
+    encoder, zero biases, k = 1, and x = [[2, 1], [0, -1]]."""
+    r = 2 ** -0.5
+    sae = make_sae(SAEConfig(arch, 2, 4, k=1))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [r, r], [r, -r]]))
+        sae.W_enc.copy_(sae.W_dec.T)
+        for p in (sae.b_enc, sae.b_dec):
+            p.zero_()
+    return sae, torch.tensor([[2.0, 1.0], [0.0, -1.0]])
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize("path", ["torch", "autograd"])
 def test_auxk_by_hand(arch, path, monkeypatch):
@@ -221,14 +234,7 @@ def test_auxk_by_hand(arch, path, monkeypatch):
     x_hat = [[3.5, 1.5], [0, 0]], e = [[-1.5, -0.5], [0, -1]], FVU = 3.5/4; AuxK's e_hat is the same as
     above, error [[3, 2], [0.5, 0.5]], squared 13.5; e about its mean has energy 1.25, AuxK = 10.8."""
     monkeypatch.setenv("SC_STEER_KERNELS", path)
-    r = 2 ** -0.5
-    sae = make_sae(SAEConfig(arch, 2, 4, k=1))
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [r, r], [r, -r]]))
-        sae.W_enc.copy_(sae.W_dec.T)
-        for p in (sae.b_enc, sae.b_dec):
-            p.zero_()
-    x = torch.tensor([[2.0, 1.0], [0.0, -1.0]])
+    sae, x = two_token_case(arch)
     dead = torch.tensor([False, False, True, True])
     ctx = {"aux_coeff": 1 / 32, "k_aux": 1, "dead": dead, "n_dead": 2}
     out = sae.train_forward(x, ctx)
@@ -247,13 +253,7 @@ def test_batchtopk_l1_by_hand():
     mean is 4, RMS norm sqrt(4 / 2); L1 term 2.0607 / sqrt2 = 1.4571, halved at sparsity_scale 0.5.
     Its gradient reaches the two kept pre-activations only, 0.1 * 0.5 / (2 sqrt2) each."""
     r = 2 ** -0.5
-    sae = make_sae(SAEConfig("batchtopk", 2, 4, k=1))
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [r, r], [r, -r]]))
-        sae.W_enc.copy_(sae.W_dec.T)
-        for p in (sae.b_enc, sae.b_dec):
-            p.zero_()
-    x = torch.tensor([[2.0, 1.0], [0.0, -1.0]])
+    sae, x = two_token_case("batchtopk")
     grads = []
     for coeff in (0.1, 0.0):
         ctx = {"aux_coeff": 0.0, "batchtopk_l1": coeff, "sparsity_scale": 0.5}
