@@ -246,11 +246,11 @@ def test_heavy_tailed_recovery_with_defaults(heavy_tailed_recovery):
     """TopK: 0.66 with the defaults before the AuxK normaliser, the dead window, the step count and the LR
     were measured; 0.94 after the first three, 0.986 on this pair now (the benchmark's mean over three
     seeds is 0.988: bench/toy_recovery_results.md). ReLU + L1: 0.74 (three seeds) at l1_coeff 5
-    without resampling, which left 44 latents dead and 95 with a twin; 0.977 now. BatchTopK (target 0.98, not
-    met: the benchmark's mean is 0.979): 0.968 on this pair without its small L1 on the kept
-    activations (sae/batchtopk.py), 0.977 with it; one run carries about +-0.005 of rounding noise."""
+    without resampling, which left 44 latents dead and 95 with a twin; 0.977 now. BatchTopK: 0.968 on this pair
+    without its small L1 on the kept activations (sae/batchtopk.py), 0.982 with it (the benchmark's mean
+    0.983); one run carries about +-0.005 of rounding noise, hence the margin below."""
     arch, mmcs = heavy_tailed_recovery
-    assert mmcs >= {"topk": 0.98, "batchtopk": 0.972, "relu": 0.95}[arch], mmcs
+    assert mmcs >= {"topk": 0.98, "batchtopk": 0.975, "relu": 0.95}[arch], mmcs
 
 
 @pytest.mark.parametrize("corr", [0.0, 0.5])

@@ -207,11 +207,11 @@ def test_jumprelu_pseudo_gradients_by_hand():
     assert theta.grad.item() == pytest.approx(-1.0 * (1.0 + 2.0))
 
 
-def two_token_case(arch: str):
+def two_token_case(arch: str, k: int = 1):
     """The worked example of the two tests below: decoder rows e1, e2, (e1+e2)/sqrt2, (e1-e2)/sqrt2, tied
-    encoder, zero biases, k = 1, and x = [[2, 1], [0, -1]]."""
+    encoder, zero biases, k = 1 (unless given), and x = [[2, 1], [0, -1]]."""
     r = 2 ** -0.5
-    sae = make_sae(SAEConfig(arch, 2, 4, k=1))
+    sae = make_sae(SAEConfig(arch, 2, 4, k=k))
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1], [r, r], [r, -r]]))
         sae.W_enc.copy_(sae.W_dec.T)
@@ -251,7 +251,9 @@ def test_batchtopk_l1_by_hand():
     """The same two tokens as ``test_auxk_by_hand``, BatchTopK without AuxK and batchtopk_l1 = 0.1: the kept
     activations 3/sqrt2 and 2 sum to 4.1213 over 2 tokens, mean 2.0607; the inputs' energy about their
     mean is 4, RMS norm sqrt(4 / 2); L1 term 2.0607 / sqrt2 = 1.4571, halved at sparsity_scale 0.5.
-    Its gradient reaches the two kept pre-activations only, 0.1 * 0.5 / (2 sqrt2) each."""
+    Its gradient reaches the two kept pre-activations only, 0.1 * 0.5 / (2 sqrt2) each. The divisor has
+    sqrt(k): at k = 4 every positive activation is kept, 2 + 1 + 3/sqrt2 + 1/sqrt2 on the first token and
+    1/sqrt2 on the second, mean 3.2678, and the term is 3.2678 / (sqrt2 * 2) = 1.1554."""
     r = 2 ** -0.5
     sae, x = two_token_case("batchtopk")
     grads = []
@@ -269,6 +271,10 @@ def test_batchtopk_l1_by_hand():
             assert "l1" not in parts and abs(float(loss) - 0.875) < 1e-6
     g = torch.zeros(2, 4)
     g[0, 0] = g[0, 2] = 0.05 / (2 * 2 ** 0.5)
+    sae4, _ = two_token_case("batchtopk", k=4)
+    ctx = {"aux_coeff": 0.0, "batchtopk_l1": 0.1, "sparsity_scale": 1.0}
+    _, parts = sae4.loss(x, sae4.train_forward(x, ctx), ctx)
+    assert abs(float(parts["l1"]) - (3 + 5 * r) / 2 / (2 ** 0.5 * 2)) < 1e-5
     torch.testing.assert_close(grads[0] - grads[1], g)
 
 

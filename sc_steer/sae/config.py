@@ -25,7 +25,7 @@ class SAETrainConfig:
     jumprelu_threshold: float = 1.0    # JumpReLU: initial threshold (in normalised units, |x| ~ sqrt(d_in))
     jumprelu_bandwidth: float = 0.5    # JumpReLU: width of the straight-through kernel
     aux_coeff: float = 1 / 8           # AuxK (TopK / BatchTopK); bench/toy_recovery_results.md
-    batchtopk_l1: float = 0.05         # BatchTopK: L1 on the kept activations (sae/batchtopk.py)
+    batchtopk_l1: float = 0.1          # BatchTopK: L1 on the kept activations (sae/batchtopk.py)
     k_aux: int | None = None           # default d_in // 2
     lr: float | None = None            # default 4e-4 / sqrt(d_sae / 2**14)
     sparsity_warmup: float = 0.05      # fraction of steps over which lambda ramps up
