@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 python bench/steer.py --run runs/demo
 
-Unsteered: ``transformers`` ``generate`` with the KV cache. Steered: the same through nnsight with
-one feature added at one site at every step (and, second, three interventions at three sites).
+Unsteered: ``transformers`` ``generate`` with the KV cache. Steered: ``sc_steer.steer.generate``, the
+same ``generate`` with the edit hooked in, one feature added at one site at every step (and, second,
+three interventions at three sites: an add, a remove and a clamp, the last two encoding with the SAE).
 Greedy, fixed ``--new-tokens`` (min_new_tokens forces the length); alternating repeats, medians.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Steering generation with SAE features (activation additions), applied at every generation step.
 
-A recipe is a list of interventions, each at a site (``resid_post.{i}``):
+A recipe is a list of interventions, each at a site (``resid_post.{i}`` above all; ``attn_out``,
+``mlp_out`` and ``mlp_act`` too, each edited where its SAE reads it):
 
 * ``add``    -- ``h += coeff * W_dec[i]`` (unit decoder row), or ``coeff * vector`` for a raw vector;
 * ``remove`` -- error-preserving ablation ``h -= f_i(h) W_dec[i]``, recomputed from the current h;
@@ -13,7 +14,8 @@ each step). The BOS position is left alone unless ``include_bos`` is set: its ac
 outside what the SAEs were trained on (training, graphs and evaluation never use BOS), so encoding it
 for remove/clamp/scale reads meaningless feature values, and editing it moves every later position
 through attention. With the KV cache the prefill step sees ``[B, prompt_len, d]`` and later steps ``[B, 1, d]``;
-the edit runs inside nnsight's ``tracer.all()`` so it reaches every step. A raw ``vector`` of shape
+the edit is a forward hook on the site's module (``LM.edited``), so it runs at every step of
+``transformers``' own ``generate``: steering costs the edit and nothing else. A raw ``vector`` of shape
 ``[L, d]`` (an ActAdd difference) is added to the first ``L`` prompt positions.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from . import validate
 from .devices import follow_model
 from .errors import ScSteerError
 from .files import atomic_write_text
-from .models import LM, rewrap, unwrap
+from .models import LM
 from .sae import SAE
 from .sites import Site
 
@@ -52,7 +54,7 @@ class Intervention:
 
     def check(self, lm: LM, saes: dict[str, SAE]) -> None:
         validate.text("intervention site", self.site)
-        Site.parse(self.site, lm.n_layers)
+        width = lm.width(Site.parse(self.site, lm.n_layers))
         validate.choice("intervention mode", self.mode, MODES)
         validate.choice("positions", self.positions, POSITIONS)
         validate.number(f"coefficient ({self.mode} at {self.site})", self.coeff, -MAX_COEFF, MAX_COEFF)
@@ -64,8 +66,8 @@ class Intervention:
                 v = torch.as_tensor(self.vector, dtype=torch.float32)
             except (TypeError, ValueError, RuntimeError):
                 raise ScSteerError(f"vector at {self.site}: expected a list of numbers (or a list of such lists)") from None
-            if v.dim() not in (1, 2) or v.shape[-1] != lm.d_model or not len(v):
-                raise ScSteerError(f"vector at {self.site}: expected shape [{lm.d_model}] or [L, {lm.d_model}], "
+            if v.dim() not in (1, 2) or v.shape[-1] != width or not len(v):
+                raise ScSteerError(f"vector at {self.site}: expected shape [{width}] or [L, {width}], "
                                    f"got {list(v.shape)}")
             if self.mode != "add":
                 raise ScSteerError("a raw vector can only be added (mode='add')")
@@ -200,8 +202,6 @@ def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes:
                  top_p: float = 1.0, seed: int = 0, streamer=None, max_time: float | None = None,
                  cancel: threading.Event | None = None) -> tuple[torch.Tensor, int]:
     """``generate``'s token ids: ``[B, n + new]`` (left-padded prompts, then the continuation) and ``n``."""
-    import nnsight
-
     saes = follow_model(saes or {}, lm)
     items = list(recipe.interventions) if recipe else []
     for it in items:
@@ -225,7 +225,6 @@ def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes:
     by_site: dict[Site, list[Intervention]] = {}
     for it in items:
         by_site.setdefault(Site.parse(it.site, lm.n_layers), []).append(it)
-    sites = sorted(by_site, key=lambda s: s.order)
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                   "pad_token_id": lm.tokenizer.pad_token_id}
     if do_sample:
@@ -237,28 +236,17 @@ def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes:
     torch.manual_seed(seed)
     mask = inputs["attention_mask"]
     bos = bos_positions(lm, inputs["input_ids"])
-    if not sites:
-        with torch.no_grad():
-            ids = lm.hf.generate(**inputs, **gen_kwargs)
-    else:
-        with torch.no_grad(), warnings.catch_warnings(), lm.nn.generate(**gen_kwargs) as tracer:
-            # an open tracer.all() loop ends with a "never reached" note by design
-            warnings.filterwarnings("ignore", message=".*was never reached.*")
-            step = [0]  # outer object: the loop body runs once per generation step, prefill first
-            with tracer.invoke(inputs):
-                for _ in tracer.all():
-                    prefill = step[0] == 0
-                    for site in sites:
-                        env = lm.envoy(site)
-                        out = env.output
-                        h = unwrap(out)
-                        masks = [step_mask(it, h.shape[:2], prefill, mask, h.device, bos) for it in by_site[site]]
-                        start = (1 - mask).sum(1) if prefill else None
-                        new = edit_hidden(h, by_site[site], saes, masks, start)
-                        env.output = rewrap(out, new)
-                    step[0] += 1
-            with tracer.invoke():
-                ids = nnsight.save(tracer.result)
+    start = (1 - mask).sum(1)   # each row's first real prompt token (prompts are left-padded)
+
+    def edit(site: Site, h: torch.Tensor, call: int) -> torch.Tensor | None:
+        prefill = call == 0   # the KV cache's first step holds the whole prompt, later ones one token
+        masks = [step_mask(it, h.shape[:2], prefill, mask, h.device, bos) for it in by_site[site]]
+        if all(m is None for m in masks):
+            return None
+        return edit_hidden(h, by_site[site], saes, masks, start if prefill else None)
+
+    with torch.no_grad(), lm.edited(edit, list(by_site)):
+        ids = lm.hf.generate(**inputs, **gen_kwargs)
     return ids, inputs["input_ids"].shape[1]
 
 
@@ -318,8 +306,6 @@ def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Interv
                     watch: list[tuple[str, int]]) -> tuple[torch.Tensor, dict]:
     """Logits of one sequence ``[1, T]`` with the recipe applied where generation would have applied it,
     and the activations of the watched (site, feature) pairs (after any edit at that site)."""
-    import nnsight
-
     T = ids.shape[1]
     by_site: dict[Site, list[Intervention]] = {}
     for it in items:
@@ -334,19 +320,19 @@ def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Interv
         return region[it.positions] if it.include_bos else region[it.positions] & not_bos
 
     seen: dict = {}
-    with torch.no_grad(), lm.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
-        for site in sites:
-            env = lm.envoy(site)
-            out = env.output
-            h = unwrap(out)
-            if site in by_site:
-                its = by_site[site]
-                h = edit_hidden(h, its, saes, [where(it) for it in its], torch.zeros(1, dtype=torch.long))
-                env.output = rewrap(out, h)
-            for s, f in watch:
-                if Site.parse(s, lm.n_layers) == site:
-                    seen[(s, f)] = nnsight.save(saes[s].encode(h.float())[0, :, f])
-        logits = nnsight.save(lm.nn.output.logits)
+
+    def edit(site: Site, h: torch.Tensor, _call: int) -> torch.Tensor | None:
+        new = None
+        if site in by_site:
+            its = by_site[site]
+            new = edit_hidden(h, its, saes, [where(it) for it in its], torch.zeros(1, dtype=torch.long))
+        for s, f in watch:
+            if Site.parse(s, lm.n_layers) == site:
+                seen[(s, f)] = saes[s].encode((h if new is None else new).float())[0, :, f]
+        return new
+
+    with torch.no_grad(), lm.edited(edit, sites):
+        logits = lm.hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     return logits[0].float(), seen
 
 

@@ -85,6 +85,51 @@ def test_greedy_steering_equals_forward_hooks_token_for_token(steer_setup, mode,
     assert ours == ref
 
 
+@pytest.mark.parametrize("site, width", [("mlp_act.1", 64), ("attn_out.1", 32)])
+def test_steering_inside_the_block_edits_where_the_sae_reads(steer_setup, site, width):
+    """An mlp_act SAE reads the down projection's input (the neurons) and an attn_out SAE the attention's
+    output: a clamp there must equal a hand-made hook at that very place, step after step."""
+    lm, _ = steer_setup
+    sae = firing_sae(d_in=width, d_sae=48, gain=4.0)
+    block = lm.hf.model.layers[1]
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    first = (enc["attention_mask"] == 0).sum(1)
+
+    def edited(h, prefill):
+        mask = enc["attention_mask"].bool().clone() if prefill else torch.ones(h.shape[:2], dtype=torch.bool)
+        if prefill:
+            mask[torch.arange(len(first)), first] = False          # BOS left alone
+        f = torch.relu((h - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        feature = int(f.flatten(0, 1).gt(0).sum(0).argmax()) if "feature" not in calls else calls["feature"]
+        calls.setdefault("feature", feature)
+        return h + ((2.0 - f[..., feature]) * mask)[..., None] * sae.W_dec[feature]
+
+    calls: dict = {"n": 0}
+    if site.startswith("mlp_act"):
+        def pre(_m, args):
+            calls["n"] += 1
+            return (edited(args[0], calls["n"] == 1),)
+        hd = block.mlp.down_proj.register_forward_pre_hook(pre)
+    else:
+        def post(_m, _a, out):
+            calls["n"] += 1
+            return (edited(out[0], calls["n"] == 1),) + tuple(out[1:])
+        hd = block.self_attn.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            ids = lm.hf.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        hd.remove()
+    n = enc["input_ids"].shape[1]
+    ref = [tok.decode(r[n:], skip_special_tokens=True) for r in ids]
+    unsteered = generate(lm, PROMPTS, None, {}, max_new_tokens=10)
+    ours = generate(lm, PROMPTS, Recipe([Intervention(site, calls["feature"], "clamp", 2.0)]), {site: sae},
+                    max_new_tokens=10)
+    assert calls["n"] == 10 and ours == ref and ours != unsteered
+
+
 @pytest.mark.parametrize("mode, coeff", [("add", 0.5), ("clamp", 0.3)])
 def test_the_position_sets_steer_differently(steer_setup, mode, coeff):
     """The token-for-token comparison can only catch a wrong position mask if the masks matter at its
@@ -144,6 +189,16 @@ def test_recipes_round_trip_and_bad_input(steer_setup, tmp_path):
     (tmp_path / "bad.json").write_text('{"interventions": [{"site": "resid_post.1", "colour": 1}]}')
     with pytest.raises(ScSteerError, match="unknown intervention key"):
         Recipe.load(tmp_path / "bad.json")
+
+
+def test_steering_refuses_a_model_whose_weights_are_not_here(steer_setup):
+    """Steering hooks the model's own modules; a model run on NDIF has none here to hook."""
+    from sc_steer.models import LM
+
+    lm, saes = steer_setup
+    away = LM(lm.hf, lm.tokenizer, "away", remote=True, nn_model=lm.nn)
+    with pytest.raises(ScSteerError, match="--remote ndif"):
+        generate(away, PROMPTS, Recipe([Intervention("resid_post.1", 3, "add", 4.0)]), saes, max_new_tokens=2)
 
 
 def test_actadd_and_decomposition(steer_setup):
