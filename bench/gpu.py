@@ -15,7 +15,8 @@ MLP 11008, 32 layers, 32 heads, vocab 32000) with random bf16 weights, and the d
 * training straight from the model (no disk cache), all 32 layers, tokens/s;
 * the feature graph (d_sae 32768): batched block-(n+1) ablation against one full forward per feature;
 * interpretation (d_sae 32768 plus the neuron baselines) tokens/s;
-* steering latency (one added vector; one removed feature) against transformers ``generate``.
+* steering latency (one added vector; one removed feature) against transformers ``generate``, on the
+  nnsight-wrapped model and on a plain copy of the same shape.
 
 Timings synchronise the device; each is the median of repeats after a warm-up.
 """
@@ -273,8 +274,9 @@ def profile_topk_step(dev: torch.device, s: dict) -> dict:
 
 
 # -- model-side benchmarks --------------------------------------------------------------------------
-def build_model(dev: torch.device, s: dict):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def build_hf(dev: torch.device, s: dict):
+    """The plain transformers model of the benchmark's shape (random weights), not wrapped by nnsight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**{k: s[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads", "num_key_value_heads", "vocab_size")},
@@ -287,8 +289,13 @@ def build_model(dev: torch.device, s: dict):
             model = LlamaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    tok = AutoTokenizer.from_pretrained(demo_model_path())
-    return open_model(model.eval(), tokenizer=tok)
+    return model.eval()
+
+
+def build_model(dev: torch.device, s: dict):
+    from transformers import AutoTokenizer
+
+    return open_model(build_hf(dev, s), tokenizer=AutoTokenizer.from_pretrained(demo_model_path()))
 
 
 def token_batches(lm, ctx: int, rows: int, batch_size: int):
@@ -438,16 +445,24 @@ def steering(lm, dev: torch.device, s: dict) -> dict:
     add = Recipe([Intervention(f"resid_post.{n}", None, "add", 4.0, "all", vec)])
     remove = Recipe([Intervention(f"resid_post.{n}", 5, "remove")])
 
-    def hf():
+    # nnsight installs its own forward on every module of the model it wraps (a few microseconds a call
+    # outside traces too), so transformers' generate is timed on the wrapped model and on a plain one
+    plain_model = build_hf(dev, s)
+    plain_model.generation_config.min_new_tokens = new
+
+    def hf(model):
         with torch.no_grad():
-            lm.hf.generate(**_tokenize(lm, prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            model.generate(**_tokenize(lm, prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                            pad_token_id=lm.tokenizer.pad_token_id)
 
-    t_hf, t_add, t_remove = interleaved([hf, lambda: generate(lm, prompt, add, saes, max_new_tokens=new),
-                                         lambda: generate(lm, prompt, remove, saes, max_new_tokens=new)], dev, repeats=4)
+    t_hf, t_plain, t_add, t_remove = interleaved(
+        [lambda: hf(lm.hf), lambda: hf(plain_model), lambda: generate(lm, prompt, add, saes, max_new_tokens=new),
+         lambda: generate(lm, prompt, remove, saes, max_new_tokens=new)], dev, repeats=4)
+    del plain_model
     _, where = python_profile(lambda: generate(lm, prompt, remove, saes, max_new_tokens=new))
-    return {"hf_generate_ms_per_token": 1e3 * t_hf / new, "add_vector_ms_per_token": 1e3 * t_add / new,
-            "remove_feature_ms_per_token": 1e3 * t_remove / new, "remove_host_time_by_function": where}
+    return {"hf_generate_ms_per_token": 1e3 * t_hf / new, "hf_generate_plain_model_ms_per_token": 1e3 * t_plain / new,
+            "add_vector_ms_per_token": 1e3 * t_add / new, "remove_feature_ms_per_token": 1e3 * t_remove / new,
+            "remove_host_time_by_function": where}
 
 
 def main() -> None:
@@ -534,7 +549,8 @@ def summary(res: dict) -> str:
                      f"{i['readout_s_sae_only']:.1f} s")
     if "steer" in sec:
         st = sec["steer"]
-        lines.append(f"steer (64 tokens): HF generate {st['hf_generate_ms_per_token']:.1f} ms/tok | add vector "
+        lines.append(f"steer (64 tokens): HF generate {st['hf_generate_ms_per_token']:.1f} ms/tok (on a model not "
+                     f"wrapped by nnsight {st['hf_generate_plain_model_ms_per_token']:.1f}) | add vector "
                      f"{st['add_vector_ms_per_token']:.1f} | remove feature {st['remove_feature_ms_per_token']:.1f}")
     for k, v in res["errors"].items():
         lines.append(f"ERROR in {k}: {v}")

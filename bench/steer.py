@@ -5,7 +5,9 @@
 Unsteered: ``transformers`` ``generate`` with the KV cache. Steered: ``sc_steer.steer.generate``, the
 same ``generate`` with the edit hooked in, one feature added at one site at every step (and, second,
 three interventions at three sites: an add, a remove and a clamp, the last two encoding with the SAE).
-Greedy, fixed ``--new-tokens`` (min_new_tokens forces the length); alternating repeats, medians.
+Greedy, fixed ``--new-tokens`` (min_new_tokens forces the length); alternating repeats, medians. The
+unsteered run is also timed on a copy of the model that nnsight does not wrap (what a plain
+transformers user runs).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import statistics
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from sc_steer.models import open_model
+from sc_steer.models import demo_model_path, open_model
 from sc_steer.pipeline import load_run_saes, read_run
 from sc_steer.steer import Intervention, Recipe, _tokenize, generate
 
@@ -26,7 +29,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    lm = open_model(read_run(args.run)["model"])
+    name = read_run(args.run)["model"]
+    lm = open_model(name)
+    # nnsight installs its own forward on every module of the model it wraps (a few microseconds a call,
+    # outside traces too): generate is timed on a plain copy as well
+    plain_model = AutoModelForCausalLM.from_pretrained(demo_model_path() if name == "demo" else name).eval()
     saes = load_run_saes(args.run)
     prompt = ["Ge1:1 In the beginning God created the heaven and the earth."]
     one = Recipe([Intervention("resid_post.1", 837, "add", 8.0)])
@@ -40,13 +47,15 @@ def main() -> None:
         fn()
         return (time.perf_counter() - t) / n
 
-    def plain():
+    def plain(model):
         with torch.no_grad():
-            lm.hf.generate(**_tokenize(lm, prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            model.generate(**_tokenize(lm, prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            pad_token_id=lm.tokenizer.pad_token_id)
 
-    lm.hf.generation_config.min_new_tokens = n  # the same length for every variant
-    variants = {"unsteered (transformers generate)": plain,
+    for model in (lm.hf, plain_model):
+        model.generation_config.min_new_tokens = n  # the same length for every variant
+    variants = {"unsteered (transformers generate)": lambda: plain(lm.hf),
+                "the same, model not wrapped by nnsight": lambda: plain(plain_model),
                 "steered, 1 feature at 1 site": lambda: generate(lm, prompt, one, saes, **kw),
                 "steered, 3 interventions at 3 sites": lambda: generate(lm, prompt, three, saes, **kw)}
     for f in variants.values():
