@@ -217,6 +217,41 @@ def test_actadd_and_decomposition(steer_setup):
     assert parts["against_by_cosine"][0][1] < 0 < parts["by_cosine"][0][1]
 
 
+def test_an_actadd_sequence_starts_at_each_rows_first_prompt_token(steer_setup):
+    """Left padding puts each prompt at another offset: row b gets v[j] at its own position pad_b + j (BOS
+    left alone), at the prefill step only. A hand-made hook does the same and must give the same tokens."""
+    lm, saes = steer_setup
+    torch.manual_seed(3)
+    v = torch.randn(4, 32)
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    pads = (enc["attention_mask"] == 0).sum(1)
+    assert len(set(pads.tolist())) == 2          # the rows really are at different offsets
+    calls = {"n": 0}
+
+    def hook(_m, _a, out):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            return None
+        h = (out[0] if isinstance(out, tuple) else out).clone()
+        for b, p in enumerate(pads.tolist()):
+            h[b, p + 1:p + 4] += 3.0 * v[1:]         # position p is the row's BOS
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
+    hd = lm.hf.model.layers[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            ids = lm.hf.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        hd.remove()
+    n = enc["input_ids"].shape[1]
+    ref = [tok.decode(r[n:], skip_special_tokens=True) for r in ids]
+    ours = generate(lm, PROMPTS, Recipe([Intervention("resid_post.1", None, "add", 3.0, "prompt", v.tolist())]),
+                    saes, max_new_tokens=10)
+    assert ours == ref and ours != generate(lm, PROMPTS, None, saes, max_new_tokens=10)
+
+
 def _hooked_feature_mean(lm, sae, ids, n, feature):
     """The unsteered model's feature activation at block 1, averaged over positions n.. (plain hooks)."""
     got = {}
