@@ -130,7 +130,7 @@ class LM:
         site's forward calls from 0 (with the KV cache, 0 is the prefill).
 
         Plain PyTorch hooks, not an nnsight trace: a generation step pays a function call per site and
-        nothing else (nnsight's per-step interleaving cost ~1.5 ms a token on the demo model). For
+        nothing else (nnsight's per-step interleaving cost 4-14% more time a token on the demo model). For
         ``mlp_act`` the edit replaces the down projection's input, elsewhere the module's output."""
         if self.remote is True:
             raise ScSteerError("this runs the model here, and --remote ndif loads no weights here; "

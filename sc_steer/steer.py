@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
