@@ -31,6 +31,19 @@ def steer_setup(tiny_model_dirs):
     return lm, {"resid_post.1": firing_sae()}
 
 
+def generate_with(lm, enc, register, max_new_tokens: int) -> list[str]:
+    """Greedy transformers generate with one hand-made hook: ``register()`` installs it, returning its handle."""
+    hd = register()
+    try:
+        with torch.no_grad():
+            ids = lm.hf.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        hd.remove()
+    n = enc["input_ids"].shape[1]
+    return [lm.tokenizer.decode(r[n:], skip_special_tokens=True) for r in ids]
+
+
 def hook_generate(lm, sae, prompts, item, max_new_tokens):
     """Reference: HF generate (KV cache) with a forward hook on block 1 doing the edit by hand."""
     tok = lm.tokenizer
@@ -59,15 +72,7 @@ def hook_generate(lm, sae, prompts, item, max_new_tokens):
         new = h + (amount * mask)[..., None] * w
         return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
-    hd = lm.hf.model.layers[1].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            ids = lm.hf.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-    finally:
-        hd.remove()
-    n = enc["input_ids"].shape[1]
-    return [tok.decode(r[n:], skip_special_tokens=True) for r in ids]
+    return generate_with(lm, enc, lambda: lm.hf.model.layers[1].register_forward_hook(hook), max_new_tokens)
 
 
 @pytest.mark.parametrize("mode, coeff, positions, bos", [
@@ -111,19 +116,12 @@ def test_steering_inside_the_block_edits_where_the_sae_reads(steer_setup, site, 
         def pre(_m, args):
             calls["n"] += 1
             return (edited(args[0], calls["n"] == 1),)
-        hd = block.mlp.down_proj.register_forward_pre_hook(pre)
+        ref = generate_with(lm, enc, lambda: block.mlp.down_proj.register_forward_pre_hook(pre), 10)
     else:
         def post(_m, _a, out):
             calls["n"] += 1
             return (edited(out[0], calls["n"] == 1),) + tuple(out[1:])
-        hd = block.self_attn.register_forward_hook(post)
-    try:
-        with torch.no_grad():
-            ids = lm.hf.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-    finally:
-        hd.remove()
-    n = enc["input_ids"].shape[1]
-    ref = [tok.decode(r[n:], skip_special_tokens=True) for r in ids]
+        ref = generate_with(lm, enc, lambda: block.self_attn.register_forward_hook(post), 10)
     unsteered = generate(lm, PROMPTS, None, {}, max_new_tokens=10)
     ours = generate(lm, PROMPTS, Recipe([Intervention(site, calls["feature"], "clamp", 2.0)]), {site: sae},
                     max_new_tokens=10)
@@ -239,14 +237,7 @@ def test_an_actadd_sequence_starts_at_each_rows_first_prompt_token(steer_setup):
             h[b, p + 1:p + 4] += 3.0 * v[1:]         # position p is the row's BOS
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
-    hd = lm.hf.model.layers[1].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            ids = lm.hf.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-    finally:
-        hd.remove()
-    n = enc["input_ids"].shape[1]
-    ref = [tok.decode(r[n:], skip_special_tokens=True) for r in ids]
+    ref = generate_with(lm, enc, lambda: lm.hf.model.layers[1].register_forward_hook(hook), 10)
     ours = generate(lm, PROMPTS, Recipe([Intervention("resid_post.1", None, "add", 3.0, "prompt", v.tolist())]),
                     saes, max_new_tokens=10)
     assert ours == ref and ours != generate(lm, PROMPTS, None, saes, max_new_tokens=10)
