@@ -78,10 +78,11 @@ class BatchTopKSAE(SAE):
 
     def loss(self, x, out, ctx):
         batch = batches.of(ctx)
-        total, parts = fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0), batch)
+        energy = batch.centered_energy(x)
+        total, parts = fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0), batch, energy)
         coeff = ctx.get("batchtopk_l1", 0.0) * ctx.get("sparsity_scale", 1.0)
         if coeff > 0:
-            rms = (batch.centered_energy(x) / batch.rows(x.shape[0])).sqrt().clamp_min(1e-8)
+            rms = (energy / batch.rows(x.shape[0])).sqrt().clamp_min(1e-8)
             l1 = batch.mean_rows(out.f.sum(-1)) / (rms * math.sqrt(self.cfg.k))
             total = total + coeff * l1
             parts["l1"] = l1.detach()

@@ -39,11 +39,12 @@ def dead_topk(pre: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
         return pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
 
 
-def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float, batch: batches.LocalBatch = batches.LOCAL
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float, batch: batches.LocalBatch = batches.LOCAL,
+                 energy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Shared by TopK and BatchTopK; ``e_hat`` is the AuxK reconstruction (None: no AuxK this step);
-    ``batch`` computes the whole batch's variances (``sae/batch.py``)."""
-    total_var = batch.centered_energy(x).clamp_min(1e-8)
+    ``batch`` computes the whole batch's variances (``sae/batch.py``); ``energy`` is
+    ``batch.centered_energy(x)`` where the caller needs it too (data-parallel: one all-reduce, not two)."""
+    total_var = (batch.centered_energy(x) if energy is None else energy).clamp_min(1e-8)
     fvu = (x_hat - x).pow(2).sum() / total_var
     if e_hat is None:
         return fvu, {"fvu": fvu.detach()}
