@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from sc_steer.errors import ScSteerError  # noqa: E402
-from sc_steer.steer import Intervention, Recipe  # noqa: E402
+from sc_steer.steer import MODES, POSITIONS, Intervention, Recipe  # noqa: E402
 
 from .serving import Limits, Playground  # noqa: E402
 
@@ -41,7 +41,7 @@ def python_snippet(recipe: Recipe, pg: Playground) -> str:
     items = ",\n    ".join(f"Intervention({it.site!r}, {it.feature}, {it.mode!r}, {it.coeff}, {it.positions!r})"
                            for it in recipe.interventions)
     run, dtype = str(pg.run), str(pg.lm.dtype).removeprefix("torch.")
-    return ("from sc_steer.pipeline import load_run_saes, open_run_model\n"
+    return ("from sc_steer.rundir import load_run_saes, open_run_model\n"
             "from sc_steer.steer import Intervention, Recipe, generate\n\n"
             f"lm = open_run_model({run!r}, device={str(pg.lm.device)!r}, dtype={dtype!r})\n"
             f"saes = load_run_saes({run!r}, device=lm.device)\n"
@@ -68,9 +68,9 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
                                        elem_id="results")
                 feature = gr.Number(label="feature id", precision=0, value=0, elem_id="feature")
                 details = gr.Markdown()
-                mode = gr.Radio(["add", "remove", "clamp", "scale"], value="add", label="mode")
+                mode = gr.Radio(list(MODES), value="add", label="mode")
                 coeff = gr.Slider(-40, 40, value=10, step=0.5, label="coefficient", elem_id="coeff")
-                positions = gr.Radio(["all", "prompt", "generated", "last"], value="all", label="positions")
+                positions = gr.Radio(list(POSITIONS), value="all", label="positions")
                 add_btn = gr.Button("Add to recipe", elem_id="add")
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="prompt", value="Ge1:1 In the beginning", lines=2, elem_id="prompt")

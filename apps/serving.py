@@ -7,16 +7,17 @@ Gradio) on its own. No science here either: generation is ``sc_steer.steer.gener
 from __future__ import annotations
 
 import collections
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sc_steer import validate
+from sc_steer import rundir, validate
 from sc_steer.errors import ScSteerError
-from sc_steer.pipeline import load_run_saes, open_run_model
+from sc_steer.files import read_json
+from sc_steer.graph.build import node_id
+from sc_steer.sites import Site
 from sc_steer.steer import Recipe, generate
 
 
@@ -78,16 +79,16 @@ class Playground:
                  limits: Limits = Limits()):
         self.run = Path(run).resolve()
         self.limits = limits.check()
-        self.lm = open_run_model(self.run, device=device, dtype=dtype)
-        self.saes = load_run_saes(self.run, device=self.lm.device)
+        self.lm = rundir.open_run_model(self.run, device=device, dtype=dtype)
+        self.saes = rundir.load_run_saes(self.run, device=self.lm.device)
         self.lock = FairLock()
         self.features: dict[str, list[dict]] = {}
         for site in self.saes:
-            path = self._path("features", f"{site}.jsonl")
-            if path.exists():
-                self.features[site] = [json.loads(line) for line in path.read_text().splitlines()]
-        graph = self._path("graph", "graph.json")
-        self.graph = json.loads(graph.read_text()) if graph.exists() else None
+            records = rundir.read_records(self._path(), site)
+            if records is not None:
+                self.features[site] = records
+        graph = self._path(rundir.GRAPH, "graph.json")
+        self.graph = read_json(graph, "the run's feature graph (node-link JSON)") if graph.exists() else None
 
     def _path(self, *parts: str) -> Path:
         p = self.run.joinpath(*parts).resolve()
@@ -118,7 +119,7 @@ class Playground:
             toks = [f"⟦{t}⟧" if i == c["max_index"] else t for i, t in enumerate(c["tokens"])]
             lines.append("- `" + "".join(toks).replace("\n", " ").replace("`", "'") + f"` ({c['max']:.2f})")
         if self.graph:
-            nid = f"L{site.split('.')[-1]}/F{feature}"
+            nid = node_id(Site.parse(site).layer, feature)
             edges = [e for e in self.graph["links"] if nid in (e["source"], e["target"])]
             if edges:
                 lines += ["", "**Ablation-graph neighbourhood**"]
@@ -128,8 +129,6 @@ class Playground:
     # -- model calls (serialised) ------------------------------------------------------------------
     def heatmap(self, prompt: str, site: str, feature: int) -> list[tuple[str, float]]:
         import nnsight
-
-        from sc_steer.sites import Site
 
         if not prompt:
             return []

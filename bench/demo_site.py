@@ -23,7 +23,7 @@ def main() -> None:
     from sc_steer.models import open_model
     from sc_steer.pipeline import DEMO_TRAIN, train_from_store
     from sc_steer.sae.config import config_from_dict
-    from sc_steer.sae.metrics import evaluate_saes
+    from sc_steer.evaluate import evaluate_saes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--activations", required=True)

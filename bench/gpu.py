@@ -161,7 +161,8 @@ def plain_step_fn(arch: str, d_in: int, d_sae: int, k: int, dev: torch.device, a
 
 def sae_training(dev: torch.device, s: dict, autocast: bool, peak_tflops: float) -> dict:
     from sc_steer.sae.config import config_from_dict
-    from sc_steer.sae.train import Trainer, tensor_source
+    from sc_steer.sae.sources import tensor_source
+    from sc_steer.sae.train import Trainer
 
     d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
     data = [torch.randn(batch, d_in, device=dev) for _ in range(3)]
@@ -247,7 +248,8 @@ def profile_topk_step(dev: torch.device, s: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from sc_steer.sae.config import config_from_dict
-    from sc_steer.sae.train import Trainer, tensor_source
+    from sc_steer.sae.sources import tensor_source
+    from sc_steer.sae.train import Trainer
 
     d_in, d_sae, k, batch = s["hidden_size"], s["d_sae"], s["k"], s["batch"]
     x = torch.randn(batch, d_in)
@@ -433,7 +435,8 @@ def interpretation(lm, dev: torch.device, s: dict, work: Path) -> dict:
 
 
 def steering(lm, dev: torch.device, s: dict) -> dict:
-    from sc_steer.steer import Intervention, Recipe, _tokenize, generate
+    from sc_steer.steer import Intervention, Recipe, generate
+    from sc_steer.steer.generate import tokenize_prompts
 
     n = lm.n_layers // 4
     sae = random_topk_sae(lm.d_model, s["graph_d_sae"], s["k"], dev, 4)
@@ -452,7 +455,7 @@ def steering(lm, dev: torch.device, s: dict) -> dict:
 
     def hf(model):
         with torch.no_grad():
-            model.generate(**_tokenize(lm, prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            model.generate(**tokenize_prompts(lm, prompt), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                            pad_token_id=lm.tokenizer.pad_token_id)
 
     t_hf, t_plain, t_add, t_remove = interleaved(

@@ -16,7 +16,7 @@ from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
 from sc_steer.graph.run import prompt_batches
 from sc_steer.models import open_model
-from sc_steer.pipeline import load_run_saes, read_run
+from sc_steer.rundir import load_run_saes, read_run
 
 
 def main() -> None:

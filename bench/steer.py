@@ -19,8 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sc_steer.models import demo_model_path, open_model
-from sc_steer.pipeline import load_run_saes, read_run
-from sc_steer.steer import Intervention, Recipe, _tokenize, generate
+from sc_steer.rundir import load_run_saes, read_run
+from sc_steer.steer import Intervention, Recipe, generate
+from sc_steer.steer.generate import tokenize_prompts
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
 
     def plain(model):
         with torch.no_grad():
-            model.generate(**_tokenize(lm, prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            model.generate(**tokenize_prompts(lm, prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                            pad_token_id=lm.tokenizer.pad_token_id)
 
     for model in (lm.hf, plain_model):

@@ -22,7 +22,8 @@ import torch
 
 from sc_steer.sae.base import SAE
 from sc_steer.sae.config import config_from_dict
-from sc_steer.sae.train import Trainer, tensor_source
+from sc_steer.sae.sources import tensor_source
+from sc_steer.sae.train import Trainer
 
 
 def sync(device: str) -> None:
@@ -88,7 +89,7 @@ def main() -> None:
     def dense_steps(n: int) -> float:
         sae = st.sae
         fast = type(sae).train_forward
-        sae.train_forward = lambda x, ctx=None: SAE.train_forward(sae, x, ctx)  # the dense reference path
+        sae.train_forward = lambda x, inputs: SAE.train_forward(sae, x, inputs)  # the dense reference path
         try:
             return steps(n)
         finally:

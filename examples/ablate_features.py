@@ -17,7 +17,7 @@ from sc_steer.interpret import load_unit
 from sc_steer.graph.experiments import Ablation, ablation_experiment
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.data import iter_batches, iter_rows, pad_token_id
-from sc_steer.pipeline import load_run_saes
+from sc_steer.rundir import load_run_saes
 
 PROMPTS = ["Ge1:3 And God said, Let there be light: and there was light.",
            "Ps23:1 The LORD is my shepherd; I shall not want.",

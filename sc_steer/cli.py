@@ -31,7 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser, default: str | None = "demo") ->
 def _open(args):
     """The model named by --model, or else by the run's run.json, on --device in --dtype."""
     from .models import open_model
-    from .pipeline import read_run
+    from .rundir import read_run
 
     remote = {"ndif": True, "local": "local", None: False}[args.remote]
     model = args.model or read_run(args.run)["model"]
@@ -75,6 +75,7 @@ def _train_config(args):
 def cmd_train(args) -> None:
     from . import distributed
     from .pipeline import train_from_model, train_from_store
+    from .rundir import sae_sites
 
     cfg = _train_config(args)
     dist, device = distributed.from_env(args.device)
@@ -88,7 +89,7 @@ def cmd_train(args) -> None:
         saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=lm.device,
                                 force=args.force, **split)
     if dist.is_main:
-        sites = sorted(p.name for p in (Path(args.out) / "saes").iterdir()) if dist.active else list(saes)
+        sites = sae_sites(args.out) if dist.active else list(saes)
         print(f"trained {len(sites)} SAEs -> {args.out}/saes/ ({', '.join(sites)}); "
               f"curves: {args.out}/training_curves.png" + (f" ({dist.world} processes, --parallel {args.parallel})"
                                                            if dist.active else ""))
@@ -96,7 +97,7 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from .pipeline import eval_run
-    from .sae.metrics import markdown_table
+    from .evaluate import markdown_table
 
     results = eval_run(args.run, args.data, lm=_open(args), max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(markdown_table(results))
@@ -104,19 +105,20 @@ def cmd_eval(args) -> None:
 
 
 def cmd_interpret(args) -> None:
+    from . import rundir
     from .pipeline import interpret_run
 
     sites = [x.strip() for x in args.sites.split(",")] if args.sites else None
     summary = interpret_run(args.run, args.data, lm=_open(args), max_tokens=args.max_tokens, sites=sites,
                             neurons=not args.no_neurons, top_n=args.top_n, window=args.window,
                             min_count=args.min_count)
-    print((Path(args.run) / "interpret.md").read_text())
-    print(f"-> {args.run}/features/<site>.jsonl and .md, {args.run}/neurons/, {args.run}/browser/index.html, "
-          f"{args.run}/interpret_scores.png ({summary['n_tokens']:,} tokens)")
+    print((Path(args.run) / rundir.INTERPRET_MD).read_text())
+    print(f"-> {args.run}/{rundir.FEATURES}/<site>.jsonl and .md, {args.run}/{rundir.NEURONS}/, "
+          f"{args.run}/{rundir.BROWSER}/index.html, {args.run}/{rundir.SCORES_PNG} ({summary['n_tokens']:,} tokens)")
 
 
 def cmd_graph(args) -> None:
-    from .graph.run import graph_run
+    from .pipeline import graph_run
 
     lm = _open(args)
     layers = None
@@ -145,16 +147,16 @@ def cmd_graph(args) -> None:
 
 
 def _parse_interventions(args):
-    from .steer import Intervention, Recipe
+    from .steer import MODE_DOCS, Intervention, Recipe
 
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe([])
-    for mode in ("add", "remove", "clamp", "scale"):
+    for mode, (value, _) in MODE_DOCS.items():
         for spec in getattr(args, mode) or []:
             parts = spec.split(":")
-            need = 2 if mode == "remove" else 3
+            need = 3 if value else 2
             if len(parts) != need or not parts[1].lstrip("-").isdigit():
-                form = "SITE:FEATURE" if mode == "remove" else "SITE:FEATURE:VALUE"
-                raise ScSteerError(f"--{mode} {spec!r}: expected {form}, e.g. resid_post.1:837" + ("" if mode == "remove" else ":8"))
+                form = "SITE:FEATURE" + (":VALUE" if value else "")
+                raise ScSteerError(f"--{mode} {spec!r}: expected {form}, e.g. resid_post.1:837" + (":8" if value else ""))
             try:
                 coeff = float(parts[2]) if need == 3 else 0.0
             except ValueError:
@@ -167,12 +169,12 @@ def _parse_interventions(args):
 def cmd_steer(args) -> None:
     import textwrap
 
-    from .pipeline import load_run_saes
-    from .steer import generate
+    from .rundir import load_run_saes
+    from .steer import MODE_DOCS, generate
 
     recipe = _parse_interventions(args)
     if not recipe.interventions:
-        raise ScSteerError("nothing to steer with: give --add/--remove/--clamp/--scale or --recipe")
+        raise ScSteerError(f"nothing to steer with: give {'/'.join('--' + m for m in MODE_DOCS)} or --recipe")
     if args.save_recipe:
         check_new_file(args.save_recipe, "--save-recipe", args.force)
     lm = _open(args)
@@ -206,15 +208,16 @@ def cmd_app(args) -> None:
 def cmd_demo(args) -> None:
     import time
 
+    from . import rundir
+    from .evaluate import markdown_table
     from .pipeline import demo
-    from .sae.metrics import markdown_table
 
     t = time.time()
     results = demo(args.out, collect_tokens=args.collect_tokens, train_tokens=args.train_tokens,
                    eval_tokens=args.eval_tokens, interpret_tokens=args.interpret_tokens, device=args.device,
                    dtype=args.dtype)
     print(markdown_table(results))
-    print((Path(args.out) / "interpret.md").read_text())
+    print((Path(args.out) / rundir.INTERPRET_MD).read_text())
     print(f"demo finished in {time.time() - t:.0f} s. Results in {args.out}/: eval.md, eval.json, saes/<site>/, "
           "training_curves.png, interpret.md, browser/index.html, features/, neurons/, graph/, activations/. "
           f"Next: sc-steer app --run {args.out}")
@@ -228,6 +231,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .graph.build import PRUNE, RANK_BY
+    from .graph.measure import MODES as ABLATION_MODES, WHERE
+    from .sae.train import PARALLEL_MODES
+    from .steer import MODE_DOCS, POSITIONS
+
     ap = _Parser(prog="sc-steer", description="sparse autoencoders on LM activations: "
                                  "collect, train, interpret, graph, steer")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -261,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a .toml / .yaml / .json training config; flags below override it")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--force", action="store_true", help="start over in an --out that holds another run")
-    p.add_argument("--parallel", choices=["layers", "data"], help="under torchrun: 'layers' gives each process its "
+    p.add_argument("--parallel", choices=PARALLEL_MODES, help="under torchrun: 'layers' gives each process its "
                    "share of the sites; 'data' splits every batch over the processes (needs --activations)")
     p.add_argument("--sites", help="e.g. resid_post.* or resid_post.1,resid_post.2")
     p.add_argument("--tokens", type=int, help="training tokens per SAE")
@@ -308,13 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="graph")
     p.add_argument("--layers", help="source layers N or N-M (default: all but the last)")
     p.add_argument("--sources", default="active", help="active, top:N, attr:N, or ids like 3,17,42")
-    p.add_argument("--mode", default="zero", choices=["zero", "mean", "clamp"])
+    p.add_argument("--mode", default="zero", choices=ABLATION_MODES)
     p.add_argument("--value", type=float, help="the clamp value")
-    p.add_argument("--where", default="all", choices=["all", "active"], help="ablate at all text positions or "
+    p.add_argument("--where", default="all", choices=WHERE, help="ablate at all text positions or "
                    "only where the source fires")
-    p.add_argument("--prune", default="top_k", choices=["top_k", "relative", "cumulative"])
+    p.add_argument("--prune", default="top_k", choices=PRUNE)
     p.add_argument("--amount", type=float, default=5, help="k for top_k; a fraction for relative/cumulative")
-    p.add_argument("--rank-by", default="weight", choices=["weight", "through"])
+    p.add_argument("--rank-by", default="weight", choices=RANK_BY)
     p.add_argument("--no-attribution", action="store_true")
     p.add_argument("--force", action="store_true", help="replace another graph in --out")
     p.set_defaults(func=cmd_graph)
@@ -323,11 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a run folder with saes/")
     _add_model_args(p, default=None)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    p.add_argument("--add", action="append", metavar="SITE:FEATURE:COEFF", help="add COEFF x the feature's direction")
-    p.add_argument("--remove", action="append", metavar="SITE:FEATURE", help="error-preserving ablation, every step")
-    p.add_argument("--clamp", action="append", metavar="SITE:FEATURE:VALUE", help="set the feature to VALUE")
-    p.add_argument("--scale", action="append", metavar="SITE:FEATURE:FACTOR", help="multiply the feature")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated", "last"])
+    for mode, (value, what) in MODE_DOCS.items():
+        p.add_argument(f"--{mode}", action="append", metavar="SITE:FEATURE" + (f":{value}" if value else ""), help=what)
+    p.add_argument("--positions", default="all", choices=POSITIONS)
     p.add_argument("--include-bos", action="store_true",
                    help="also edit the BOS position (left alone by default: no SAE was trained on it)")
     p.add_argument("--recipe", help="a recipe JSON (interventions above are appended)")

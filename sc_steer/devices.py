@@ -12,14 +12,11 @@ Every function that takes a model and SAEs calls ``follow_model`` first, so SAEs
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
 from .errors import ScSteerError
-
-if TYPE_CHECKING:
-    from .models import LM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,12 +60,13 @@ def resolve_dtype(spec: str | torch.dtype) -> torch.dtype | str:
     return DTYPES[spec]
 
 
-def follow_model(saes: T, lm: LM) -> T:
-    """Move one SAE, or a dict / tuple of them, onto ``lm``'s device (dtype kept); returns its argument.
+def follow_model(saes: T, model) -> T:
+    """Move one SAE, or a dict / tuple of them, onto the device of ``model`` (an ``LM``, or anything with
+    a ``device``), dtype kept; returns its argument.
 
     A remote (NDIF) model lives on the meta device here: its SAEs stay where they are.
     """
-    dev = lm.device
+    dev = model.device
     if dev.type == "meta":
         return saes
     items = saes.values() if isinstance(saes, Mapping) else saes if isinstance(saes, (tuple, list)) else [saes]

@@ -2,6 +2,8 @@
 synced, then renamed, so a crash never leaves a torn file) and output folders with clear errors."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -60,3 +62,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def read_json(path: str | Path, what: str, expect: type | None = dict):
+    """A JSON file the library or the user wrote, as ``expect`` (a dict unless told; None: any JSON):
+    one-line errors, naming ``what`` it should be, for a file that is missing, unreadable, not JSON, or
+    JSON of another shape (a list where an object belongs)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ScSteerError(f"{str(path)!r} does not exist (expected {what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScSteerError(f"{str(path)!r} is not readable JSON ({e}); expected {what}") from None
+    if expect is not None and not isinstance(value, expect):
+        shape = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
+        raise ScSteerError(f"{str(path)!r}: expected {shape} ({what}), found {type(value).__name__}")
+    return value
+
+
+def file_sha256(path: str | Path, chars: int = 16) -> str:
+    """The first ``chars`` hex digits of a file's SHA-256, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:chars]

@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from .sites import Site, parse_sites
 
 @dataclass(frozen=True)
 class Adapter:
-    """Dotted module paths (relative to the ``*ForCausalLM`` module) for one architecture family."""
+    """Where one architecture family keeps its parts (dotted paths relative to the ``*ForCausalLM``
+    module) and how they differ: every family quirk sc-steer relies on is a field here."""
 
     layers: str
     attn: str
@@ -32,14 +33,17 @@ class Adapter:
     mlp_down: str  # the MLP's output projection, relative to ``mlp``; its input is the neuron layer
     final_norm: str
     unembed: str
+    norm_offset: float = 0.0   # the final norm's gain is norm_offset + weight (Gemma's RMSNorm: 1 + weight)
+    conv1d: bool = False       # projections are GPT-2's Conv1D (weight [in, out]), not nn.Linear ([out, in])
 
 
 _LLAMA_LIKE = Adapter(layers="model.layers", attn="self_attn", mlp="mlp", mlp_down="down_proj", final_norm="model.norm",
                       unembed="lm_head")
 ADAPTERS: dict[str, Adapter] = {
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")},
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3")},
+    **{t: replace(_LLAMA_LIKE, norm_offset=1.0) for t in ("gemma", "gemma2", "gemma3_text")},
     "gpt2": Adapter(layers="transformer.h", attn="attn", mlp="mlp", mlp_down="c_proj", final_norm="transformer.ln_f",
-                    unembed="lm_head"),
+                    unembed="lm_head", conv1d=True),
     "gpt_neox": Adapter(layers="gpt_neox.layers", attn="attention", mlp="mlp", mlp_down="dense_4h_to_h",
                         final_norm="gpt_neox.final_layer_norm", unembed="embed_out"),
 }
@@ -91,7 +95,7 @@ class LM:
         self.remote = remote
         self.nn = nn_model if nn_model is not None else TransformersModel(hf_model, tokenizer=tokenizer,
                                                                           task="text-generation")
-        self.n_layers = len(self._get(self.adapter.layers))
+        self.n_layers = len(self.get_module(self.adapter.layers))
         self.d_model = int(self.config.hidden_size)
 
     # -- sites ---------------------------------------------------------------------------------
@@ -111,8 +115,30 @@ class LM:
         """d_model for residual-basis sites; the MLP's hidden size for ``mlp_act``."""
         if site.kind != "mlp_act":
             return self.d_model
-        w = self.module(site).weight  # nn.Linear [out, in]; GPT-2's Conv1D [in, out]
-        return int(w.shape[1] if isinstance(self.module(site), torch.nn.Linear) else w.shape[0])
+        return int(self.projection_weight(self.module(site)).shape[1])
+
+    def check_sae(self, site: Site, sae: Any) -> None:
+        """An SAE used at ``site`` reads vectors of the site's width."""
+        if sae.cfg.d_in != self.width(site):
+            raise ScSteerError(f"SAE for {site} has d_in={sae.cfg.d_in}, but the model's {site} is {self.width(site)} "
+                               "wide (an SAE trained on another model?)")
+
+    def projection_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """A projection's weight as ``[out, in]`` whatever the family stores (GPT-2's Conv1D: ``[in, out]``)."""
+        w = module.weight
+        return w.T if self.adapter.conv1d else w
+
+    def final_norm_gain(self) -> tuple[torch.Tensor, bool]:
+        """The final norm's per-dimension gain (fp32, ``[d_model]``) and whether it centres its input
+        first (LayerNorm); its data-dependent 1/rms is a positive scalar per token and is left out."""
+        norm = self.get_module(self.adapter.final_norm)
+        weight = getattr(norm, "weight", None)
+        gain = torch.ones(self.d_model, device=self.device) if weight is None else weight.detach().float()
+        return gain + self.adapter.norm_offset, isinstance(norm, torch.nn.LayerNorm)
+
+    def unembedding(self) -> torch.Tensor:
+        """``W_U [vocab, d_model]``, detached."""
+        return self.get_module(self.adapter.unembed).weight.detach()
 
     def site_value(self, site: Site) -> Any:
         """Inside a trace: the site's hidden-state tensor (a module output, or the down projection's input)."""
@@ -121,7 +147,7 @@ class LM:
 
     def module(self, site_or_path: Site | str) -> torch.nn.Module:
         path = self.module_path(site_or_path) if isinstance(site_or_path, Site) else site_or_path
-        return self._get(path)
+        return self.get_module(path)
 
     @contextmanager
     def edited(self, edit: Callable[[Site, torch.Tensor, int], torch.Tensor | None], sites: list[Site]):
@@ -169,7 +195,8 @@ class LM:
             env = env[int(part)] if part.isdigit() else getattr(env, part)
         return env
 
-    def _get(self, path: str) -> Any:
+    def get_module(self, path: str) -> Any:
+        """The submodule at a dotted path of the transformers model (an adapter path, say)."""
         try:
             return self.hf.get_submodule(path)
         except AttributeError as e:

@@ -1,86 +1,37 @@
-"""The run directory ties the stages together: collect -> train -> eval, each reading the last one's output.
+"""The stages that work on a run folder (``rundir.py``): train -> eval -> interpret -> graph, each
+reading the last one's output from the folder, and ``demo``, which runs them all on the demo model.
 
-    runs/<name>/
-      run.json                    model, data, sites, training config
-      activations/                the activation collection (manifest.json + shards/)
-      saes/<site>/                cfg.json + sae_weights.safetensors (+ sparsity.safetensors), SAELens layout
-      checkpoint.safetensors      the trainer's resumable state
-      train_log.jsonl, training_curves.png
-      eval.json, eval.md          per-site metrics on held-out text
+Each stage opens what it needs from the run (the model, the SAEs, the interpretation records) and
+calls the library function that does the work on a model and SAEs in memory; the CLI calls the
+stages.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .activations import ActivationStore, collect
-from . import validate
+from . import rundir, validate
+from .activations import collect
 from .data import data_fingerprint
 from .devices import resolve_device
 from .distributed import LOCAL, Dist, share
 from .errors import ScSteerError
-from .files import atomic_write_text, check_folder, make_dir
+from .evaluate import evaluate_saes, write_results
+from .files import atomic_write_text, file_sha256
+from .graph.run import check_options, feature_graph, source_layers
+from .interpret import interpret, write_browser, write_plots
 from .models import LM, open_model
-from .sae import SAE, load_sae
-from .sae.config import TrainConfig
-from .sae.metrics import evaluate_saes, write_results
-from .sae.train import PARALLEL_MODES, Trainer, model_source, store_source
-
-
-# what makes two trainings the same run: a folder is only ever continued by the run that made it
-RUN_IDENTITY = ("model", "dataset", "sites", "train_config")
-
-
-def start_run(run: Path, info: dict, *, force: bool = False) -> None:
-    """Claim ``run`` for a training described by ``info`` and write its run.json.
-
-    The folder must be new, or hold this same run (``RUN_IDENTITY``: model, data fingerprint, sites,
-    config), so that a resume continues it and nothing foreign is mixed in. ``force=True`` starts
-    over: the old run's checkpoint, log and SAEs go first, so the folder never pairs this run.json
-    with another run's SAEs.
-    """
-    check_run(run, info, force=force)
-    if force:
-        for name in ("checkpoint.safetensors", "train_log.jsonl", "run.json"):
-            (run / name).unlink(missing_ok=True)
-        shutil.rmtree(run / "saes", ignore_errors=True)
-    make_dir(run)
-    atomic_write_text(run / "run.json", json.dumps(info, indent=1))
-
-
-def check_run(run: Path, info: dict, *, force: bool = False) -> None:
-    """Whether ``run`` may hold the run described by ``info`` (compared on the identity keys it has);
-    writes nothing. The run's own activation collection may already be inside it (as the demo's is)."""
-    check_folder(run)
-    own = Path(info["activations"]).resolve() if info.get("activations") else None
-    path = run / "run.json"
-    if path.exists() and not force:
-        old = read_run(run)
-        new = json.loads(json.dumps(info))
-        differs = [k for k in RUN_IDENTITY if k in new and old.get(k) != new[k]]
-        if differs:
-            raise ScSteerError(f"--out {str(run)!r} holds another run (its {', '.join(differs)} differ); choose "
-                               "another --out, or pass --force to start over there")
-    elif not path.exists() and not force and run.is_dir() and any(p.resolve() != own for p in run.iterdir()):
-        raise ScSteerError(f"--out {str(run)!r} is not empty and is not an sc-steer run; choose another --out, "
-                           "or pass --force to train there anyway")
-
-
-def read_run(run: str | Path) -> dict:
-    path = Path(run) / "run.json"
-    if not path.exists():
-        raise ScSteerError(f"{str(run)!r} is not an sc-steer run (no run.json)")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScSteerError(f"{str(path)!r} is unreadable ({e}); it should be the JSON sc-steer train wrote") from None
-    if not isinstance(info, dict) or not isinstance(info.get("model"), str) or not info["model"]:
-        raise ScSteerError(f"{str(path)!r} does not name the run's model (expected a JSON object with \"model\")")
-    return info
+from .rundir import check_run, load_run_saes, open_run_model, start_run
+from .sae import SAE
+from .sae.base import WEIGHTS_FILE
+from .sae.config import TrainConfig, config_from_dict
+from .sae.sources import model_source, store_source
+from .sae.train import PARALLEL_MODES, Trainer
+from .sites import parse_sites
+from .store import ActivationStore
 
 
 def check_parallel(parallel: str | None, dist: Dist, n_sites: int) -> None:
@@ -102,8 +53,6 @@ def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path,
     torchrun, ``dist`` and ``parallel`` split the run (``sae/train.py``). Returns this rank's SAEs."""
     device = resolve_device(device)  # before anything is written
     store = ActivationStore(activations)
-    from .sites import parse_sites
-
     sites = [str(s) for s in parse_sites(cfg.sites, store.manifest["model"]["n_layers"])]
     for s in sites:
         store.d(s)  # checks the site was collected
@@ -152,46 +101,6 @@ def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ct
     return Trainer(cfg, source, out, info, meta, device, progress, dist=dist, parallel=parallel).run(resume=resume)
 
 
-def load_run_saes(run: str | Path, sites: list[str] | None = None, *,
-                  device: str | torch.device = "cpu") -> dict[str, SAE]:
-    """The SAEs of a run, by site name (all of them unless ``sites`` is given), on ``device``.
-
-    Pass the model's device (``lm.device``) to load them where they will be used; functions that take
-    a model and SAEs also move them there themselves (``sc_steer.devices.follow_model``).
-    """
-    root = Path(run) / "saes"
-    if not root.is_dir():
-        raise ScSteerError(f"{str(run)!r} has no saes/ folder (train first)")
-    names = sites or [str(s) for s in sorted(_site_folders(root), key=lambda s: s.order)]
-    if not names:
-        raise ScSteerError(f"{str(run)!r}: saes/ holds no SAE folders (train first)")
-    missing = [s for s in names if not (root / s).is_dir()]
-    if missing:
-        raise ScSteerError(f"run {str(run)!r} has no SAE for {', '.join(missing)}")
-    return {s: load_sae(root / s, device) for s in names}
-
-
-def _site_folders(root: Path) -> list:
-    """The folders of saes/ named like sites (resid_post.3); anything else there (a backup, a stray
-    folder) is not an SAE of this run and is left alone."""
-    from .sites import Site
-
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and not p.name.startswith("."):
-            try:
-                found.append(Site.parse(p.name))
-            except ScSteerError:
-                continue
-    return found
-
-
-def open_run_model(run: str | Path, lm: LM | None = None, *, device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype = "float32") -> LM:
-    """``lm`` if given, else the model the run was trained on, opened on ``device`` in ``dtype``."""
-    return lm if lm is not None else open_model(read_run(run)["model"], device=device, dtype=dtype)
-
-
 def eval_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None = None, max_tokens: int = 50_000,
              batch_size: int = 8, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
              progress: bool = True) -> dict[str, dict]:
@@ -214,8 +123,6 @@ def interpret_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None 
     """Interpret a run's SAEs (and the neuron baselines): JSONL, Markdown, browser and plots in the run.
 
     The model is ``lm``, or the run's own opened on ``device`` in ``dtype``."""
-    from .interpret import interpret, write_browser, write_plots
-
     lm = open_run_model(run, lm, device=device, dtype=dtype)
     saes = load_run_saes(run, sites, device=lm.device)
     ctx = next(iter(saes.values())).cfg.context_size or 256
@@ -224,6 +131,39 @@ def interpret_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None 
     write_browser(run, summary)
     write_plots(run, summary)
     return summary
+
+
+def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None = None, layers: list[int] | None = None,
+              sources: str | list[int] = "active", mode: str = "zero", value: float | None = None,
+              where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
+              attribute: bool = True, ctx: int = 64, max_prompts: int = 64, name: str = "graph",
+              device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", force: bool = False,
+              progress: bool = True, **options):
+    """The feature graph of a run's resid_post SAEs over ``layers`` (``graph/run.py``), labelled with the
+    run's interpretation records, written to ``out`` with its recipe.
+
+    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``. ``out`` must be new, empty,
+    or hold the graph of this same recipe; ``force=True`` replaces another graph there."""
+    run, out = Path(run), Path(out)
+    check_options(layers=layers, sources=sources, mode=mode, value=value, where=where, prune=prune, amount=amount,
+                  rank_by=rank_by, ctx=ctx, max_prompts=max_prompts, name=name)
+    recipe = {"run": str(run), "layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
+              "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx, "max_prompts": max_prompts,
+              "prompts": prompts, "name": name}
+    identity = {k: v for k, v in recipe.items() if not (k == "layers" and v is None)}   # None: whatever it had
+    rundir.claim_folder(out, rundir.GRAPH_RECIPE, identity, kind="graph", force=force)
+    lm = open_run_model(run, lm, device=device, dtype=dtype)
+    layers = source_layers(lm, layers)
+    needed = sorted({n for n in layers} | {n + 1 for n in layers})
+    saes = load_run_saes(run, [f"resid_post.{n}" for n in needed], device=lm.device)
+    hashes = {s: file_sha256(rundir.sae_dir(run, s) / WEIGHTS_FILE) for s in saes}
+    labels = {n: rundir.read_records(run, f"resid_post.{n}") for n in needed}
+    g, paths, corr = feature_graph(lm, saes, prompts, out, layers=layers, sources=sources, mode=mode, value=value,
+                                   where=where, prune=prune, amount=amount, rank_by=rank_by, attribute=attribute,
+                                   ctx=ctx, max_prompts=max_prompts, name=name, labels=labels,
+                                   provenance={"sae_sha256": hashes}, progress=progress, **options)
+    atomic_write_text(out / rundir.GRAPH_RECIPE, json.dumps({**recipe, "layers": layers}, indent=1))
+    return g, paths, corr
 
 
 DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800, "checkpoint_every": 50,
@@ -235,8 +175,6 @@ def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 1_200_000, trai
          dtype: str | torch.dtype = "float32", progress: bool = True) -> dict[str, dict]:
     """collect -> train -> eval -> interpret -> graph on the shipped demo model, offline, on ``device``
     (SAEs train there too; the model runs in ``dtype``, SAEs in float32). Rerunning resumes."""
-    from .sae.config import config_from_dict
-
     out = Path(out)
     cfg = config_from_dict(dict(DEMO_TRAIN, tokens=DEMO_TRAIN["tokens"] if train_tokens is None else train_tokens),
                            where="--train-tokens")
@@ -249,15 +187,13 @@ def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 1_200_000, trai
     lm = open_model("demo", device=device, dtype=dtype)
     # the folder is checked before the first write: a foreign run there is refused, not merged into
     # (its own collection may be there already: a demo killed while collecting resumes)
+    acts = out / rundir.ACTIVATIONS
     check_run(out, {"model": "demo", "sites": [str(s) for s in lm.sites(cfg.sites)], "train_config": cfg.to_dict(),
-                    "activations": str(out / "activations")})
-    collect(lm, "resid_post.*", "demo", out / "activations", ctx=256, batch_size=16, max_tokens=collect_tokens,
-            progress=progress)
-    train_from_store(out / "activations", cfg, out, resume=True, device=lm.device, progress=progress)
+                    "activations": str(acts)})
+    collect(lm, "resid_post.*", "demo", acts, ctx=256, batch_size=16, max_tokens=collect_tokens, progress=progress)
+    train_from_store(acts, cfg, out, resume=True, device=lm.device, progress=progress)
     results = eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)
     interpret_run(out, "demo:heldout", lm=lm, max_tokens=interpret_tokens, progress=progress)
-    from .graph.run import graph_run
-
-    graph_run(out, "demo:heldout", out / "graph", lm=lm, sources="top:12", prune="top_k", amount=2,
+    graph_run(out, "demo:heldout", out / rundir.GRAPH, lm=lm, sources="top:12", prune="top_k", amount=2,
               max_prompts=32, progress=progress)
     return results

@@ -4,8 +4,8 @@
     OMP_NUM_THREADS=1 python tests/mutation_run.py --only steer    # mutants of files matching "steer"
 
 Each mutant is one deliberate bug (a sign, a mask, a target value, an off-by-one) in one of the files
-whose numbers users rely on: graph/measure.py, graph/attribution.py, steer.py, interpret/stats.py,
-interpret/lens.py, interpret/tokens.py, interpret/simulation.py and sae/*.py. The package and the tests
+whose numbers users rely on: edits.py, graph/measure.py, graph/attribution.py, steer/*.py,
+interpret/stats.py, interpret/lens.py, interpret/tokens.py, interpret/simulation.py and sae/*.py. The package and the tests
 are copied to a scratch folder, the mutant is applied there, and the tests that cover that file run
 (stopping at the first failure). A mutant is killed when a test fails. Prints the share killed per file
 and writes ``mutation_results.json``. Not collected by pytest (its name does not start with test_).
@@ -32,9 +32,9 @@ SAE = ["tests/test_sparse_step.py", "tests/test_resample.py", "tests/test_sae.py
 
 # (file, exact text, replacement, tests that should notice)
 MUTANTS = [
-    ("graph/measure.py", "        target = torch.zeros_like(f_i)", "        target = torch.ones_like(f_i)", GRAPH),
-    ("graph/measure.py", "target = means.to(f_i.device, f_i.dtype)[:, None, None].expand_as(f_i)",
-     "target = torch.zeros_like(f_i)", GRAPH),
+    ("edits.py", "        return -f\n", "        return 1 - f\n", GRAPH + STEER),
+    ("graph/measure.py", "v = means.to(f_i.device, f_i.dtype)[:, None, None] if",
+     "v = 0 * means.to(f_i.device, f_i.dtype)[:, None, None] if", GRAPH),
     ("graph/measure.py", "        scale = scale * (f_i > 0)", "        scale = scale", GRAPH),
     ("graph/measure.py", "pre_clean[rb[qm], qt] + sc[qm, qt, None]", "pre_clean[rb[qm], qt] - sc[qm, qt, None]", GRAPH),
     ("graph/measure.py", "[None] >= first[:, None]) & keep[rb]", "[None] > first[:, None]) & keep[rb]", GRAPH),
@@ -44,17 +44,18 @@ MUTANTS = [
     ("graph/attribution.py", "g = sae_next.encode(block_out.float()) * keep[..., None]",
      "g = sae_next.encode(block_out.float())", GRAPH),
     ("graph/attribution.py", "means[sources]", "means[sources] * 0", GRAPH),
-    ("steer.py", "        where[:, :-1] = False", "        where[:, 1:] = False", STEER),
-    ("steer.py", "        where &= ~bos.to(device)", "        where &= where", STEER),
-    ("steer.py", '{"remove": -f, "clamp"', '{"remove": f, "clamp"', STEER),
-    ("steer.py", '"clamp": it.coeff - f', '"clamp": it.coeff + f', STEER),
-    ("steer.py", '"scale": (it.coeff - 1) * f', '"scale": it.coeff * f', STEER),
-    ("steer.py", 'if it.positions == "prompt" and not prefill', 'if it.positions == "prompt" and prefill', STEER),
-    ("steer.py", '"baseline": float(base_seen[(s, f)][n:].mean())', '"baseline": float(st_seen[(s, f)][n:].mean())',
+    ("steer/generate.py", "        where[:, :-1] = False", "        where[:, 1:] = False", STEER),
+    ("steer/generate.py", "        where &= ~bos.to(device)", "        where &= where", STEER),
+    ("edits.py", "        return -f\n", "        return f\n", STEER),
+    ("edits.py", "        return value - f", "        return value + f", STEER),
+    ("edits.py", "        return (value - 1) * f", "        return value * f", STEER),
+    ("steer/generate.py", 'if it.positions == "prompt" and not prefill', 'if it.positions == "prompt" and prefill',
      STEER),
-    ("steer.py", '"against_by_cosine": ranked(cos, -1)', '"against_by_cosine": ranked(cos, 1)', STEER),
-    ("steer.py", "        prefill = call == 0", "        prefill = call <= 1", STEER),
-    ("steer.py", "edit_hidden(h, by_site[site], saes, masks, start if prefill else None)",
+    ("steer/effects.py", '"baseline": float(base_seen[(s, f)][n:].mean())',
+     '"baseline": float(st_seen[(s, f)][n:].mean())', STEER),
+    ("steer/vectors.py", '"against_by_cosine": ranked(cos, -1)', '"against_by_cosine": ranked(cos, 1)', STEER),
+    ("steer/generate.py", "        prefill = call == 0", "        prefill = call <= 1", STEER),
+    ("steer/generate.py", "edit_hidden(h, by_site[site], saes, masks, start if prefill else None)",
      "edit_hidden(h, by_site[site], saes, masks, None)", STEER),
     ("models.py", '                if site.kind == "mlp_act":', '                if site.kind == "mlp_out":', STEER),
     ("interpret/stats.py", "self.fires += pos.sum(0)", "self.fires += (acts >= 0).sum(0)", INTERP),
@@ -72,8 +73,8 @@ MUTANTS = [
     ("interpret/simulation.py", "held = row % 2 == 1", "held = row % 2 == 0", INTERP),
     ("interpret/simulation.py", "+ mean * n_unseen\n", "\n", INTERP),
     ("sae/topk.py", "vals = torch.relu(sel[:, :k])", "vals = sel[:, :k]", SAE),
-    ("sae/topk.py", ' * ctx["dead"][aux_idx]', "", SAE),
-    ("sae/sparse.py", "grad_b_dec = -(W_enc @ g_sum", "grad_b_dec = (W_enc @ g_sum", SAE),
+    ("sae/topk.py", " * inputs.dead[aux_idx]", "", SAE),
+    ("sae/sparse.py", "grad_b_dec = -row_dot(W_enc, g_sum)", "grad_b_dec = row_dot(W_enc, g_sum)", SAE),
     ("sae/sparse.py", "centred = x.to(g.dtype) - b_dec.to(g.dtype)", "centred = x.to(g.dtype) + b_dec.to(g.dtype)", SAE),
     ("sae/base.py", "g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1)",
      "g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=1)", SAE),
@@ -83,8 +84,8 @@ MUTANTS = [
      SAE),
     ("sae/batchtopk.py", "            l1 = batch.mean_rows(out.f.sum(-1)) / (rms * math.sqrt(self.cfg.k))",
      "            l1 = batch.mean_rows(out.f.sum(-1)) / rms", SAE),
-    ("sae/train.py", "        return (step + 1) / w", "        return step / w", SAE),
-    ("sae/train.py", "    st.since_fired.masked_fill_(counts > 0, 0)", "    st.since_fired.masked_fill_(counts > 1, 0)", SAE),
+    ("sae/optim.py", "        return (step + 1) / w", "        return step / w", SAE),
+    ("sae/state.py", "    st.since_fired.masked_fill_(counts > 0, 0)", "    st.since_fired.masked_fill_(counts > 1, 0)", SAE),
     ("sae/resample.py", "stronger = (fire_count[None, :] > c)", "stronger = (fire_count[None, :] < c)", SAE),
     ("sae/resample.py", "    sae.b_enc[idx] = 0\n", "\n", SAE),
     ("sae/resample.py", "            if state and key in state:\n                state[key][where] = 0\n",

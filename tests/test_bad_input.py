@@ -137,7 +137,7 @@ def cli_cases():
     add("collect --out foreign folder", lambda ws: ["collect", *M(ws), *good(ws), "--out", R(ws, "notes")],
         "not empty")
     add("collect --out other collection", lambda ws: base(ws, "--ctx", "16")[:-2] + ["--out", R(ws, "acts"),
-                                                                                    "--ctx", "16"], "different run")
+                                                                                    "--ctx", "16"], "holds another collection")
     add("collect --remote ndif on a local model", lambda ws: base(ws, "--remote", "ndif"), "local model")
     add("collect --ctx not a number", lambda ws: base(ws, "--ctx", "x"), "invalid int value")
     # train
@@ -184,7 +184,7 @@ def cli_cases():
     # eval / interpret / graph / steer on broken runs
     for cmd in ("eval", "interpret", "graph", "steer"):
         extra = {"graph": ["--out", "G"], "steer": ["--prompt", "In the", "--add", "resid_post.1:1:4"]}.get(cmd, [])
-        for run, msg in [("nope", "no run.json"), ("run_badjson", "unreadable"), ("run_nomodel", "does not name"),
+        for run, msg in [("nope", "no run.json"), ("run_badjson", "not readable JSON"), ("run_nomodel", "does not name"),
                          ("run_list", "does not name"), ("run_nosaes", "no saes/ folder"),
                          ("run_emptysaes", "no SAE")]:
             add(f"{cmd} --run {run}", lambda ws, c=cmd, r=run, e=extra: [c, "--run", R(ws, r)] +
@@ -225,7 +225,7 @@ def cli_cases():
                                            R(ws, "new_graph")], "is empty")
     add("graph --out is a file", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "a_file")], "a file")
     add("graph --out another graph", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "other_graph")], "holds another graph")
-    add("graph --out foreign folder", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "notes")], "holds no graph recipe")
+    add("graph --out foreign folder", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "notes")], "not an sc-steer graph")
     st = lambda ws, *a: ["steer", "--run", R(ws, "run"), "--prompt", "In the beginning", *a]  # noqa: E731
     for args, msg in [(["--add", "resid_post.1:3"], "SITE:FEATURE:VALUE"), (["--add", "resid_post.1:abc:1"],
                       "SITE:FEATURE:VALUE"), (["--add", "resid_post.1:3:x"], "'x' is not a number"),
@@ -354,7 +354,7 @@ def test_bad_sae_files(make, message, tmp_path):
 
 
 def test_a_stray_folder_in_saes_is_left_alone(ws):
-    from sc_steer.pipeline import load_run_saes
+    from sc_steer.rundir import load_run_saes
 
     stray = ws["root"] / "run" / "saes" / "backup"
     stray.mkdir()

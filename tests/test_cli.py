@@ -31,7 +31,7 @@ def bad_cases(tmp, model, good_text):
         "empty text": (["--model", model, "--data", str(tmp / "empty.txt")], "is empty"),
         "jsonl field": (["--model", model, "--data", str(tmp / "nofield.jsonl")], "no field 'text'"),
         "ctx zero": (["--model", model, "--ctx", "0"], "context length 0"),
-        "other run": (["--model", model, "--out", str(other), "--sites", "resid_post.1"], "different run"),
+        "other run": (["--model", model, "--out", str(other), "--sites", "resid_post.1"], "holds another collection"),
     }
 
 

@@ -138,7 +138,7 @@ def test_killed_collection_resumes_to_identical_output(tiny_model_dirs, tmp_path
 
 def test_partial_shard_is_redone(tiny_model_dirs, tmp_path, corpus, monkeypatch):
     """A crash while writing a shard leaves a temp file; the rerun removes it and finishes."""
-    import sc_steer.activations as acts
+    import sc_steer.shards as acts
 
     lm = open_model(str(tiny_model_dirs["llama"]))
     kw = dict(ctx=16, batch_size=2, shard_tokens=40, progress=False)
@@ -166,7 +166,7 @@ def test_partial_shard_is_redone(tiny_model_dirs, tmp_path, corpus, monkeypatch)
 def test_folder_of_a_different_run_is_refused(tiny_model_dirs, tmp_path, corpus):
     lm = open_model(str(tiny_model_dirs["llama"]))
     collect(lm, "resid_post.0", corpus, tmp_path / "a", ctx=16, progress=False)
-    with pytest.raises(ScSteerError, match="holds a different run.*config"):
+    with pytest.raises(ScSteerError, match="holds another collection.*config"):
         collect(lm, "resid_post.1", corpus, tmp_path / "a", ctx=16, progress=False)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
@@ -199,7 +199,7 @@ def test_shard_writer_output_reads_back_with_safetensors(tmp_path):
     """Shards are written by our own serializer (no intermediate copy); safetensors must read them."""
     from safetensors import safe_open
 
-    from sc_steer.activations import write_safetensors
+    from sc_steer.shards import write_safetensors
 
     tensors = {"act.a": torch.randn(5, 3).to(torch.bfloat16), "act.b": torch.randn(5, 2, dtype=torch.float16),
                "tokens": torch.arange(5, dtype=torch.int32), "row": torch.arange(5), "empty": torch.zeros(0, 3)}

@@ -28,9 +28,9 @@ from sc_steer.graph.attribution import attribution
 from sc_steer.graph.experiments import Ablation, ablation_experiment
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
-from sc_steer.graph.run import choose_sources
+from sc_steer.graph.run import choose_sources, feature_graph
 from sc_steer.interpret import interpret
-from sc_steer.sae.metrics import evaluate_saes
+from sc_steer.evaluate import evaluate_saes
 from sc_steer.steer import Intervention, Recipe, decompose, generate, generate_ids, measure_effects
 from helpers import firing_sae, sc_steer_exe
 
@@ -95,6 +95,9 @@ def _calls(lm, text, batches, tmp_path):
         "attribution": lambda s: attribution(lm, 0, s["resid_post.0"], s["resid_post.1"], batches,
                                              torch.tensor([1, 2, 3]), torch.tensor([0, 5])),
         "choose_sources": lambda s: choose_sources(lm, 0, s["resid_post.0"], s["resid_post.1"], batches, "attr:3"),
+        "feature_graph": lambda s: sorted((u, v, d["weight"], d.get("attribution", 0.0)) for u, v, d in feature_graph(
+            lm, s, text, tmp_path / f"g{id(s)}", layers=[0, 1], sources=[1, 2, 3], ctx=32, formats=("json",),
+            progress=False)[0].edges(data=True)),
         "naive_effects": lambda s: naive_effects(lm, 0, s["resid_post.0"], s["resid_post.1"], batches, [2])[2][0],
         "ablation_experiment": lambda s: ablation_experiment(lm, s, PROMPTS, [Ablation(1, 3)],
                                                              targets=[(2, 5)])["targets"],

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from helpers import free_port, sc_steer_exe
 from sc_steer import ActivationStore, ScSteerError
 from sc_steer.distributed import Dist
-from sc_steer.pipeline import check_parallel, load_run_saes
+from sc_steer.pipeline import check_parallel
+from sc_steer.rundir import load_run_saes
 
 BIN = Path(sys.executable).parent
 COLLECT = ["collect", "--max-tokens", "30000", "--shard-tokens", "4096", "--batch-size", "8"]

@@ -55,7 +55,7 @@ def runs(models, tmp_path_factory):
 
 
 def test_collection_on_cuda_matches_cpu(runs):
-    from sc_steer.activations import ActivationStore
+    from sc_steer.store import ActivationStore
 
     a, b = (ActivationStore(runs[d]["run"] / "activations") for d in ("cpu", "cuda"))
     assert a.manifest["n_tokens"] == b.manifest["n_tokens"]
@@ -66,7 +66,7 @@ def test_collection_on_cuda_matches_cpu(runs):
 
 def test_training_on_cuda_returns_saes_on_cuda_that_match_cpu_quality(runs, models):
     from sc_steer import train_sae
-    from sc_steer.sae.metrics import evaluate_saes
+    from sc_steer.evaluate import evaluate_saes
 
     dev = torch.device(CUDA).type
     for sae in runs["cuda"]["saes"].values():
@@ -114,7 +114,7 @@ def test_graph_on_cuda_matches_cpu(runs, models, tmp_path):
     from safetensors.torch import load_file
 
     from sc_steer.graph.export import FORMATS
-    from sc_steer.graph.run import graph_run
+    from sc_steer.pipeline import graph_run
 
     formats = tuple(f for f in FORMATS if f != "dot") if _missing("pydot") else FORMATS
     eff = {}
@@ -194,7 +194,8 @@ def test_collection_on_cuda_equals_forward_hooks_bitwise(models, tmp_path):
     stores exactly what plain forward hooks on the same device see, in fp32, over several shards."""
     from helpers import hook_activations
 
-    from sc_steer.activations import ActivationStore, collect
+    from sc_steer.activations import collect
+    from sc_steer.store import ActivationStore
     from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
 
     lm = models["cuda"]

@@ -11,6 +11,7 @@ import torch
 from helpers import reference_loss, sparse_path_indices
 from sc_steer.sae import SAEConfig, make_sae
 from sc_steer.sae import sparse
+from sc_steer.sae.base import StepInputs
 
 DEV = os.environ.get("SC_STEER_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,
@@ -77,12 +78,12 @@ def test_triton_gather_dot_matches_the_torch_fallback(shape):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
-def _step(sae, x, ctx, autocast=True):
+def _step(sae, x, inputs, autocast=True):
     sae.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = sae.train_forward(x, ctx)
+        out = sae.train_forward(x, inputs)
     out.x_hat = out.x_hat.float()
-    loss, _ = sae.loss(x, out, ctx)
+    loss, _ = sae.loss(x, out, inputs)
     loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in sae.named_parameters()}
 
@@ -98,17 +99,17 @@ def test_gpu_step_matches_torch_kernels_and_the_dense_reference(arch, split, mon
     x = torch.randn(B, d_in, device=DEV) * 3
     dead = torch.zeros(d_sae, dtype=torch.bool, device=DEV)
     dead[:300] = True
-    ctx = {"aux_coeff": 1 / 32, "k_aux": 128, "dead": dead, "n_dead": 300}
-    loss, grads = _step(sae, x, ctx)
+    inputs = StepInputs(aux_coeff=1 / 32, k_aux=128, dead=dead, n_dead=300)
+    loss, grads = _step(sae, x, inputs)
     default = sparse.kernels(x.device)
     if default == "triton":
         monkeypatch.setenv("SC_STEER_KERNELS", "torch")   # the Triton kernel against the PyTorch fallback
-        loss_t, grads_t = _step(sae, x, ctx)
+        loss_t, grads_t = _step(sae, x, inputs)
         assert abs(loss - loss_t) <= 1e-5 * abs(loss_t)
         for n in grads:
             torch.testing.assert_close(grads[n], grads_t[n], rtol=1e-4, atol=1e-5)
     monkeypatch.setenv("SC_STEER_KERNELS", "autograd")  # fp32 pre-activations: a few bf16 near-ties differ
-    loss_a, _ = _step(sae, x, ctx)
+    loss_a, _ = _step(sae, x, inputs)
     assert abs(loss - loss_a) <= 1e-2 * abs(loss_a)
     monkeypatch.delenv("SC_STEER_KERNELS")
     p = {n: t.detach().clone().requires_grad_() for n, t in sae.named_parameters()}
@@ -130,7 +131,8 @@ def test_a_topk_training_step_makes_no_host_sync(tmp_path):
     if not DEV.startswith("cuda"):
         pytest.skip("sync detection needs CUDA")
     from sc_steer.sae.config import config_from_dict
-    from sc_steer.sae.train import Trainer, tensor_source
+    from sc_steer.sae.sources import tensor_source
+    from sc_steer.sae.train import Trainer
 
     x = torch.randn(4096, 128)
     cfg = config_from_dict({"sites": ["x"], "batch_size": 1024, "tokens": 1024 * 20, "autocast": True,
@@ -152,7 +154,8 @@ def test_a_topk_training_step_makes_no_host_sync(tmp_path):
 
 def test_resume_with_fused_adam_ends_where_an_uninterrupted_run_ends(tmp_path):
     from sc_steer.sae.config import config_from_dict
-    from sc_steer.sae.train import Trainer, tensor_source
+    from sc_steer.sae.sources import tensor_source
+    from sc_steer.sae.train import Trainer
 
     x = torch.randn(4096, 64)
     cfg = config_from_dict({"sites": ["x"], "batch_size": 512, "tokens": 512 * 8, "checkpoint_every": 3,

@@ -185,7 +185,7 @@ def test_graph_run_exports_every_format_and_loads_back(tiny_graph_run, tmp_path)
     import networkx as nx
 
     from sc_steer.graph import read_dot
-    from sc_steer.graph.run import graph_run
+    from sc_steer.pipeline import graph_run
 
     lm, run, prompts = tiny_graph_run
     g, paths, corr = graph_run(run, str(prompts), tmp_path / "g", lm=lm, prune="top_k", amount=3, progress=False)
@@ -208,7 +208,7 @@ def test_graph_run_exports_every_format_and_loads_back(tiny_graph_run, tmp_path)
 
 def test_pruning_is_relative_per_layer_pair(tiny_graph_run, tmp_path):
     from sc_steer.graph import neighbourhood
-    from sc_steer.graph.run import graph_run
+    from sc_steer.pipeline import graph_run
 
     lm, run, prompts = tiny_graph_run
     g, _, _ = graph_run(run, str(prompts), tmp_path / "r", lm=lm, prune="relative", amount=0.3, attribute=False,
@@ -225,7 +225,7 @@ def test_pruning_is_relative_per_layer_pair(tiny_graph_run, tmp_path):
 
 def test_graph_bad_input(tiny_graph_run, tmp_path, capsys):
     from sc_steer.cli import main
-    from sc_steer.graph.run import graph_run
+    from sc_steer.pipeline import graph_run
 
     lm, run, prompts = tiny_graph_run
     (tmp_path / "empty.txt").write_text("\n\n")

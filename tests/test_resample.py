@@ -6,7 +6,7 @@ import torch
 
 from sc_steer.sae import SAEConfig, make_sae
 from sc_steer.sae.resample import ENCODER_SCALE, duplicates, resample
-from sc_steer.sae.train import make_optimizer
+from sc_steer.sae.optim import make_optimizer
 
 
 def unit(*v):
@@ -112,7 +112,7 @@ class TwoPassDist:
 def test_sharded_rows_are_the_whole_batch(world):
     """``all_rows`` and ``rows_at`` over the ranks' slices (7 rows: slices of unequal length) give what
     one process computes on the whole batch."""
-    from sc_steer.sae.batch import LOCAL, Sharded
+    from sc_steer.sae.batch import WHOLE, ShardedBatch
 
     n, t, idx = 7, torch.randn(7, 3), torch.tensor([6, 0, 3, 4])
 
@@ -124,11 +124,11 @@ def test_sharded_rows_are_the_whole_batch(world):
                     if kind in ("gather", "reduce"):
                         ranked = [parts[r] for r in range(world)]
                         book[("result", kind, what)] = ranked if kind == "gather" else sum(ranked)
-            outs = [fn(Sharded(TwoPassDist(r, world, book), n), t[n * r // world:n * (r + 1) // world])
+            outs = [fn(ShardedBatch(TwoPassDist(r, world, book), n), t[n * r // world:n * (r + 1) // world])
                     for r in range(world)]
         return outs
 
     for got in on_ranks(lambda b, mine: b.all_rows(mine.sum(1))):
-        torch.testing.assert_close(got, LOCAL.all_rows(t.sum(1)))
+        torch.testing.assert_close(got, WHOLE.all_rows(t.sum(1)))
     for got in on_ranks(lambda b, mine: b.rows_at(mine, idx)):
-        torch.testing.assert_close(got, LOCAL.rows_at(t, idx))
+        torch.testing.assert_close(got, WHOLE.rows_at(t, idx))

@@ -14,7 +14,7 @@ from sc_steer.sae.train import train_sae
 
 def random_sae(arch, d_in=8, d_sae=24, k=3, seed=0):
     torch.manual_seed(seed)
-    sae = make_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k if ARCHITECTURES[arch].needs_k else None))
+    sae = make_sae(SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k if ARCHITECTURES[arch].uses_k else None))
     with torch.no_grad():
         for p in (sae.W_enc, sae.b_enc, sae.b_dec):
             p.copy_(torch.randn_like(p) * 0.3)
@@ -203,7 +203,9 @@ def test_saved_saes_take_raw_activations_with_a_large_mean(arch):
     """Activations far from the origin (mean 40 per dimension, spread 1): the trainer scales them to
     norm sqrt(d) and folds the scale back on save; the saved SAE on raw x must equal the trained one on
     s * x, divided by s, and still reconstruct the spread about the mean."""
-    from sc_steer.sae.train import Trainer, TrainConfig, tensor_source
+    from sc_steer.sae.config import TrainConfig
+    from sc_steer.sae.sources import tensor_source
+    from sc_steer.sae.train import Trainer
     from sc_steer.sae.config import SAETrainConfig
 
     x, _ = make_toy_data(20_000, 16, 48, 3, seed=4)

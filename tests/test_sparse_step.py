@@ -5,6 +5,7 @@ import torch
 
 from sc_steer.sae import SAEConfig, make_sae
 from sc_steer.sae import sparse
+from sc_steer.sae.base import StepInputs
 from sc_steer.sae.topk import TopKSAE
 
 from helpers import reference_loss, sparse_path_indices
@@ -25,13 +26,13 @@ def make(arch="topk", seed=0, b_enc: float = 0.0):
 
 
 def ours(sae, x, dead, k_aux, aux_coeff, autocast):
-    ctx = {"aux_coeff": aux_coeff, "k_aux": k_aux, "dead": dead,
-           "n_dead": 0 if dead is None else int(dead.sum())}
+    inputs = StepInputs(aux_coeff=aux_coeff, k_aux=k_aux, dead=dead,
+                        n_dead=0 if dead is None else int(dead.sum()))
     sae.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = sae.train_forward(x, ctx)
+        out = sae.train_forward(x, inputs)
     out.x_hat = out.x_hat.float()
-    loss, _ = sae.loss(x, out, ctx)
+    loss, _ = sae.loss(x, out, inputs)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters()}
 
@@ -158,10 +159,10 @@ def test_a_stale_dead_count_gives_the_exact_result(monkeypatch):
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:10] = True
     exact = ours(sae, x, dead, 24, 0.5, False)
-    ctx = {"aux_coeff": 0.5, "k_aux": 24, "dead": dead, "n_dead": 24}   # says 24, 10 are dead
+    inputs = StepInputs(aux_coeff=0.5, k_aux=24, dead=dead, n_dead=24)   # says 24, 10 are dead
     sae.zero_grad(set_to_none=True)
-    out = sae.train_forward(x, ctx)
-    loss, _ = sae.loss(x, out, ctx)
+    out = sae.train_forward(x, inputs)
+    loss, _ = sae.loss(x, out, inputs)
     loss.backward()
     assert float(loss) == pytest.approx(float(exact[0]), rel=1e-6)
     for n, p in sae.named_parameters():
@@ -169,7 +170,7 @@ def test_a_stale_dead_count_gives_the_exact_result(monkeypatch):
 
 
 def test_learning_rate_schedule_by_hand():
-    from sc_steer.sae.train import lr_factor
+    from sc_steer.sae.optim import lr_factor
 
     # 100 steps, 10% warm-up (10 steps), 20% linear decay (the last 20 steps)
     got = [lr_factor(s, 100, 0.1, 0.2) for s in range(100)]
@@ -180,7 +181,7 @@ def test_learning_rate_schedule_by_hand():
 
 
 def test_firing_bookkeeping():
-    from sc_steer.sae.train import SiteState, record_firing
+    from sc_steer.sae.state import SiteState, record_firing
 
     st = SiteState("x", None, None, None, 1.0, torch.tensor([5.0, 5.0, 5.0, 0.0], dtype=torch.float64),
                    torch.zeros(4, dtype=torch.float64))
@@ -236,13 +237,13 @@ def test_auxk_by_hand(arch, path, monkeypatch):
     monkeypatch.setenv("SC_STEER_KERNELS", path)
     sae, x = two_token_case(arch)
     dead = torch.tensor([False, False, True, True])
-    ctx = {"aux_coeff": 1 / 32, "k_aux": 1, "dead": dead, "n_dead": 2}
-    out = sae.train_forward(x, ctx)
+    inputs = StepInputs(aux_coeff=1 / 32, k_aux=1, dead=dead, n_dead=2)
+    out = sae.train_forward(x, inputs)
     x_hat, fvu, auxk = {"topk": ([[1.5, 1.5], [0.5, -0.5]], 0.25, 12.0),
                         "batchtopk": ([[3.5, 1.5], [0.0, 0.0]], 0.875, 10.8)}[arch]
     torch.testing.assert_close(out.x_hat, torch.tensor(x_hat))
     torch.testing.assert_close(out.aux, torch.tensor([[1.5, 1.5], [0.5, -0.5]]))
-    loss, parts = sae.loss(x, out, ctx)
+    loss, parts = sae.loss(x, out, inputs)
     assert abs(float(parts["fvu"]) - fvu) < 1e-6 and abs(float(parts["auxk"]) - auxk) < 1e-5
     assert abs(float(loss) - (fvu + auxk / 32)) < 1e-5
 
@@ -258,10 +259,10 @@ def test_batchtopk_l1_by_hand():
     sae, x = two_token_case("batchtopk")
     grads = []
     for coeff in (0.1, 0.0):
-        ctx = {"aux_coeff": 0.0, "batchtopk_l1": coeff, "sparsity_scale": 0.5}
-        out = sae.train_forward(x, ctx)
+        inputs = StepInputs(aux_coeff=0.0, batchtopk_l1=coeff, sparsity_scale=0.5)
+        out = sae.train_forward(x, inputs)
         out.pre.retain_grad()
-        loss, parts = sae.loss(x, out, ctx)
+        loss, parts = sae.loss(x, out, inputs)
         loss.backward()
         grads.append(out.pre.grad)
         if coeff:
@@ -272,8 +273,8 @@ def test_batchtopk_l1_by_hand():
     g = torch.zeros(2, 4)
     g[0, 0] = g[0, 2] = 0.05 / (2 * 2 ** 0.5)
     sae4, _ = two_token_case("batchtopk", k=4)
-    ctx = {"aux_coeff": 0.0, "batchtopk_l1": 0.1, "sparsity_scale": 1.0}
-    _, parts = sae4.loss(x, sae4.train_forward(x, ctx), ctx)
+    inputs = StepInputs(aux_coeff=0.0, batchtopk_l1=0.1, sparsity_scale=1.0)
+    _, parts = sae4.loss(x, sae4.train_forward(x, inputs), inputs)
     assert abs(float(parts["l1"]) - (3 + 5 * r) / 2 / (2 ** 0.5 * 2)) < 1e-5
     torch.testing.assert_close(grads[0] - grads[1], g)
 
@@ -283,7 +284,7 @@ def test_clipping_inside_fused_adam_equals_clip_grad_norm(grad_size):
     """``clip_gradients`` hands the clip to fused Adam (its ``grad_scale``) instead of scaling every gradient
     first: the parameters after a few steps equal those of ``clip_grad_norm_`` + the same Adam. Fused Adam
     runs on the CPU too, so this guards the GPU's path here."""
-    from sc_steer.sae.train import clip_gradients
+    from sc_steer.sae.optim import clip_gradients
 
     runs = []
     for fused in (False, True):

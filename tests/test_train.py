@@ -15,7 +15,7 @@ from sc_steer.cli import main
 from sc_steer.data import iter_batches, iter_documents, iter_rows, pad_token_id
 from sc_steer.sae import SAEConfig, make_sae
 from sc_steer.sae.config import config_from_dict, load_config
-from sc_steer.sae.metrics import evaluate_saes
+from sc_steer.evaluate import evaluate_saes
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +185,8 @@ def test_model_source_hands_out_each_collected_row_once(tiny_run):
     token at most once while the data's first pass lasts, from every site of the same tokens."""
     import itertools
 
-    from sc_steer.activations import ActivationStore
-    from sc_steer.sae.train import model_source
+    from sc_steer.store import ActivationStore
+    from sc_steer.sae.sources import model_source
 
     lm = open_model(tiny_run["model"])
     sites = lm.sites("resid_post.0,resid_post.2")

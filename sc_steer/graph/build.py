@@ -11,6 +11,7 @@ from ..errors import ScSteerError
 from .measure import PairEffects
 
 PRUNE = ("top_k", "relative", "cumulative")
+RANK_BY = ("weight", "through")
 
 
 def node_id(layer: int, feature: int) -> str:
@@ -46,8 +47,8 @@ def build_graph(pairs: list[PairEffects], *, prune: str = "top_k", amount: float
     """
     if prune not in PRUNE:
         raise ScSteerError(f"prune {prune!r}: expected one of {', '.join(PRUNE)}")
-    if rank_by not in ("weight", "through"):
-        raise ScSteerError(f"rank_by {rank_by!r}: expected weight or through")
+    if rank_by not in RANK_BY:
+        raise ScSteerError(f"rank_by {rank_by!r}: expected {' or '.join(RANK_BY)}")
     g = nx.DiGraph()
     for key, val in (provenance or {}).items():
         g.graph[key] = val if isinstance(val, (int, float, str)) else json.dumps(val, sort_keys=True)

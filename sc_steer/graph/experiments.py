@@ -14,10 +14,12 @@ import torch
 
 from ..data import iter_batches, iter_rows, pad_token_id
 from ..devices import follow_model
+from ..edits import add_along, edit_amount
 from ..errors import ScSteerError
 from ..models import LM, rewrap, unwrap
 from ..sae import SAE
 from ..sites import Site
+from .build import node_id
 from .measure import MODES, WHERE
 
 
@@ -87,11 +89,10 @@ def ablation_experiment(lm: LM, saes: dict[str, SAE], prompts: list[str], ablati
                         delta = torch.zeros_like(h, dtype=torch.float32)
                         for a in mine:
                             fi = f[..., a.feature]
-                            v = torch.zeros_like(fi) if a.mode == "zero" else torch.full_like(fi, a.value)
-                            scale = (v - fi) * keep
+                            scale = edit_amount(fi, a.mode, a.value) * keep
                             if a.where == "active":
                                 scale = scale * (fi > 0)
-                            delta = delta + scale[..., None] * sae.W_dec[a.feature]
+                            delta = add_along(delta, scale, sae.W_dec[a.feature])
                         h = (h.float() + delta).to(h.dtype)
                         env.output = rewrap(out, h)
                     for t in targets:
@@ -121,7 +122,7 @@ def ablation_experiment(lm: LM, saes: dict[str, SAE], prompts: list[str], ablati
     mean_d = dlogp_sum / max(n_scored, 1)
     return {
         "ablations": [a.__dict__ for a in ablations],
-        "targets": {f"L{layer}/F{f}": {"clean": s[0] / n_pos, "ablated": s[1] / n_pos, "delta": (s[1] - s[0]) / n_pos}
+        "targets": {node_id(layer, f): {"clean": s[0] / n_pos, "ablated": s[1] / n_pos, "delta": (s[1] - s[0]) / n_pos}
                     for (layer, f), s in sums.items()},
         "kl": kl_sum / max(n_scored, 1), "positions": n_pos,
         "promoted": [[strings(int(i)), float(mean_d[i])] for i in mean_d.topk(top_tokens).indices],

@@ -22,6 +22,7 @@ import torch
 
 from ..data import TokenBatch
 from ..devices import follow_model
+from ..edits import edit_amount
 from ..errors import ScSteerError
 from ..models import LM, unwrap
 from ..sae import SAE
@@ -111,13 +112,8 @@ def ablation_scale(f_i: torch.Tensor, keep: torch.Tensor, mode: str, value: floa
     residual stream. ``f_i [k, B, T]``; v is 0 (zero), ``value`` (clamp) or ``means [k]`` (mean); zero off
     text positions, and where the source is silent when ``where == "active"``. Shared by the exact
     measurement and the attribution, so both estimate the same intervention."""
-    if mode == "zero":
-        target = torch.zeros_like(f_i)
-    elif mode == "clamp":
-        target = torch.full_like(f_i, value)
-    else:
-        target = means.to(f_i.device, f_i.dtype)[:, None, None].expand_as(f_i)
-    scale = (target - f_i) * keep
+    v = means.to(f_i.device, f_i.dtype)[:, None, None] if mode == "mean" else value
+    scale = edit_amount(f_i, mode, v) * keep
     if where == "active":
         scale = scale * (f_i > 0)
     return scale
@@ -133,13 +129,11 @@ def check_mode(mode: str, value: float | None, where: str) -> None:
 
 
 def check_pair(lm: LM, layer: int, sae_n: SAE, sae_next: SAE) -> None:
-    from ..sae.metrics import check_sae_fits
-
     if not 0 <= layer < lm.n_layers - 1:
         raise ScSteerError(f"source layer {layer}: needs a next layer; the model has layers 0-{lm.n_layers - 1}, "
                            f"so n must be in 0-{lm.n_layers - 2}")
-    check_sae_fits(lm, Site("resid_post", layer), sae_n)
-    check_sae_fits(lm, Site("resid_post", layer + 1), sae_next)
+    lm.check_sae(Site("resid_post", layer), sae_n)
+    lm.check_sae(Site("resid_post", layer + 1), sae_next)
 
 
 @torch.no_grad()

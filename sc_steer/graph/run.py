@@ -1,8 +1,8 @@
-"""``sc-steer graph``: choose sources, measure effects layer by layer, prune, annotate, export."""
+"""The feature graph of a set of SAEs: choose sources, measure effects layer by layer, prune, annotate,
+export (``pipeline.graph_run`` is the stage that runs it on a run folder)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from pathlib import Path
@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
-from ..files import atomic_write, atomic_write_text, check_folder
+from ..files import atomic_write
 from ..models import LM
 from ..sae import SAE
 from .attribution import attribution, pearson
@@ -63,51 +63,31 @@ def choose_sources(lm: LM, layer: int, sae: SAE, next_sae: SAE, batches: list, s
     return active[score.topk(n).indices].sort().values
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def load_labels(run: Path, layer: int) -> list[dict] | None:
-    path = run / "features" / f"resid_post.{layer}.jsonl"
-    if not path.exists():
-        return None
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None = None, layers: list[int] | None = None,
-              sources: str | list[int] = "active", mode: str = "zero", value: float | None = None,
-              where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
-              attribute: bool = True, ctx: int = 64, max_prompts: int = 64, chunk: int = 16,
-              formats: tuple[str, ...] = FORMATS, name: str = "graph", device: str | torch.device = "cpu",
-              dtype: str | torch.dtype = "float32", force: bool = False, progress: bool = True):
-    """Measure, prune and export the feature graph of a run's resid_post SAEs over ``layers``.
-
-    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``. ``out`` must be new, empty,
-    or hold the graph of this same recipe; ``force=True`` replaces another graph there."""
-    from ..pipeline import load_run_saes, open_run_model
-
-    run, out = Path(run), Path(out)
-    check_options(layers=layers, sources=sources, mode=mode, value=value, where=where, prune=prune, amount=amount,
-                  rank_by=rank_by, ctx=ctx, max_prompts=max_prompts, name=name)
-    recipe = {"run": str(run), "layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
-              "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx, "max_prompts": max_prompts,
-              "prompts": prompts, "name": name}
-    claim_output(out, recipe, force)
-    lm = open_run_model(run, lm, device=device, dtype=dtype)
+def source_layers(lm: LM, layers: list[int] | None) -> list[int]:
+    """The source layers of a graph (default: every layer with a next one), checked against the model."""
     layers = list(range(lm.n_layers - 1)) if layers is None else list(layers)
     for n in layers:
         if not 0 <= n < lm.n_layers - 1:
             raise ScSteerError(f"source layer {n}: needs a next layer; use 0-{lm.n_layers - 2}")
-    needed = sorted({n for n in layers} | {n + 1 for n in layers})
-    saes = load_run_saes(run, [f"resid_post.{n}" for n in needed], device=lm.device)
+    return layers
+
+
+def feature_graph(lm: LM, saes: dict[str, SAE], prompts: str, out: str | Path, *, layers: list[int] | None = None,
+                  sources: str | list[int] = "active", mode: str = "zero", value: float | None = None,
+                  where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
+                  attribute: bool = True, ctx: int = 64, max_prompts: int = 64, chunk: int = 16,
+                  formats: tuple[str, ...] = FORMATS, name: str = "graph", labels: dict[int, list[dict] | None] = None,
+                  provenance: dict | None = None, progress: bool = True):
+    """Measure, prune and export the feature graph of ``saes`` (``resid_post.{n}`` for each source layer n
+    and n + 1) into ``out``: the exports and ``effects_L{n}.safetensors``. ``labels[n]`` are layer n's
+    interpretation records, ``provenance`` goes into the graph's attributes. Returns the graph, the export
+    paths and the attribution-vs-exact Pearson correlation per layer."""
+    layers = source_layers(lm, layers)
     for s, sae in saes.items():
         if sae.cfg.model_name and sae.cfg.model_name != lm.name:
             raise ScSteerError(f"the SAE for {s} was trained on model {sae.cfg.model_name!r}, not {lm.name!r}")
     lm.check_positions(ctx)
+    out = Path(out)
     batches, prompt_hash = prompt_batches(lm, prompts, ctx=ctx, max_prompts=max_prompts)
     pairs: list[PairEffects] = []
     attrs: dict[int, torch.Tensor] = {}
@@ -136,26 +116,20 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
                    "pre_delta": pair.pre_delta, "skip": pair.skip, "clean_mean": pair.clean_mean,
                    "source_mean": pair.source_mean}
         atomic_write(out / f"effects_L{n}.safetensors", lambda p, t=effects: save_file(t, str(p)))
-    provenance = {"model": lm.name, "prompts": prompts, "prompt_sha256": prompt_hash,
-                  "sae_sha256": {s: file_hash(run / "saes" / s / "sae_weights.safetensors") for s in saes},
+    provenance = {"model": lm.name, "prompts": prompts, "prompt_sha256": prompt_hash, **(provenance or {}),
                   "config": {"layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
                              "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx,
                              "max_prompts": max_prompts},
                   "attribution_pearson": corr, "seconds_per_layer": timings}
-    labels = {n: load_labels(run, n) for n in needed}
     g = build_graph(pairs, prune=prune, amount=amount, rank_by=rank_by, nodes=labels, provenance=provenance,
                     attribution=attrs or None)
     paths = export_graph(g, out, name, formats, title=f"{lm.name}: feature graph, layers {layers[0]}-{layers[-1] + 1}")
-    atomic_write_text(out / RECIPE, json.dumps({**recipe, "layers": layers}, indent=1))
     return g, paths, corr
-
-
-RECIPE = "recipe.json"
 
 
 def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by, ctx, max_prompts, name) -> None:
     """The graph options, checked before any work (names as the CLI flags)."""
-    from .build import PRUNE
+    from .build import PRUNE, RANK_BY
     from .measure import MODES, WHERE
 
     if layers is not None:
@@ -181,28 +155,9 @@ def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by
         validate.number("--amount", amount, 1)
     else:
         validate.number("--amount", amount, 0, 1, lo_open=True)
-    validate.choice("--rank-by", rank_by, ("weight", "through"))
+    validate.choice("--rank-by", rank_by, RANK_BY)
     validate.integer("--ctx", ctx, 2)
     validate.integer("--max-prompts", max_prompts, 1)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise ScSteerError(f"--name {name!r}: expected a plain file name (letters, digits, '_', '-', '.'), "
                            "the exports are written as OUT/NAME.<format>")
-
-
-def claim_output(out: Path, recipe: dict, force: bool) -> None:
-    """A graph folder is new, empty, or holds the graph of this very recipe; ``force`` replaces another."""
-    check_folder(out)
-    if force or not out.exists() or not any(out.iterdir()):
-        return
-    try:
-        old = json.loads((out / RECIPE).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise ScSteerError(f"--out {str(out)!r} is not empty and holds no graph recipe; choose a new folder or "
-                           "pass --force to write there anyway") from None
-    same = json.loads(json.dumps(recipe))
-    differs = sorted(k for k in same if k != "layers" and old.get(k) != same[k])
-    if recipe["layers"] is not None and old.get("layers") != recipe["layers"]:
-        differs.append("layers")
-    if differs:
-        raise ScSteerError(f"--out {str(out)!r} holds another graph (its {', '.join(differs)} differ); choose a new "
-                           "folder or pass --force to replace it")

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from .. import rundir
 from ..files import atomic_write, atomic_write_text, make_dir
 from .features import KIND_TITLES
 
@@ -92,14 +93,14 @@ def _safe(name: str) -> str:
 def write_browser(out: str | Path, summary: dict) -> Path:
     """Write ``browser/index.html`` and ``browser/data/*.js`` from the interpretation in ``out``."""
     out = Path(out)
-    data_dir = out / "browser" / "data"
+    data_dir = out / rundir.BROWSER / "data"
     make_dir(data_dir)
     sets = []
     for key, info in summary["sets"].items():
-        records = [json.loads(line) for line in (out / info["file"]).read_text().splitlines()]
+        records = rundir.read_records(out, info["site"], info["kind"])
         script = f"data/{_safe(key)}.js"
         payload = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")
-        atomic_write_text(out / "browser" / script,
+        atomic_write_text(out / rundir.BROWSER / script,
                           f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = {payload};\n")
         sim = info.get("simulation", {"n": 0})
         sim_text = f", simulation {sim['mean']:.2f} [{sim['ci95'][0]:.2f}, {sim['ci95'][1]:.2f}]" if sim["n"] else ""
@@ -107,7 +108,7 @@ def write_browser(out: str | Path, summary: dict) -> Path:
                      "title": f"{info['site']} · {KIND_TITLES[info['kind']]} ({info['live']}/{info['n_units']} live"
                               f"{sim_text})"})
     page = _PAGE.replace("__SETS__", json.dumps(sets)).replace("__EDGES__", json.dumps(summary["hist_edges_log10"]))
-    return atomic_write_text(out / "browser" / "index.html", page)
+    return atomic_write_text(out / rundir.BROWSER / "index.html", page)
 
 
 def write_plots(out: str | Path, summary: dict) -> list[Path]:
@@ -142,7 +143,7 @@ def write_plots(out: str | Path, summary: dict) -> list[Path]:
     ax.set_title("Interpretability score: SAE features vs neurons")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p1 = atomic_write(out / "interpret_scores.png", lambda p: fig.savefig(p, format="png", dpi=110))
+    p1 = atomic_write(out / rundir.SCORES_PNG, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kind in kinds:
@@ -151,6 +152,6 @@ def write_plots(out: str | Path, summary: dict) -> list[Path]:
     ax.set_xlabel("log10 firing density (fraction of tokens with activation > 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p2 = atomic_write(out / "density.png", lambda p: fig.savefig(p, format="png", dpi=110))
+    p2 = atomic_write(out / rundir.DENSITY_PNG, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
     return [p1, p2]

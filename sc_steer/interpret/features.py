@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .. import rundir, validate
 from ..activations import kept, run_sites, text_rows
-from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..devices import follow_model
 from ..errors import ScSteerError
 from ..files import atomic_write_text
 from ..models import LM
 from ..sae import SAE
-from ..sae.metrics import check_sae_fits
 from ..sites import Site
 from .lens import lens_topk, unit_directions
 from .score import concentration_many, summarize, token_entropy_many
@@ -49,16 +48,13 @@ class UnitSet:
     def key(self) -> str:
         return f"{self.kind}/{self.site}"
 
-    @property
-    def folder(self) -> str:
-        return "features" if self.kind == "sae" else "neurons"
 
 
 def unit_sets(lm: LM, saes: dict[str, SAE], neurons: bool = True) -> list[UnitSet]:
     sets = []
     for name, sae in saes.items():
         site = Site.parse(name, lm.n_layers)
-        check_sae_fits(lm, site, sae)
+        lm.check_sae(site, sae)
         sets.append(UnitSet("sae", site, sae.encode, sae.cfg.d_sae, sae))
         if neurons:
             sets.append(UnitSet("resid", site, lambda h: h, lm.width(site)))
@@ -255,18 +251,19 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
         stats[us.key].cpu()
         recs = unit_records(lm, us, stats[us.key], tokens, strings, top_k_tokens=top_k_tokens, min_count=min_count,
                             simulation=sims[us.key].scores())
-        atomic_write_text(out / us.folder / f"{us.site}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        path = rundir.records_path(out, str(us.site), us.kind)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
         live = [r for r in recs if r["density"] > 0]
         picked = sorted(rng.sample(live, min(sample, len(live))), key=lambda r: r["id"])
-        atomic_write_text(out / us.folder / f"{us.site}.md", markdown_table(us, picked))
+        atomic_write_text(path.with_suffix(".md"), markdown_table(us, picked))
         summary["sets"][us.key] = {"kind": us.kind, "site": str(us.site), "n_units": us.n_units,
-                                   "live": len(live), "file": f"{us.folder}/{us.site}.jsonl",
+                                   "live": len(live), "file": str(path.relative_to(out)),
                                    "score": summarize([r["score"] for r in recs]),
                                    "entropy": summarize([r["entropy"] for r in recs]),
                                    "simulation": mean_with_ci([r["simulation"] for r in recs])}
     summary["hist_edges_log10"] = HIST_EDGES.tolist()
-    atomic_write_text(out / "interpret.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "interpret.md", summary_markdown(summary))
+    atomic_write_text(out / rundir.INTERPRET_JSON, json.dumps(summary, indent=1))
+    atomic_write_text(out / rundir.INTERPRET_MD, summary_markdown(summary))
     return summary
 
 
@@ -317,12 +314,4 @@ def summary_markdown(summary: dict) -> str:
 
 def load_unit(out: str | Path, site: str, unit: int, kind: str = "sae") -> dict:
     """One unit's record from an interpretation folder; clear errors for missing files and ids."""
-    folder = "features" if kind == "sae" else "neurons"
-    path = Path(out) / folder / f"{site}.jsonl"
-    if not path.exists():
-        raise ScSteerError(f"no interpretation for {site} in {str(out)!r} (run sc-steer interpret first)")
-    lines = path.read_text().splitlines()
-    if not isinstance(unit, int) or not 0 <= unit < len(lines):
-        raise ScSteerError(f"feature id {unit} is out of range for {site}: it has {len(lines)} units "
-                           f"(0-{len(lines) - 1})")
-    return json.loads(lines[unit])
+    return rundir.read_record(out, site, unit, kind)

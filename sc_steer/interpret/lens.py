@@ -1,8 +1,8 @@
 """Logit lens for unit directions: which next tokens a direction promotes or suppresses.
 
 A direction d in the residual stream reaches the logits as ``W_U (g * d)``, where g is the final
-norm's gain (LayerNorm also centres d first; Gemma's RMSNorm scales by 1 + weight). The norm's
-data-dependent 1/rms factor is a positive scalar per token, so it does not change the ranking.
+norm's gain (LayerNorm also centres d first; ``LM.final_norm_gain`` applies the family's quirks). The
+norm's data-dependent 1/rms factor is a positive scalar per token, so it does not change the ranking.
 """
 from __future__ import annotations
 
@@ -12,12 +12,7 @@ from ..models import LM
 
 
 def final_norm_map(lm: LM):
-    norm = lm._get(lm.adapter.final_norm)
-    weight = getattr(norm, "weight", None)
-    gain = torch.ones(lm.d_model, device=lm.device) if weight is None else weight.detach().float()
-    if "gemma" in type(norm).__name__.lower():
-        gain = 1 + gain
-    centre = isinstance(norm, torch.nn.LayerNorm)
+    gain, centre = lm.final_norm_gain()
 
     def apply(d: torch.Tensor) -> torch.Tensor:
         if centre:
@@ -30,7 +25,7 @@ def final_norm_map(lm: LM):
 def lens_topk(lm: LM, directions: torch.Tensor, k: int = 8) -> tuple[torch.Tensor, ...]:
     """For each row of ``directions [n, d_model]``: (promoted ids, their logits, suppressed ids, their logits),
     each ``[n, k]`` on the host. The products run in fp32 on the model's device, 1024 rows at a time."""
-    W_U = lm._get(lm.adapter.unembed).weight.detach().float()  # [vocab, d_model]
+    W_U = lm.unembedding().float()  # [vocab, d_model]
     norm = final_norm_map(lm)
     parts = []
     for chunk in directions.split(1024):
@@ -57,6 +52,4 @@ def unit_directions(lm: LM, kind: str, site, sae=None) -> torch.Tensor:
         return sae.W_dec.detach().float()
     if kind == "resid":
         return torch.eye(lm.d_model, device=lm.device)
-    down = lm.module(site)  # the MLP output projection: nn.Linear [d_model, hidden] or Conv1D [hidden, d_model]
-    w = down.weight.detach().float()
-    return w.T if isinstance(down, torch.nn.Linear) else w
+    return lm.projection_weight(lm.module(site)).detach().float().T   # the MLP output projection's columns

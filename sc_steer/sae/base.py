@@ -20,8 +20,31 @@ from torch import nn
 
 from ..errors import ScSteerError
 from ..files import atomic_write, atomic_write_text, make_dir
+from .batch import WHOLE, WholeBatch
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+@dataclass
+class StepInputs:
+    """What a training step hands an SAE's ``train_forward`` and ``loss`` besides the batch: the loss
+    coefficients of this site's config, the sparsity warm-up, the dead latents AuxK trains, and the
+    whole batch's quantities (``sae/batch.py``). Each architecture reads the fields it uses."""
+
+    sparsity_scale: float = 1.0          # the sparsity penalty's warm-up factor, 0..1
+    l1_coeff: float = 0.0                # ReLU + L1
+    l0_coeff: float = 0.0                # JumpReLU
+    aux_coeff: float = 0.0               # AuxK (TopK, BatchTopK); 0: no AuxK
+    batchtopk_l1: float = 0.0            # BatchTopK's L1 on the kept activations
+    k_aux: int = 0                       # AuxK: latents per token, at most
+    dead: torch.Tensor | None = None     # [d_sae] bool: latents that have not fired for the dead window
+    n_dead: int = 0                      # ``dead.sum()`` read on the host: it sizes AuxK's selection
+    batch: WholeBatch = WHOLE            # the whole batch, in one process or split over ranks
+
+    @property
+    def n_aux(self) -> int:
+        """How many dead latents AuxK uses this step (0: no AuxK)."""
+        return min(self.k_aux, self.n_dead) if self.aux_coeff > 0 else 0
 
 
 @dataclass
@@ -63,20 +86,28 @@ class SAEConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ScSteerError(f"{name} {v!r}: expected an integer >= 1")
-        needs_k = ARCHITECTURES[self.architecture].needs_k
-        if needs_k:
+        if ARCHITECTURES[self.architecture].uses_k:
             if not isinstance(self.k, int) or self.k < 1:
                 raise ScSteerError(f"k {self.k!r}: {self.architecture} needs an integer k >= 1")
             if self.k > self.d_sae:
                 raise ScSteerError(f"k {self.k} is larger than d_sae {self.d_sae}")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> SAEConfig:
+        """The config of a saved SAE (cfg.json's ``sc_steer`` block); keys it does not know are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
 
 class SAE(nn.Module):
     """Base class: parameters, encode/decode, decoder-norm constraint, folding and saving."""
 
+    # what an architecture is and can do, asked of the class (never of its name)
     architecture: ClassVar[str]
-    saelens_architecture: ClassVar[str]
-    needs_k: ClassVar[bool] = False
+    saelens_architecture: ClassVar[str]  # its name in SAELens's cfg.json
+    uses_k: ClassVar[bool] = False       # a fixed number of active latents per token (cfg.k)
+    uses_auxk: ClassVar[bool] = False    # dead latents trained by AuxK
+    has_threshold: ClassVar[bool] = False  # a ``threshold`` tensor in its files
     calibrates: ClassVar[bool] = False   # wants end-of-run batches (``calibrate``)
     resamples: ClassVar[bool] = True     # dead and duplicated latents re-initialised by default (sae/resample.py)
 
@@ -120,29 +151,27 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     # -- training hooks (overridden per architecture) --------------------------------------------
-    def train_encode(self, pre: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+    def train_encode(self, pre: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """Training-time activation; differs from ``activate`` for BatchTopK and JumpReLU (gradients)."""
         return self.activate(pre)
 
-    def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
-        """One training forward pass (``ctx``: see ``loss``). The default is dense; TopK overrides it
-        with a sparse one."""
+    def train_forward(self, x: torch.Tensor, inputs: StepInputs) -> TrainOut:
+        """One training forward pass. The default is dense; TopK overrides it with a sparse one."""
         pre = self.pre_acts(x)
-        f = self.train_encode(pre, ctx)
+        f = self.train_encode(pre, inputs)
         return TrainOut(x_hat=self.decode(f), pre=pre, counts=torch.count_nonzero(f.detach(), dim=0), f=f)
 
-    def loss(self, x: torch.Tensor, out: TrainOut, ctx: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its parts (detached 0-d tensors: read on the host only when logged); ``ctx``
-        holds coefficients, ``sparsity_scale`` (warm-up), ``dead`` (mask) and ``n_dead`` (host count)."""
+    def loss(self, x: torch.Tensor, out: TrainOut, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and its parts (detached 0-d tensors: read on the host only when logged)."""
         raise NotImplementedError
 
     def set_training_options(self, scfg: Any, fresh: bool) -> None:
         """Architecture-specific training settings from ``SAETrainConfig`` (``fresh``: not a resume)."""
 
-    def after_step(self, out: TrainOut, ctx: dict | None = None) -> None:
+    def after_step(self, out: TrainOut, inputs: StepInputs) -> None:
         """Per-step state updates that are not gradients (e.g. BatchTopK's threshold EMA)."""
 
-    def calibrate(self, xs: list[torch.Tensor], batch: Any = None) -> None:
+    def calibrate(self, xs: list[torch.Tensor], batch: WholeBatch = WHOLE) -> None:
         """End-of-run adjustment from batches ``xs`` (in training units) the last step did not see, with
         ``batch`` (``sae/batch.py``) joining slices in data-parallel runs; most architectures need none
         (BatchTopK sets its inference threshold here)."""
@@ -160,11 +189,10 @@ class SAE(nn.Module):
             g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1)
 
     @torch.no_grad()
-    def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median", batch: Any = None) -> None:
+    def init_b_dec(self, sample: torch.Tensor, method: str = "geometric_median", batch: WholeBatch = WHOLE) -> None:
         """b_dec from a sample of inputs (``batch``, from ``sae/batch.py``, joins a sample split over ranks)."""
         if method == "mean":
-            self.b_dec.copy_(sample.mean(0) if batch is None else batch.total(sample.sum(0)) / batch.total(
-                sample.new_tensor(float(len(sample)))))
+            self.b_dec.copy_(batch.total(sample.sum(0)) / batch.total(sample.new_tensor(float(len(sample)))))
         elif method == "geometric_median":
             self.b_dec.copy_(geometric_median(sample.float(), batch=batch))
         elif method != "zeros":
@@ -208,7 +236,7 @@ class SAE(nn.Module):
                             "exclude_special_tokens": True, "sae_lens_version": "6.0.0",
                             "sae_lens_training_version": "6.0.0"},
                "sc_steer": asdict(c)}
-        if c.k is not None and self.saelens_architecture == "topk":
+        if c.k is not None and self.uses_k and not self.has_threshold:   # SAELens's topk: a k, no threshold
             cfg["k"] = c.k
         return cfg
 
@@ -230,18 +258,13 @@ def make_sae(cfg: SAEConfig) -> SAE:
     return ARCHITECTURES[cfg.architecture](cfg)
 
 
-def config_from_dict(d: dict) -> SAEConfig:
-    known = {f.name for f in fields(SAEConfig)}
-    return SAEConfig(**{k: v for k, v in d.items() if k in known})
-
-
-def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6, batch: Any = None) -> torch.Tensor:
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6, batch: WholeBatch = WHOLE) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows of x.
 
-    With ``batch`` (``sae/batch.py``), x is this rank's part of the points: each iteration's two sums
-    are taken over all ranks, so every rank reaches the median of the union."""
-    total = (lambda t: t) if batch is None else batch.total
-    y = x.mean(0) if batch is None else total(x.sum(0)) / total(x.new_tensor(float(len(x))))
+    With a ``ShardedBatch`` (``sae/batch.py``), x is this rank's part of the points: each iteration's
+    two sums are taken over all ranks, so every rank reaches the median of the union."""
+    total = batch.total
+    y = total(x.sum(0)) / total(x.new_tensor(float(len(x))))
     for _ in range(iters):
         w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
         y_new = total((w[:, None] * x).sum(0)) / total(w.sum())

@@ -6,15 +6,16 @@ activations of the whole batch. In data-parallel training (``--parallel data``) 
 slice of the global batch; computing these parts over the global batch makes each rank's loss its
 share of the single-process loss, so that the summed gradients equal the single-process gradients.
 
-``LOCAL`` is the one-process case and computes exactly what the formulas say; ``Sharded`` gives the
-same numbers (up to float rounding) from slices, with a few small all-reduces.
+``WholeBatch`` (its instance ``WHOLE``) is the one-process case and computes exactly what the formulas
+say; ``ShardedBatch`` gives the same numbers (up to float rounding) from slices, with a few small
+all-reduces. The trainer hands one of them to every loss in ``StepInputs.batch``.
 """
 from __future__ import annotations
 
 import torch
 
 
-class LocalBatch:
+class WholeBatch:
     """The batch in hand is the whole batch."""
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class LocalBatch:
         return t.detach()[idx.to(t.device)]
 
 
-class Sharded(LocalBatch):
+class ShardedBatch(WholeBatch):
     """This rank holds ``n_local`` of the global batch's ``n_global`` rows; ``dist`` joins the parts."""
 
     def __init__(self, dist, n_global: int):
@@ -118,9 +119,4 @@ class Sharded(LocalBatch):
         return self.dist.all_reduce_(out, "the picked rows of the batch")   # each row is held by one rank
 
 
-LOCAL = LocalBatch()
-
-
-def of(ctx: dict | None) -> LocalBatch:
-    """The batch helper a training step put in ``ctx`` (``LOCAL`` when there is none)."""
-    return (ctx or {}).get("batch", LOCAL)
+WHOLE = WholeBatch()

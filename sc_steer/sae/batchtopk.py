@@ -25,16 +25,18 @@ import math
 
 import torch
 
-from . import batch as batches
 from . import sparse
-from .base import SAE, TrainOut
-from .topk import aux_k, dead_topk, fvu_and_auxk
+from .base import SAE, StepInputs, TrainOut
+from .batch import WHOLE, WholeBatch
+from .topk import dead_topk, fvu_and_auxk
 
 
 class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
-    needs_k = True
+    uses_k = True
+    uses_auxk = True
+    has_threshold = True
     calibrates = True
 
     def __init__(self, cfg):
@@ -45,42 +47,41 @@ class BatchTopKSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold.clamp_min(0)).to(pre.dtype)
 
-    def train_encode(self, pre: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
-        batch = batches.of(ctx)
+    def train_encode(self, pre: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        batch = inputs.batch
         return batch.keep_top(torch.relu(pre), self.cfg.k * batch.rows(pre.shape[0]))
 
-    def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
-        out = super().train_forward(x, ctx)
-        n_aux = aux_k(ctx)
+    def train_forward(self, x: torch.Tensor, inputs: StepInputs) -> TrainOut:
+        out = super().train_forward(x, inputs)
+        n_aux = inputs.n_aux
         if n_aux:
-            idx = dead_topk(out.pre, ctx["dead"], n_aux)
-            vals = torch.relu(out.pre.gather(1, idx)) * ctx["dead"][idx]
+            idx = dead_topk(out.pre, inputs.dead, n_aux)
+            vals = torch.relu(out.pre.gather(1, idx)) * inputs.dead[idx]
             decode = sparse.autograd_decode if sparse.kernels(x.device) == "autograd" else sparse.decode
             out.aux = decode(idx, vals, self.W_dec)
         return out
 
     @torch.no_grad()
-    def after_step(self, out, ctx: dict | None = None) -> None:
+    def after_step(self, out, inputs: StepInputs) -> None:
         """EMA of the smallest kept activation, on the device (no host sync); a batch with none kept
         leaves the threshold as it was."""
         f = out.f
-        m = batches.of(ctx).smallest(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float())
+        m = inputs.batch.smallest(torch.where(f > 0, f, torch.full_like(f, float("inf"))).min().float())
         new = torch.where(self.threshold < 0, m, self.ema * self.threshold + (1 - self.ema) * m)
         self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
 
     @torch.no_grad()
-    def calibrate(self, xs: list[torch.Tensor], batch: batches.LocalBatch | None = None) -> None:
+    def calibrate(self, xs: list[torch.Tensor], batch: WholeBatch = WHOLE) -> None:
         """Threshold = mean over the batches ``xs`` of the (k * batch)-th largest activation of each:
         the value BatchTopK itself would have cut at, so inference keeps k latents per token on average."""
-        batch = batch or batches.LOCAL
         cuts = [batch.cut(torch.relu(self.pre_acts(x)), self.cfg.k * batch.rows(x.shape[0])) for x in xs]
         self.threshold.copy_(torch.stack(cuts).mean())
 
-    def loss(self, x, out, ctx):
-        batch = batches.of(ctx)
+    def loss(self, x, out, inputs):
+        batch = inputs.batch
         energy = batch.centered_energy(x)
-        total, parts = fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0), batch, energy)
-        coeff = ctx.get("batchtopk_l1", 0.0) * ctx.get("sparsity_scale", 1.0)
+        total, parts = fvu_and_auxk(x, out.x_hat, out.aux, inputs.aux_coeff, batch, energy)
+        coeff = inputs.batchtopk_l1 * inputs.sparsity_scale
         if coeff > 0:
             rms = (energy / batch.rows(x.shape[0])).sqrt().clamp_min(1e-8)
             l1 = batch.mean_rows(out.f.sum(-1)) / (rms * math.sqrt(self.cfg.k))

@@ -38,8 +38,7 @@ class SAETrainConfig:
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
 
     def resolved_lr(self, d_in: int) -> float:
-        # twice sparsify's 2e-4 / sqrt(n / 2^14): measured better on the heavy-tailed toy (256 latents) and
-        # on the demo (2,048 latents: 4e-3 beat 2e-3); not measured at 65k latents
+        # twice sparsify's 2e-4 / sqrt(n / 2^14) (the comparison: bench/toy_recovery_results.md)
         return self.lr if self.lr is not None else 4e-4 / math.sqrt(self.resolved_d_sae(d_in) / 2 ** 14)
 
     def resolved_resample(self) -> bool:
@@ -51,7 +50,7 @@ class SAETrainConfig:
         v.integer(f"{where}.expansion", self.expansion, 1)
         if self.d_sae is not None:
             v.integer(f"{where}.d_sae", self.d_sae, 1)
-        if ARCHITECTURES[self.architecture].needs_k or self.k is not None:
+        if ARCHITECTURES[self.architecture].uses_k or self.k is not None:
             v.integer(f"{where}.k", self.k, 1)
         if self.k_aux is not None:
             v.integer(f"{where}.k_aux", self.k_aux, 1)
@@ -85,21 +84,19 @@ class TrainConfig:
     log_every: int = 10                # steps
     autocast: bool = False             # bf16 autocast for the SAE matmuls (GPU); weights stay fp32
     sae: SAETrainConfig = field(default_factory=SAETrainConfig)
-    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-site overrides of `sae`
+    per_site: dict[str, dict[str, Any]] = field(default_factory=dict)  # overrides of `sae`, by site name
 
     @property
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
 
     def resolved_dead_tokens(self) -> int:
-        # a thousandth of the run, at most 10 M tokens (bench/toy_recovery_results.md: on the heavy-tailed toy
-        # a fifth left 68 of 256 latents dead, a two-hundredth left TopK latents that fire once in 10,000
-        # tokens, never dead so never trained by AuxK; a thousandth took TopK from 0.977 to 0.988; on the
-        # demo it changes nothing)
+        """A latent is dead after a thousandth of the run (at most 10 M tokens) without firing; the
+        measurements behind the share are in bench/toy_recovery_results.md."""
         return self.dead_tokens if self.dead_tokens is not None else self._share_of_run(1000)
 
     def resolved_resample_tokens(self) -> int:
-        # a two-hundredth of the run: resampling as often as AuxK's window cost BatchTopK 0.007 on the toy
+        """Resampling rounds a two-hundredth of the run apart (at most 10 M tokens)."""
         return self.resample_tokens if self.resample_tokens is not None else self._share_of_run(200)
 
     def _share_of_run(self, parts: int) -> int:
@@ -107,10 +104,12 @@ class TrainConfig:
         return min(10_000_000, max(self.tokens // parts, 1))
 
     def for_site(self, site: str) -> SAETrainConfig:
-        over = self.layers.get(site, {}) if isinstance(self.layers, dict) else {}
+        over = self.per_site.get(site, {}) if isinstance(self.per_site, dict) else {}
         return replace(self.sae, **over)
 
-    def check(self) -> None:
+    def check(self, per_site_key: str = "per_site") -> None:
+        """Every field against its type and range; ``per_site_key`` is the name the user gave the
+        per-site table (messages name it as written)."""
         v = validate
         v.strings("sites", self.sites)
         for name in ("batch_size", "tokens", "checkpoint_every", "log_every"):
@@ -126,13 +125,13 @@ class TrainConfig:
                 v.integer(name, getattr(self, name), 1)
         v.boolean("autocast", self.autocast)
         self.sae.check()
-        v.table("layers", self.layers)
-        for site, over in self.layers.items():
-            v.table(f"layers.{site}", over)
+        v.table(per_site_key, self.per_site)
+        for site, over in self.per_site.items():
+            v.table(f"{per_site_key}.{site}", over)
             unknown = set(over) - {f.name for f in fields(SAETrainConfig)}
             if unknown:
-                raise ScSteerError(f"unknown key(s) in layers.{site}: {', '.join(sorted(unknown))}")
-            self.for_site(site).check(f"layers.{site}")
+                raise ScSteerError(f"unknown key(s) in {per_site_key}.{site}: {', '.join(sorted(unknown))}")
+            self.for_site(site).check(f"{per_site_key}.{site}")
 
     def check_widths(self, widths: dict[str, int]) -> None:
         """Each site's SAE shape (d_sae from the expansion, k <= d_sae), before any file is written."""
@@ -141,20 +140,27 @@ class TrainConfig:
         for site, d_in in widths.items():
             scfg = self.for_site(site)
             SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=scfg.resolved_d_sae(d_in),
-                      k=scfg.k if ARCHITECTURES[scfg.architecture].needs_k else None, site=site)
+                      k=scfg.k if ARCHITECTURES[scfg.architecture].uses_k else None, site=site)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+LEGACY_KEYS = {"layers": "per_site"}   # names a key had before; a config file may still use them
+
+
 def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
     """Build a TrainConfig from nested dicts; unknown keys are errors naming the key."""
     top = {f.name for f in fields(TrainConfig)}
+    for old, new in LEGACY_KEYS.items():
+        if old in d and new in d:
+            raise ScSteerError(f"{where}: give {new} or its old name {old}, not both")
+    per_site_key = next((old for old in LEGACY_KEYS if old in d), "per_site")
+    d = {LEGACY_KEYS.get(k, k): v for k, v in d.items()}
     unknown = set(d) - top
     if unknown:
         raise ScSteerError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))} "
                            f"(known: {', '.join(sorted(top))})")
-    d = dict(d)
     sae = d.pop("sae", {}) or {}
     if not isinstance(sae, dict):
         raise ScSteerError(f"{where}: 'sae' must be a table of SAE hyperparameters")
@@ -165,11 +171,11 @@ def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
                            f"(known: {', '.join(sorted(sae_known))})")
     if "sites" in d:
         d["sites"] = validate.strings("sites", d["sites"])
-    if "layers" in d:
-        for site, over in validate.table("layers", d["layers"]).items():
-            validate.table(f"layers.{site}", over)
+    if "per_site" in d:
+        for site, over in validate.table(per_site_key, d["per_site"]).items():
+            validate.table(f"{per_site_key}.{site}", over)
     cfg = TrainConfig(**d, sae=SAETrainConfig(**sae))
-    cfg.check()
+    cfg.check(per_site_key)
     return cfg
 
 
@@ -199,3 +205,9 @@ def load_config(path: str | Path) -> TrainConfig:
     if not isinstance(d, dict):
         raise ScSteerError(f"config file {str(path)!r}: expected a table of settings at the top level")
     return config_from_dict(d, where=str(path))
+
+
+def stored_config(d: dict) -> dict:
+    """A training config dict as any version wrote it (run.json, checkpoints), in today's key names and
+    JSON types, for comparing with a config of today (``per_site`` was once called ``layers``)."""
+    return {LEGACY_KEYS.get(k, k): v for k, v in json.loads(json.dumps(d)).items()}

@@ -4,7 +4,6 @@ Never unpickles: safetensors everywhere, and ``torch.load(weights_only=True)`` f
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,18 +11,12 @@ from safetensors.torch import load_file
 
 from ..devices import resolve_device
 from ..errors import ScSteerError
-from .base import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, config_from_dict, make_sae
+from ..files import read_json
+from .base import ARCHITECTURES, CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig, make_sae
 
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 _FROM_DICTIONARY_LEARNING = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
                              "JumpReluAutoEncoder": "jumprelu"}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ScSteerError(f"{str(path)!r} is not readable JSON ({e})") from None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -61,19 +54,21 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     else:
         raise ScSteerError(f"{str(path)!r} holds no SAE (expected cfg.json + sae_weights.safetensors, "
                            "or ae.pt + config.json)")
+    for name, t in [*sae.named_parameters(), *sae.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ScSteerError(f"SAE {str(path)!r}: its {name} holds NaN or infinite values (a diverged or corrupt "
+                               "training); retrain it or load another")
     return sae.to(resolve_device(device)).eval()
 
 
 def _load_saelens_layout(path: Path) -> SAE:
-    raw = _read_json(path / CFG_FILE)
+    raw = read_json(path / CFG_FILE, "a JSON object of SAE settings")
     if not (path / WEIGHTS_FILE).exists():
         raise ScSteerError(f"{str(path)!r} has cfg.json but no {WEIGHTS_FILE}")
     tensors = _read_safetensors(path / WEIGHTS_FILE)
-    if not isinstance(raw, dict):
-        raise ScSteerError(f"{str(path / CFG_FILE)!r}: expected a JSON object of SAE settings")
     if "sc_steer" in raw:
         try:
-            cfg = config_from_dict(raw["sc_steer"])
+            cfg = SAEConfig.from_dict(raw["sc_steer"])
         except (TypeError, AttributeError) as e:
             raise ScSteerError(f"{str(path / CFG_FILE)!r}: its sc_steer block is incomplete ({e})") from None
     else:
@@ -94,7 +89,7 @@ def _load_saelens_layout(path: Path) -> SAE:
     tensors = {k: v.float() for k, v in tensors.items()}
     if not raw.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc: move b_dec's share into b_enc
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
-    if cfg.architecture in ("jumprelu", "batchtopk") and "threshold" not in tensors:
+    if ARCHITECTURES[cfg.architecture].has_threshold and "threshold" not in tensors:
         raise ScSteerError(f"{str(path)!r}: a {cfg.architecture} SAE needs a 'threshold' tensor")
     sae = make_sae(cfg)
     sae.load_state(tensors)
@@ -104,8 +99,11 @@ def _load_saelens_layout(path: Path) -> SAE:
 
 
 def _load_dictionary_learning(path: Path) -> SAE:
-    conf = _read_json(path / "config.json") if (path / "config.json").exists() else {}
+    conf = read_json(path / "config.json", "dictionary_learning's config (a JSON object)") \
+        if (path / "config.json").exists() else {}
     trainer = conf.get("trainer", conf)
+    if not isinstance(trainer, dict):
+        raise ScSteerError(f"{str(path / 'config.json')!r}: its \"trainer\" entry should be a JSON object")
     dict_class = trainer.get("dict_class", "AutoEncoder")
     if dict_class not in _FROM_DICTIONARY_LEARNING:
         raise ScSteerError(f"{str(path)!r}: dictionary_learning class {dict_class!r} is not supported "
@@ -138,7 +136,7 @@ def _load_dictionary_learning(path: Path) -> SAE:
         raise ScSteerError(f"{str(path / 'ae.pt')!r}: the encoder weight has shape {tuple(t['W_enc'].shape)}, "
                            "expected a matrix")
     cfg = SAEConfig(architecture=arch, d_in=int(t["W_enc"].shape[0]), d_sae=int(t["W_enc"].shape[1]),
-                    k=k if arch in ("topk", "batchtopk") else None, model_name=trainer.get("lm_name"),
+                    k=k if ARCHITECTURES[arch].uses_k else None, model_name=trainer.get("lm_name"),
                     hook_module=trainer.get("submodule_name"))
     _check_shapes(t, cfg, path / "ae.pt")
     sae = make_sae(cfg)

@@ -19,8 +19,7 @@ import math
 import torch
 from torch import nn
 
-from . import batch as batches
-from .base import SAE
+from .base import SAE, StepInputs
 
 
 def _kernel(u: torch.Tensor) -> torch.Tensor:
@@ -60,6 +59,7 @@ class _Step(torch.autograd.Function):
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
+    has_threshold = True
 
     def __init__(self, cfg, init_threshold: float = 1.0, bandwidth: float = 0.5):
         super().__init__(cfg)
@@ -79,15 +79,15 @@ class JumpReLUSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre * (pre > self.threshold).to(pre.dtype)
 
-    def train_encode(self, pre: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+    def train_encode(self, pre: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         return _JumpReLU.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).reshape_as(pre)
 
-    def loss(self, x, out, ctx):
-        batch = batches.of(ctx)
+    def loss(self, x, out, inputs):
+        batch = inputs.batch
         mse = batch.mean_rows((out.x_hat - x).pow(2).sum(-1))
         pre = out.pre
         l0 = batch.mean_rows(_Step.apply(pre.reshape(-1, pre.shape[-1]), self.threshold, self.bandwidth).sum(-1))
-        coeff = ctx["l0_coeff"] * ctx["sparsity_scale"]
+        coeff = inputs.l0_coeff * inputs.sparsity_scale
         return mse + coeff * l0, {"mse": mse.detach(), "l0_loss": l0.detach()}
 
     @torch.no_grad()

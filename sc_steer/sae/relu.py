@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from . import batch as batches
 from .base import SAE
 
 
@@ -28,9 +27,9 @@ class ReluSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
-    def loss(self, x, out, ctx):
-        batch = batches.of(ctx)
+    def loss(self, x, out, inputs):
+        batch = inputs.batch
         mse = batch.mean_rows((out.x_hat - x).pow(2).sum(-1))
         l1 = batch.mean_rows((out.f * self.W_dec.norm(dim=1)).sum(-1))
-        coeff = ctx["l1_coeff"] * ctx["sparsity_scale"]
+        coeff = inputs.l1_coeff * inputs.sparsity_scale
         return mse + coeff * l1, {"mse": mse.detach(), "l1": l1.detach()}

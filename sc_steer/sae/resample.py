@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from . import batch as batches
 from .base import SAE
+from .batch import WHOLE, WholeBatch
 
 DUPLICATE_COS = 0.95
 ENCODER_SCALE = 0.2
@@ -51,7 +51,7 @@ def duplicates(W_dec: torch.Tensor, fire_count: torch.Tensor, cos: float = DUPLI
 
 @torch.no_grad()
 def resample(sae: SAE, opt: torch.optim.Optimizer, picked: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
-             gen: torch.Generator, batch: batches.LocalBatch = batches.LOCAL) -> torch.Tensor:
+             gen: torch.Generator, batch: WholeBatch = WHOLE) -> torch.Tensor:
     """Re-initialise the latents in the mask ``picked`` from residuals of the batch (``x``, ``x_hat`` in
     training units; ``gen``: a CPU generator, the same on every rank). Returns the indices reset."""
     idx = torch.nonzero(picked).flatten()

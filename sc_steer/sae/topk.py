@@ -16,21 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from . import batch as batches
 from . import sparse
-from .base import SAE, TrainOut
+from .base import SAE, StepInputs, TrainOut
+from .batch import WHOLE, WholeBatch
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
     vals, idx = pre.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(-1, idx, torch.relu(vals))
-
-
-def aux_k(ctx: dict | None) -> int:
-    """How many dead latents AuxK uses this step (0: no AuxK). ``ctx['n_dead']`` is a host count."""
-    if not ctx or ctx.get("aux_coeff", 0) <= 0:
-        return 0
-    return min(int(ctx["k_aux"]), int(ctx.get("n_dead", 0)))
 
 
 def dead_topk(pre: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,7 +32,7 @@ def dead_topk(pre: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
         return pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
 
 
-def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float, batch: batches.LocalBatch = batches.LOCAL,
+def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float, batch: WholeBatch = WHOLE,
                  energy: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Shared by TopK and BatchTopK; ``e_hat`` is the AuxK reconstruction (None: no AuxK this step);
     ``batch`` computes the whole batch's variances (``sae/batch.py``); ``energy`` is
@@ -56,14 +49,15 @@ def fvu_and_auxk(x, x_hat, e_hat, aux_coeff: float, batch: batches.LocalBatch = 
 class TopKSAE(SAE):
     architecture = "topk"
     saelens_architecture = "topk"
-    needs_k = True
-    resamples = False   # AuxK revives its dead latents; resampling too cost MMCS on the toy (toy_recovery_results.md)
+    uses_k = True
+    uses_auxk = True
+    resamples = False   # AuxK revives its dead latents (resampling on top: bench/toy_recovery_results.md)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_relu(pre, self.cfg.k)
 
-    def train_forward(self, x: torch.Tensor, ctx: dict | None = None) -> TrainOut:
-        k, n_aux = self.cfg.k, aux_k(ctx)
+    def train_forward(self, x: torch.Tensor, inputs: StepInputs) -> TrainOut:
+        k, n_aux = self.cfg.k, inputs.n_aux
         path = sparse.kernels(x.device)
         if path == "autograd":
             pre = self.pre_acts(x)
@@ -73,7 +67,7 @@ class TopKSAE(SAE):
         with torch.no_grad():
             idx = pre.topk(k, dim=-1, sorted=False).indices
             if n_aux:
-                idx = torch.cat([idx, dead_topk(pre, ctx["dead"], n_aux)], dim=1)
+                idx = torch.cat([idx, dead_topk(pre, inputs.dead, n_aux)], dim=1)
         if path == "autograd":
             sel, decode = pre.gather(1, idx), sparse.autograd_decode
         else:
@@ -83,12 +77,12 @@ class TopKSAE(SAE):
         e_hat = None
         if n_aux:
             aux_idx = idx[:, k:]
-            aux_vals = torch.relu(sel[:, k:]) * ctx["dead"][aux_idx]  # fewer dead than n_aux: drop the rest
+            aux_vals = torch.relu(sel[:, k:]) * inputs.dead[aux_idx]  # fewer dead than n_aux: drop the rest
             e_hat = decode(aux_idx, aux_vals, self.W_dec)
         with torch.no_grad():
             counts = torch.zeros(self.cfg.d_sae, dtype=torch.int64, device=x.device)
             counts.scatter_add_(0, idx[:, :k].reshape(-1), (vals > 0).reshape(-1).long())
         return TrainOut(x_hat=x_hat, pre=pre, counts=counts, aux=e_hat)
 
-    def loss(self, x, out, ctx):
-        return fvu_and_auxk(x, out.x_hat, out.aux, ctx.get("aux_coeff", 0.0), batches.of(ctx))
+    def loss(self, x, out, inputs):
+        return fvu_and_auxk(x, out.x_hat, out.aux, inputs.aux_coeff, inputs.batch)

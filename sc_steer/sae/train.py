@@ -1,12 +1,10 @@
 """Train one SAE per site in one run: shared batches, per-site optimisers, checkpoints, resume.
 
-Batches come from a ``BatchSource``: an activation store on disk, an in-memory tensor, or the model
-itself (no disk cache). Every source is a pure function of (seed, step), so ``resume`` replays the
-stream up to the checkpoint and the run ends where an uninterrupted one would.
-
 Per step, per site: x is scaled by ``s = sqrt(d_in) / mean_norm``; loss -> backward -> remove the
 gradient parallel to each decoder row -> clip -> Adam -> renormalise decoder rows. On save, ``s`` is
-folded into the weights so the files take raw activations.
+folded into the weights so the files take raw activations. Batches come from a ``BatchSource``
+(``sae/sources.py``), the per-site state and its checkpoint from ``sae/state.py``, the log and
+curves from ``sae/trainlog.py``.
 
 Under torchrun (``sc_steer/distributed.py``) a run is split in one of two ways:
 
@@ -29,180 +27,29 @@ import shutil
 import signal
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..distributed import LOCAL, Dist, row_range, share, wait_for_ranks
 from ..errors import ScSteerError
-from ..files import atomic_write, atomic_write_text, make_dir
-from . import batch as batches
-from .base import SAE, SAEConfig, make_sae
+from ..files import atomic_write_text, make_dir
+from ..rundir import CURVES, SAES, TRAIN_LOG
+from .base import ARCHITECTURES, SAE, SAEConfig, StepInputs, make_sae
+from .batch import WHOLE, ShardedBatch
 from .config import SAETrainConfig, TrainConfig
 from .resample import duplicates, resample
-
-CHECKPOINT = "checkpoint.safetensors"
-LOG = "train_log.jsonl"
-
-BatchSource = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # start_step -> batches from there on
-
-
-def tensor_source(tensors: dict[str, torch.Tensor], batch_size: int, seed: int) -> BatchSource:
-    """In-memory activations; a fresh permutation each epoch, drawn from (seed, epoch)."""
-    n = len(next(iter(tensors.values())))
-    if n < batch_size:
-        raise ScSteerError(f"only {n} activations for a batch size of {batch_size}")
-    per_epoch = n // batch_size
-
-    def stream(start: int) -> Iterator[dict[str, torch.Tensor]]:
-        step = start
-        while True:
-            epoch, i = divmod(step, per_epoch)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-            idx = perm[i * batch_size:(i + 1) * batch_size]
-            yield {s: t[idx] for s, t in tensors.items()}
-            step += 1
-
-    return stream
-
-
-def store_source(store, sites: list[str], batch_size: int, seed: int) -> BatchSource:
-    """Shuffled batches streamed from an ActivationStore (bounded memory); resume skips ahead."""
-    def stream(start: int) -> Iterator[dict[str, torch.Tensor]]:
-        batches = store.batches(sites, batch_size, seed=seed, epochs=1 << 40, drop_last=True)
-        return itertools.islice(batches, start, None)
-
-    return stream
-
-
-def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: int = 256, rows_per_pass: int = 16,
-                 buffer_tokens: int = 1 << 17, buffer_bytes: int = 8 << 30, run_sites_of: list | None = None
-                 ) -> BatchSource:
-    """Activations straight from the model (no disk cache), shuffled in a host buffer of ``buffer_tokens``
-    tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept and handed out in
-    the model's dtype: the trainer casts on its device). ``run_sites_of`` is the whole run's sites where
-    ``sites`` is one rank's share: the buffer is sized for the run, so every rank draws the same tokens."""
-    from ..activations import kept, run_sites, text_rows
-    from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
-    from ..devices import host_buffer
-
-    per_token = sum(lm.width(s) for s in (run_sites_of or sites)) * torch.empty((), dtype=lm.dtype).element_size()
-    buffer_tokens = max(2 * batch_size, min(buffer_tokens, buffer_bytes // per_token))
-
-    def token_batches():
-        epoch = 0
-        while True:
-            rows = iter_rows(iter_documents(data), lm.tokenizer, ctx)
-            kept = 0
-            for b in iter_batches(rows, rows_per_pass, ctx, pad_token_id(lm.tokenizer)):
-                kept += int(b.keep.sum())
-                yield epoch, b
-            if kept == 0:  # another pass would find nothing either: fail instead of looping forever
-                raise ScSteerError(f"data {data!r} has no text tokens to train on")
-            epoch += 1
-
-    def generate() -> Iterator[dict[str, torch.Tensor]]:
-        # A shuffle buffer of slots in one host tensor per site, allocated once: a pass's rows go into free
-        # slots, a batch is gathered from random live slots and its slots are freed. ``live`` lists the
-        # live slots in pool order (the remainder of the last shuffle, then the rows added since), so the
-        # batches are those of shuffling a concatenated pool, without copying the pool at each refill.
-        # Copies between the GPU and the host go through pinned tensors (staging for a pass's rows, and each
-        # batch): pageable copies ran at ~1 GB/s at 7B width (the H100 profile), pinned ones at the bus's rate.
-        cap = buffer_tokens + rows_per_pass * ctx
-        buf: dict[str, torch.Tensor] = {}
-        staging: dict[str, torch.Tensor] = {}
-        live = torch.zeros(0, dtype=torch.int64)
-        free = torch.arange(cap)
-        gen = torch.Generator().manual_seed(seed)
-        for _, b in token_batches():
-            acts = run_sites(lm, b, sites)
-            where = text_rows(b)
-            slots, free = free[:len(where)], free[len(where):]
-            for s in sites:
-                rows = kept(acts[s], where)
-                if str(s) not in buf:
-                    buf[str(s)] = torch.empty(cap, rows.shape[1], dtype=rows.dtype)
-                    staging[str(s)] = host_buffer((rows_per_pass * ctx, rows.shape[1]), rows.dtype, rows.device)
-                stage = staging[str(s)][:len(where)]
-                stage.copy_(rows)                      # blocking: the rows are on the host when it returns
-                buf[str(s)].index_copy_(0, slots, stage)
-            live = torch.cat([live, slots])
-            n = len(live)
-            if n < buffer_tokens:
-                continue
-            order = live[torch.randperm(n, generator=gen)]
-            i = 0
-            while n - i >= buffer_tokens // 2 + batch_size:
-                idx = order[i:i + batch_size]
-                batch = {s: torch.index_select(v, 0, idx, out=host_buffer((len(idx), v.shape[1]), v.dtype, lm.device))
-                         for s, v in buf.items()}
-                yield batch  # the model's dtype: cast on the device
-                i += batch_size
-            live, free = order[i:], torch.cat([free, order[:i]])
-
-    return lambda start: itertools.islice(generate(), start, None)
-
-
-@dataclass
-class SiteState:
-    site: str
-    cfg: SAETrainConfig
-    sae: SAE
-    opt: torch.optim.Adam
-    scale: float
-    since_fired: torch.Tensor      # tokens since each latent last fired
-    fire_count: torch.Tensor       # firings over the whole run (for sparsity.safetensors)
-
-
-def record_firing(st: SiteState, counts: torch.Tensor, n_tokens: int) -> None:
-    """Dead-latent bookkeeping after a batch of ``n_tokens``: a latent that fired at least once starts
-    counting again from zero; the others age by the batch. ``fire_count`` feeds sparsity.safetensors."""
-    st.since_fired += n_tokens
-    st.since_fired.masked_fill_(counts > 0, 0)
-    st.fire_count += counts
-
-
-def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
-    """Adam; on CUDA the fused kernel (one pass over parameters, gradients and moments)."""
-    fused = sae.W_dec.device.type == "cuda"
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused or None)
-
-
-def clip_gradients(opt: torch.optim.Optimizer, params, max_norm: float) -> None:
-    """Scale the gradients so their total norm is at most ``max_norm`` (as ``clip_grad_norm_``). With fused
-    Adam the scaling happens inside the optimiser's own pass over the gradients (its ``grad_scale``, by
-    which it divides each gradient; the same hook ``GradScaler`` uses): one read and one write of every
-    gradient fewer, and no host sync."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return
-    if opt.defaults.get("fused"):
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        opt.grad_scale = ((norm + 1e-6) / max_norm).clamp_min(1.0).float()
-    else:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+from .sources import BatchSource, tensor_source
+from .optim import clip_gradients, lr_factor, make_optimizer
+from .state import SiteState, checkpoint_name, load_checkpoint, record_firing, save_checkpoint
+from .trainlog import merge_logs, plot_training_curves, rank_log_name, trim_log
 
 
 def site_seed(seed: int, site: str) -> int:
     """The seed of one site's initialisation: the same whichever other sites (or ranks) share the run."""
     return (seed * 1_000_003 + zlib.crc32(site.encode())) % (1 << 63)
-
-
-def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
-    """Linear warm-up (<= 1,000 steps), constant, then linear decay to zero over the last ``decay``."""
-    w = min(1000, max(1, int(warmup * steps)))
-    if step < w:
-        return (step + 1) / w
-    d0 = int((1 - decay) * steps)
-    if decay > 0 and step >= d0:
-        return max(0.0, (steps - step) / max(1, steps - d0))
-    return 1.0
 
 
 PARALLEL_MODES = ("layers", "data")
@@ -226,7 +73,7 @@ class Trainer:
         self.all_sites = list(site_info)
         self.sites = share(self.all_sites, dist) if self.parallel == "layers" else self.all_sites
         self.data_parallel = self.parallel == "data"
-        self.batch = batches.Sharded(dist, cfg.batch_size) if self.data_parallel else batches.LOCAL
+        self.batch = ShardedBatch(dist, cfg.batch_size) if self.data_parallel else WHOLE   # whole-batch sums
         self.rows = row_range(cfg.batch_size, dist) if self.data_parallel else (0, cfg.batch_size)
         self.writes_shared = dist.is_main or self.parallel == "layers"   # checkpoint and log of its own
         self.states: dict[str, SiteState] = {}
@@ -240,7 +87,7 @@ class Trainer:
 
     @property
     def log_path(self) -> Path:
-        return self._rank_log(self.dist.rank) if self.parallel == "layers" else self.out / LOG
+        return self._rank_log(self.dist.rank) if self.parallel == "layers" else self.out / TRAIN_LOG
 
     def _rank_log(self, rank: int) -> Path:
         return self.out / rank_log_name(rank, self.dist.world)
@@ -270,7 +117,7 @@ class Trainer:
                 self.batch.total(norms.sum()) / self.batch.rows(len(norms)))
             scale = math.sqrt(d_in) / max(mean_norm, 1e-12)
             sae_cfg = SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=scfg.resolved_d_sae(d_in),
-                                k=scfg.k if scfg.architecture in ("topk", "batchtopk") else None, site=site,
+                                k=scfg.k if ARCHITECTURES[scfg.architecture].uses_k else None, site=site,
                                 hook_module=self.site_info[site].get("module"), **self.meta)
             with torch.device(self.device):  # drawn where it trains: a 7B-wide SAE is slow to draw on a CPU
                 sae = make_sae(sae_cfg)
@@ -278,7 +125,7 @@ class Trainer:
                 with torch.no_grad():
                     w = torch.randn_like(sae.W_enc)
                     sae.W_enc.copy_(w / w.norm(dim=0, keepdim=True))
-            sae.init_b_dec(x0[:n_init] * scale, scfg.b_dec_init, self.batch if self.data_parallel else None)
+            sae.init_b_dec(x0[:n_init] * scale, scfg.b_dec_init, self.batch)
             sae.set_training_options(scfg, fresh=True)
             sae.to(self.device)
             opt = make_optimizer(sae, scfg.resolved_lr(d_in))
@@ -292,16 +139,11 @@ class Trainer:
         cfg = self.cfg
         x = x_raw.to(self.device).to(torch.float32) * st.scale  # moved as stored (bf16: half the bytes), then cast
         sae = st.sae
-        dead = st.since_fired > cfg.resolved_dead_tokens()
-        uses_dead = sae.needs_k and st.cfg.aux_coeff > 0
-        ctx = {"sparsity_scale": min(1.0, (self.step + 1) / max(1, st.cfg.sparsity_warmup * cfg.steps)),
-               "l1_coeff": st.cfg.l1_coeff, "l0_coeff": st.cfg.l0_coeff, "aux_coeff": st.cfg.aux_coeff,
-               "batchtopk_l1": st.cfg.batchtopk_l1, "k_aux": st.cfg.k_aux or sae.cfg.d_in // 2, "dead": dead,
-               "n_dead": int(dead.sum()) if uses_dead else 0, "batch": self.batch}
+        inputs = self._step_inputs(st)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-            out = sae.train_forward(x, ctx)
+            out = sae.train_forward(x, inputs)
         out.x_hat = out.x_hat.float()
-        loss, parts = sae.loss(x, out, ctx)
+        loss, parts = sae.loss(x, out, inputs)
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.data_parallel:  # each rank's loss is its share of the global one: the gradients add up
@@ -316,7 +158,7 @@ class Trainer:
         st.opt.step()
         sae.normalize_decoder()
         with torch.no_grad():
-            sae.after_step(out, ctx)
+            sae.after_step(out, inputs)
             counts = self.dist.all_reduce_(out.counts, "the firing counts") if self.data_parallel else out.counts
             n = self.batch.rows(x.shape[0])
             record_firing(st, counts, n)
@@ -329,6 +171,17 @@ class Trainer:
             if "fvu" not in parts:  # TopK and BatchTopK losses already computed it
                 stats["fvu"] = (out.x_hat - x).pow(2).sum() / self.batch.centered_energy(x).clamp_min(1e-12)
         return stats | parts
+
+    def _step_inputs(self, st: SiteState) -> StepInputs:
+        """This step's ``StepInputs`` for one site (reading the dead count on the host is the step's one
+        sync, and only where AuxK is on)."""
+        c, sae = st.cfg, st.sae
+        dead = st.since_fired > self.cfg.resolved_dead_tokens()
+        auxk = sae.uses_auxk and c.aux_coeff > 0
+        return StepInputs(sparsity_scale=min(1.0, (self.step + 1) / max(1, c.sparsity_warmup * self.cfg.steps)),
+                          l1_coeff=c.l1_coeff, l0_coeff=c.l0_coeff, aux_coeff=c.aux_coeff if auxk else 0.0,
+                          batchtopk_l1=c.batchtopk_l1, k_aux=c.k_aux or sae.cfg.d_in // 2, dead=dead,
+                          n_dead=int(dead.sum()) if auxk else 0, batch=self.batch)
 
     def _resample_due(self) -> bool:
         """Resampling rounds: every ``resample_tokens`` (so a resampled latent has that long to fire before
@@ -360,63 +213,15 @@ class Trainer:
         raise ScSteerError(f"training of {site} diverged at step {self.step}: {what} (try a lower lr); {kept}")
 
     def _checkpoint(self) -> None:
-        tensors, meta = {}, {"step": self.step, "config": self.cfg.to_dict(), "sites": {}}
         for site, st in self.states.items():
             if not all(bool(torch.isfinite(p).all()) for p in st.sae.parameters()):
                 self._diverged(site, "a weight is no longer finite")
-            if not self.writes_shared:  # data-parallel: rank 0 holds the same weights and writes them
-                continue
-            for k, v in st.sae.state_dict().items():
-                tensors[f"{site}/sae/{k}"] = v.detach().cpu().contiguous()
-            names = dict(st.sae.named_parameters())
-            adam_steps = {}
-            for pname, p in names.items():
-                s = st.opt.state.get(p)
-                if s:
-                    tensors[f"{site}/adam/{pname}/exp_avg"] = s["exp_avg"].cpu().contiguous()
-                    tensors[f"{site}/adam/{pname}/exp_avg_sq"] = s["exp_avg_sq"].cpu().contiguous()
-                    adam_steps[pname] = float(s["step"])
-            tensors[f"{site}/since_fired"] = st.since_fired.cpu()
-            tensors[f"{site}/fire_count"] = st.fire_count.cpu()
-            meta["sites"][site] = {"scale": st.scale, "adam_steps": adam_steps, "sae_cfg": st.sae.cfg.__dict__}
-        if self.writes_shared:
-            atomic_write(self.checkpoint_path,
-                         lambda p: save_file(tensors, str(p), metadata={"sc_steer": json.dumps(meta)}))
+        if self.writes_shared:   # data-parallel: rank 0 holds the same weights as every rank and writes them
+            save_checkpoint(self.checkpoint_path, self.step, self.cfg, self.states)
 
     def _restore(self) -> None:
-        path = self.checkpoint_path
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads(f.metadata()["sc_steer"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001
-            raise ScSteerError(f"checkpoint {str(path)!r} is unreadable ({str(e).splitlines()[0]})") from None
-        if meta["config"] != json.loads(json.dumps(self.cfg.to_dict())):
-            old, new = meta["config"], json.loads(json.dumps(self.cfg.to_dict()))
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ScSteerError(f"--resume: the config differs from the checkpoint's in {', '.join(diff)}; "
-                               "use the original config or start a new --out")
-        self.step = meta["step"]
-        if sorted(meta["sites"]) != sorted(self.sites):
-            raise ScSteerError(f"--resume: checkpoint {str(path)!r} holds the sites {', '.join(meta['sites'])}, "
-                               f"this {'rank' if self.parallel == 'layers' else 'run'} trains {', '.join(self.sites)}")
-        for site, info in meta["sites"].items():
-            scfg = self.cfg.for_site(site)
-            sae = make_sae(SAEConfig(**info["sae_cfg"])).to(self.device)
-            sae.set_training_options(scfg, fresh=False)
-            sae.load_state_dict({k.split("/sae/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{site}/sae/")})
-            opt = make_optimizer(sae, scfg.resolved_lr(sae.cfg.d_in))
-            fused = bool(opt.defaults.get("fused"))
-            for pname, p in sae.named_parameters():
-                if pname in info["adam_steps"]:  # fused Adam keeps its step count on the parameter's device
-                    step = torch.tensor(info["adam_steps"][pname], dtype=torch.float32,
-                                        device=p.device if fused else "cpu")
-                    opt.state[p] = {"step": step,
-                                    "exp_avg": tensors[f"{site}/adam/{pname}/exp_avg"].to(self.device),
-                                    "exp_avg_sq": tensors[f"{site}/adam/{pname}/exp_avg_sq"].to(self.device)}
-            self.states[site] = SiteState(site, scfg, sae, opt, info["scale"],
-                                          tensors[f"{site}/since_fired"].to(self.device),
-                                          tensors[f"{site}/fire_count"].to(self.device))
+        self.step, self.states = load_checkpoint(self.checkpoint_path, self.cfg, self.sites, self.device,
+                                                 "rank" if self.parallel == "layers" else "run")
 
     # -- the loop ---------------------------------------------------------------------------------
     def _check_checkpoints(self, resume: bool) -> None:
@@ -443,9 +248,8 @@ class Trainer:
         if resume and self.checkpoint_path.exists():
             self._restore()
         log_path = self.log_path
-        if log_path.exists() and self.writes_shared:  # drop lines written after the checkpoint (and a torn last one)
-            kept = [ln for ln in log_path.read_text().splitlines() if _log_step(ln) <= self.step]
-            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+        if self.writes_shared:
+            trim_log(log_path, self.step)
         stream = map(self._local, self.source(self.step))
         if not self.states:
             first = next(stream)
@@ -527,7 +331,7 @@ class Trainer:
             wait_for_ranks(self.dist, self._done_marker, self._rank_log, "waiting for the other ranks' SAEs")
         self.dist.barrier("saving the SAEs")
         if self.dist.is_main:
-            final, old = self.out / "saes", self.out / f".saes-old-{uuid.uuid4().hex[:8]}"
+            final, old = self.out / SAES, self.out / f".saes-old-{uuid.uuid4().hex[:8]}"
             if final.exists():
                 os.replace(final, old)
             os.replace(staging, final)
@@ -536,68 +340,12 @@ class Trainer:
                 merge_logs(self.out, self.dist.world, self.all_sites)
                 for r in range(self.dist.world):
                     self._done_marker(r).unlink(missing_ok=True)
-            plot_training_curves(self.out / LOG, self.out / "training_curves.png")
+            plot_training_curves(self.out / TRAIN_LOG, self.out / CURVES)
         self.dist.barrier("the end of training")
         return out
 
 
-def checkpoint_name(dist: Dist, parallel: str | None) -> str:
-    """One checkpoint per rank when the sites are split over ranks; otherwise one for the run."""
-    return f"checkpoint.rank{dist.rank}-of-{dist.world}.safetensors" if parallel == "layers" and dist.active \
-        else CHECKPOINT
-
-
-def rank_log_name(rank: int, world: int) -> str:
-    return f"train_log.rank{rank}-of-{world}.jsonl"
-
-
-def merge_logs(out: Path, world: int, sites: list[str]) -> None:
-    """The ranks' logs as one, in the order a one-process run writes it (by step, then site)."""
-    order = {s: i for i, s in enumerate(sites)}
-    rows = []
-    for r in range(world):
-        path = out / rank_log_name(r, world)
-        if path.exists():
-            rows += [ln for ln in path.read_text().splitlines() if math.isfinite(_log_step(ln))]
-    rows.sort(key=lambda ln: (_log_step(ln), order.get(json.loads(ln).get("site"), len(order))))
-    atomic_write_text(out / LOG, "".join(ln + "\n" for ln in rows))
-
-
-def _log_step(line: str) -> float:
-    """The step of a train-log line; a line cut short by a kill counts as after every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def plot_training_curves(log_path: Path, png: Path) -> None:
-    """Loss, FVU, L0 and dead fraction per site against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    if not rows:
-        return
-    sites = sorted({r["site"] for r in rows}, key=lambda s: (len(s), s))
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for key, ax in zip(("loss", "fvu", "l0", "dead"), axes):
-        for site in sites:
-            pts = [(r["step"], r[key]) for r in rows if r["site"] == site]
-            ax.plot(*zip(*pts), label=site, lw=1)
-        ax.set_title({"loss": "training loss", "fvu": "FVU (batch)", "l0": "L0", "dead": "dead fraction"}[key])
-        ax.set_xlabel("step")
-        if key in ("loss", "fvu"):
-            ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    atomic_write(png, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
-
-
-MIN_STEPS = 4000   # bench/toy_recovery_results.md: 250 steps of 1,024 leave TopK at MMCS 0.73; 8,000 gain nothing on 4,000
+MIN_STEPS = 4000   # train_sae's least number of steps (bench/toy_recovery_results.md says why)
 
 
 def train_sae(x: torch.Tensor, architecture: str = "topk", *, d_sae: int | None = None, k: int | None = 32,
@@ -617,7 +365,7 @@ def train_sae(x: torch.Tensor, architecture: str = "topk", *, d_sae: int | None 
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
         raise ScSteerError("train_sae: x must be a float tensor of shape [N, d]")
     batch_size = min(batch_size, len(x))
-    run_keys = {f.name for f in fields(TrainConfig)} - {"sites", "batch_size", "tokens", "seed", "sae", "layers"}
+    run_keys = {f.name for f in fields(TrainConfig)} - {"sites", "batch_size", "tokens", "seed", "sae", "per_site"}
     run_opts = {key: options.pop(key) for key in list(options) if key in run_keys}
     scfg = SAETrainConfig(architecture=architecture, d_sae=d_sae, k=k, **options)
     tokens = tokens or max(10 * len(x), MIN_STEPS * batch_size)

@@ -19,20 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import validate
-from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
-from ..devices import follow_model
-from ..errors import ScSteerError
-from ..files import atomic_write_text, make_dir
-from ..models import LM, rewrap, unwrap
-from ..sites import Site
-from .base import SAE
-
-
-def check_sae_fits(lm: LM, site: Site, sae: SAE) -> None:
-    if sae.cfg.d_in != lm.width(site):
-        raise ScSteerError(f"SAE for {site} has d_in={sae.cfg.d_in}, but the model's {site} is {lm.width(site)} wide "
-                           "(an SAE trained on another model?)")
+from . import rundir, validate
+from .data import iter_batches, iter_documents, iter_rows, pad_token_id
+from .devices import follow_model
+from .errors import ScSteerError
+from .files import atomic_write_text, make_dir
+from .models import LM, rewrap, unwrap
+from .sae import SAE
 
 
 def _replace(env, fn) -> None:
@@ -59,7 +52,7 @@ def evaluate_saes(lm: LM, saes: dict[str, SAE], data: str, *, ctx: int = 256, ba
     sites = {str(s): s for s in lm.sites(list(saes))}
     follow_model(saes, lm)
     for name, site in sites.items():
-        check_sae_fits(lm, site, saes[name])
+        lm.check_sae(site, saes[name])
     ordered = sorted(sites.values(), key=lambda s: s.order)
     dev = lm.device
     acc = {name: {"n": 0, "sq_err": 0.0, "sum_x": torch.zeros(lm.width(s), dtype=torch.float64), "sum_sq": 0.0,
@@ -145,7 +138,7 @@ def write_results(results: dict[str, dict], out: str | Path, meta: dict | None =
     """``eval.json`` and ``eval.md`` in ``out`` (atomic writes)."""
     out = Path(out)
     make_dir(out)
-    paths = (out / "eval.json", out / "eval.md")
+    paths = (out / rundir.EVAL_JSON, out / rundir.EVAL_MD)
     texts = (json.dumps({"meta": meta or {}, "sites": results}, indent=1),
              f"# SAE evaluation\n\n{json.dumps(meta or {})}\n\n" + markdown_table(results))
     for p, t in zip(paths, texts):
