@@ -1,34 +1,45 @@
-"""SAE training throughput against the machine's measured matmul peak, side by side in one run.
+"""SAE training speed, side by side in one run: sc-steer's trainer step against a plain-torch step, the
+machine's matmul peak, and whether a step gets dearer as a run goes on.
 
-    OMP_NUM_THREADS=1 python bench/train.py                   # CPU: d_in 256, d_sae 4096, batch 4096
-    python bench/train.py --device cuda --d-in 4096 --d-sae 65536 --batch 4096 --autocast   # GPU, bf16
+    OMP_NUM_THREADS=1 python bench/train.py                      # CPU: the small and the demo shape
+    OMP_NUM_THREADS=1 python bench/train.py --shape wide         # d_in 256, d_sae 4096, batch 4096
+    python bench/train.py --device cuda --shape 7b --autocast    # GPU, bf16
 
-Dense-equivalent work per step is 10 * batch * d_in * d_sae FLOPs (encoder and decoder forward, and
-their three backward matmuls counted as dense). The peak is the best of repeated square matmuls of
-the same dtype on the same device, measured in this run. Steps run the real trainer step (loss,
-backward, decoder-gradient projection, clipping, Adam, renormalisation, dead-latent bookkeeping).
+Shapes (TopK): ``small`` d_in 128, 1,024 latents, k 2, batch 1,024 (the size synthetic-data studies
+use); ``demo`` d_in 256, 2,048 latents, k 32, batch 4,096 (one site of ``sc-steer demo``); ``wide``
+d_in 256, 4,096 latents, k 32, batch 4,096; ``7b`` d_in 4096, 65,536 latents, k 64, batch 4,096.
 
-TopK trains with a sparse decoder (only k of d_sae rows per token), so its dense-equivalent rate can
-exceed the matmul peak. For honesty the run also times the same step with the dense decoder (the
-base-class forward) and prints the FLOPs actually executed.
+Per shape, timed in turns (A B A B ...) so drift hits both alike, medians:
+
+* sc-steer's step (``Trainer._step_site``: loss, backward, decoder-gradient projection, clipping, Adam,
+  renormalisation, dead-latent bookkeeping) against ``bench/common.py``'s plain-torch step (dense
+  encoder, top-k, dense decoder, MSE, backward, Adam), without AuxK and with a tenth of the latents
+  dead (AuxK at its full k_aux = d_in / 2 in both);
+* dense-equivalent FLOP/s (10 * batch * d_in * d_sae per step) against the matmul peak measured in
+  this run (the sparse decoder lets TopK pass it);
+* growth (CPU shapes): ``train_sae`` on synthetic superposition data for ``--run-steps`` steps, the
+  median step time of the first and of the last tenth. AuxK's top-k scans the dead latents, so a step
+  costs a little more as more of them die; the plain step, which scans every latent, is timed with the
+  run's final dead latents beside it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import tempfile
 import time
 
 import torch
 
-from sc_steer.sae.base import SAE
+from common import dead_mask, interleaved, plain_step_fn, sync
 from sc_steer.sae.config import config_from_dict
 from sc_steer.sae.sources import tensor_source
+from sc_steer.sae.toy import make_toy_data
 from sc_steer.sae.train import Trainer
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+SHAPES = {"small": dict(d_in=128, d_sae=1024, k=2, batch=1024), "demo": dict(d_in=256, d_sae=2048, k=32, batch=4096),
+          "wide": dict(d_in=256, d_sae=4096, k=32, batch=4096), "7b": dict(d_in=4096, d_sae=65536, k=64, batch=4096)}
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
@@ -37,23 +48,84 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        sync(device)
+        sync(torch.device(device))
         t = time.perf_counter()
         a @ b
-        sync(device)
+        sync(torch.device(device))
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def trainer_for(shape: dict, device: str, autocast: bool, tokens: int, architecture: str = "topk") -> Trainer:
+    cfg = config_from_dict({"sites": ["x"], "batch_size": shape["batch"], "tokens": tokens, "autocast": autocast,
+                            "checkpoint_every": 1 << 30, "log_every": 1 << 30,
+                            "sae": {"architecture": architecture, "d_sae": shape["d_sae"], "k": shape["k"]}})
+    x = torch.randn(shape["batch"] * 4, shape["d_in"])
+    return Trainer(cfg, tensor_source({"x": x}, shape["batch"], 0), tempfile.mkdtemp(prefix="sc_steer_bench_"),
+                   {"x": {"d": shape["d_in"], "mean_norm": float(x.norm(dim=-1).mean())}}, device=device,
+                   progress=False)
+
+
+def step_pair(shape: dict, device: str, autocast: bool, auxk: bool, repeats: int) -> tuple[float, float]:
+    """(sc-steer's step, the plain step) in seconds, interleaved medians, on the same three batches."""
+    dev = torch.device(device)
+    tr = trainer_for(shape, device, autocast, 1 << 40)
+    stream = tr.source(0)
+    first = next(stream)
+    tr._init_states(first)
+    st = tr.states["x"]
+    if auxk:
+        st.since_fired.masked_fill_(dead_mask(shape["d_sae"], dev), float(1 << 40))
+    batches = [b["x"].to(dev) for b in (first, next(stream), next(stream))]
+    parts = tr._step_site(st, batches[0])
+    assert ("auxk" in parts) == auxk, "AuxK is not in the state this comparison asks for"
+    plain = plain_step_fn("topk", shape["d_in"], shape["d_sae"], shape["k"], dev, autocast, auxk)
+    i = [0]
+
+    def ours():
+        tr._step_site(st, batches[i[0] % 3])
+        tr.step += 1
+        i[0] += 1
+
+    def theirs():
+        plain(batches[i[0] % 3] * st.scale)
+
+    return tuple(interleaved([ours, theirs], dev, repeats=repeats, warmup=2))
+
+
+def growth(shape: dict, steps: int, seed: int = 0) -> tuple[float, float, int, float]:
+    """A whole ``train_sae`` run on synthetic data: median ms of the first and of the last tenth of its
+    steps, how many latents were dead (AuxK on) at the end, and the plain step's ms with those dead."""
+    x, _ = make_toy_data(shape["batch"] * 50, shape["d_in"], shape["d_sae"], shape["k"], seed=seed)
+    tr = trainer_for(shape, "cpu", False, shape["batch"] * steps)
+    tr.source = tensor_source({"x": x}, shape["batch"], seed)
+    times = []
+    step = tr._step_site
+
+    def timed_step(st, xb):
+        t = time.perf_counter()
+        out = step(st, xb)
+        times.append(time.perf_counter() - t)
+        return out
+
+    tr._step_site = timed_step
+    tr.run()
+    tenth = max(1, len(times) // 10)
+    dead = tr.states["x"].since_fired > tr.cfg.resolved_dead_tokens()
+    plain = plain_step_fn("topk", shape["d_in"], shape["d_sae"], shape["k"], torch.device("cpu"), False,
+                          bool(dead.any()), dead)
+    xb = x[:shape["batch"]]
+    t_plain = interleaved([lambda: plain(xb)], torch.device("cpu"), repeats=5, warmup=1)[0]
+    return (1e3 * statistics.median(times[:tenth]), 1e3 * statistics.median(times[-tenth:]), int(dead.sum()),
+            1e3 * t_plain)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--d-in", type=int, default=256)
-    ap.add_argument("--d-sae", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--architecture", default="topk")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--shape", action="append", choices=list(SHAPES), help="repeat for several (default: small, demo)")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--run-steps", type=int, default=400, help="steps of the growth run (CPU shapes)")
     ap.add_argument("--autocast", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--peak-n", type=int, default=None, help="square matmul size for the peak (default 2048 CPU, 8192 GPU)")
     args = ap.parse_args()
@@ -61,60 +133,26 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     gpu = args.device.startswith("cuda")
     peak_dtype = torch.bfloat16 if args.autocast else torch.float32
-    peak_n = args.peak_n or (8192 if gpu else 2048)
-
-    cfg = config_from_dict({"sites": ["x"], "batch_size": args.batch, "tokens": args.batch * (args.steps + 3),
-                            "autocast": args.autocast, "checkpoint_every": 1 << 30, "log_every": 1 << 30,
-                            "sae": {"architecture": args.architecture, "d_sae": args.d_sae, "k": args.k}})
-    n_data = args.batch * 4
-    x = torch.randn(n_data, args.d_in)
-    trainer = Trainer(cfg, tensor_source({"x": x}, args.batch, 0), "/tmp/sc_steer_bench_train",
-                      {"x": {"d": args.d_in, "mean_norm": float(x.norm(dim=-1).mean())}}, device=args.device,
-                      progress=False)
-    stream = trainer.source(0)
-    first = next(stream)
-    trainer._init_states(first)
-    st = trainer.states["x"]
-    batches = [b["x"].to(args.device) for b in (first, next(stream), next(stream))]
-
-    def steps(n: int) -> float:
-        sync(args.device)
-        t = time.perf_counter()
-        for i in range(n):
-            trainer._step_site(st, batches[i % len(batches)])
-            trainer.step += 1
-        sync(args.device)
-        return time.perf_counter() - t
-
-    def dense_steps(n: int) -> float:
-        sae = st.sae
-        fast = type(sae).train_forward
-        sae.train_forward = lambda x, inputs: SAE.train_forward(sae, x, inputs)  # the dense reference path
-        try:
-            return steps(n)
-        finally:
-            sae.train_forward = fast.__get__(sae)
-
-    steps(2)  # warm-up
-    peak_before = matmul_peak(args.device, peak_dtype, peak_n, 5)
-    dt = steps(args.steps)
-    dt_dense = dense_steps(args.steps) if args.architecture == "topk" else None
-    peak_after = matmul_peak(args.device, peak_dtype, peak_n, 5)
-    peak = max(peak_before, peak_after)
-    flops = 10 * args.batch * args.d_in * args.d_sae * args.steps
+    peak = matmul_peak(args.device, peak_dtype, args.peak_n or (8192 if gpu else 2048), 5)
     name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"device: {name}; {args.architecture} SAE d_in={args.d_in} d_sae={args.d_sae} k={args.k} "
-          f"batch={args.batch}, {'bf16 autocast' if args.autocast else 'fp32'}")
-    print(f"matmul peak ({str(peak_dtype).removeprefix('torch.')}, {peak_n}^3): {peak / 1e9:,.1f} GFLOP/s")
-    print(f"SAE training: {dt / args.steps * 1e3:,.1f} ms/step, {args.batch * args.steps / dt:,.0f} tokens/s, "
-          f"{flops / dt / 1e9:,.1f} dense-equivalent GFLOP/s")
-    print(f"fraction of matmul peak: {100 * flops / dt / peak:.1f}%  (target >= 60%)")
-    if dt_dense is not None:
-        executed = (4 * args.batch * args.d_in * args.d_sae + 6 * args.batch * args.k * args.d_in) * args.steps
-        print(f"  executed FLOPs (dense encoder, sparse decoder): {executed / dt / 1e9:,.1f} GFLOP/s "
-              f"= {100 * executed / dt / peak:.1f}% of peak")
-        print(f"dense-decoder reference step: {dt_dense / args.steps * 1e3:,.1f} ms/step, "
-              f"{100 * flops / dt_dense / peak:.1f}% of peak; sparse decoder speed-up {dt_dense / dt:.2f}x")
+    print(f"device: {name}; {'bf16 autocast' if args.autocast else 'fp32'}; matmul peak "
+          f"({str(peak_dtype).removeprefix('torch.')}): {peak / 1e9:,.1f} GFLOP/s")
+    print("| shape | AuxK | sc-steer ms/step | plain ms/step | sc-steer / plain | sc-steer dense-equivalent % of peak |")
+    print("|---|---|---|---|---|---|")
+    for key in args.shape or ["small", "demo"]:
+        shape = SHAPES[key]
+        flops = 10 * shape["batch"] * shape["d_in"] * shape["d_sae"]
+        for auxk in (False, True):
+            ours, plain = step_pair(shape, args.device, args.autocast, auxk, args.repeats)
+            print(f"| {key} | {'a tenth dead' if auxk else 'off'} | {1e3 * ours:,.1f} | {1e3 * plain:,.1f} "
+                  f"| {ours / plain:.2f} | {100 * flops / ours / peak:.0f}% |", flush=True)
+    if not gpu:
+        for key in args.shape or ["small", "demo"]:
+            if key in ("small", "demo"):
+                first, last, dead, plain = growth(SHAPES[key], args.run_steps)
+                print(f"growth, {key} shape, {args.run_steps} steps of train_sae on synthetic data: first tenth "
+                      f"{first:.1f} ms/step, last tenth {last:.1f} ms/step ({last / first:.2f}x); {dead} latents dead "
+                      f"at the end, where the plain step takes {plain:.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

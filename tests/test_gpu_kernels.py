@@ -92,7 +92,7 @@ def _step(sae, x, inputs, autocast=True):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_gpu_step_matches_torch_kernels_and_the_dense_reference(arch, split, monkeypatch):
     if split == "gathers":
-        monkeypatch.setattr(sparse, "DENSE_FROM", float("inf"))
+        monkeypatch.setitem(sparse.DENSE_FROM, torch.device(DEV).type, float("inf"))
     torch.manual_seed(0)
     d_in, d_sae, k, B = 256, 4096, 32, 1024
     sae = make_sae(SAEConfig(arch, d_in, d_sae, k=k)).to(DEV)

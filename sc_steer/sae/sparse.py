@@ -15,16 +15,18 @@ than dense products, so both maps scatter the code into a dense ``[B, d_sae]`` m
 
 Both weight gradients are the same operation, :func:`scatter_rows`: add ``coef * dense[row]`` into
 row ``col`` of a ``[d_sae, d]`` output. On CUDA it runs as a Triton kernel over latents sorted into
-segments (no atomics, every output row written once); with ``SC_STEER_KERNELS=torch``, as chunked
-``index_add_`` (the reference the tests compare the kernel with).
+segments (no atomics, every output row written once); on the CPU as one COO-times-dense product; with
+``SC_STEER_KERNELS=torch`` on other devices as chunked ``index_add_`` (the reference the tests compare
+the kernel with). The decoder's value gradient is a sampled dense product on the CPU.
 
-:func:`kernels` picks the path. Without Triton (CPU builds) the plain autograd path is faster (the
-encoder's dense backward matmul and ``embedding_bag``'s own backward beat the chunked fallbacks:
-measured by ``bench/train.py`` and ``bench/gpu.py``), so it is the default there.
+:func:`kernels` picks the path: Triton on CUDA, these sparse PyTorch ops on the CPU (at the demo's shape
+a TopK step takes 0.4x the time of a plain dense step, against 0.55x for the dense-encoder autograd
+path: ``bench/train.py``), the autograd path elsewhere.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +34,18 @@ import torch.nn.functional as F
 from ..errors import ScSteerError
 
 CHUNK_ELEMENTS = 1 << 26  # the torch paths materialise at most this many [rows, d] elements at a time
-# Per row, gathering ``e`` rows of a [d_sae, d] weight reads e * d values; a dense product costs 2 * d_sae * d
-# FLOPs. At ~3 TB/s against ~800 bf16 TFLOP/s (H100/H200) the gather wins below about d_sae / 260 entries
-# per row: TopK's k = 64 of 65,536 latents stays sparse, AuxK's k_aux = 2,048 goes dense (8x faster).
-DENSE_FROM = 1 / 256      # entries per row, as a share of d_sae, from which the maps below run dense
+# Entries per row, as a share of d_sae, from which the maps below run as dense products, per device type.
+# GPU: gathering ``e`` rows of a [d_sae, d] weight reads e * d values, a dense product costs 2 * d_sae * d
+# FLOPs; at ~3 TB/s against ~800 bf16 TFLOP/s (H100/H200) the gather wins below about d_sae / 260 entries
+# per row (TopK's k = 64 of 65,536 stays sparse, AuxK's k_aux = 2,048 goes dense, 8x faster). CPU: the
+# sparse products (COO times dense, sampled dense-dense) beat dense ones up to about a quarter of d_sae
+# (bench/train.py).
+DENSE_FROM = {"cpu": 1 / 4, "cuda": 1 / 256}
 
 
-def runs_dense(entries_per_row: int, n_latents: int) -> bool:
+def runs_dense(entries_per_row: int, n_latents: int, device: torch.device) -> bool:
     """Whether a map over ``entries_per_row`` selected latents of ``n_latents`` is cheaper as dense products."""
-    return entries_per_row >= DENSE_FROM * n_latents
+    return entries_per_row >= DENSE_FROM.get(device.type, DENSE_FROM["cuda"]) * n_latents
 
 
 def densify(idx: torch.Tensor, vals: torch.Tensor, n_latents: int) -> torch.Tensor:
@@ -49,9 +54,10 @@ def densify(idx: torch.Tensor, vals: torch.Tensor, n_latents: int) -> torch.Tens
 
 
 def kernels(device: torch.device) -> str:
-    """The TopK training path on ``device``: ``triton`` (sparse, Triton kernel), ``torch`` (sparse,
-    PyTorch fallbacks) or ``autograd`` (dense encoder backward, ``embedding_bag`` decoder). Set
-    ``SC_STEER_KERNELS`` to auto (default), triton, torch or autograd."""
+    """The TopK training path on ``device``: ``triton`` (sparse, Triton kernels: CUDA), ``torch`` (sparse,
+    PyTorch ops: the CPU's default, where sparse-dense products are fast) or ``autograd`` (dense encoder
+    backward, ``embedding_bag`` decoder: other devices). Set ``SC_STEER_KERNELS`` to auto (default),
+    triton, torch or autograd."""
     choice = os.environ.get("SC_STEER_KERNELS", "auto")
     if choice not in ("auto", "torch", "triton", "autograd"):
         raise ScSteerError(f"SC_STEER_KERNELS={choice!r}: expected auto, triton, torch or autograd")
@@ -64,7 +70,7 @@ def kernels(device: torch.device) -> str:
             return "triton"
     if choice == "triton" and device.type == "cuda":
         raise ScSteerError("SC_STEER_KERNELS=triton: Triton is not importable here")
-    return "autograd"
+    return "torch" if device.type == "cpu" else "autograd"
 
 
 def _chunks(n_rows: int, per_row: int):
@@ -83,7 +89,15 @@ def scatter_rows(idx: torch.Tensor, coef: torch.Tensor, dense: torch.Tensor, n_o
 
 
 def scatter_rows_torch(idx: torch.Tensor, coef: torch.Tensor, dense: torch.Tensor, n_out: int) -> torch.Tensor:
+    """``scatter_rows`` with PyTorch ops. On the CPU one sparse-dense product: the code as a ``[n_out, B]``
+    COO matrix times ``dense`` (about 8x faster than a dense product at the demo's shape); elsewhere
+    chunked ``index_add_`` (the reference the Triton kernel is checked against)."""
     k, d = idx.shape[1], dense.shape[1]
+    if dense.device.type == "cpu":
+        rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(k)
+        code = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), coef.reshape(-1).float(),
+                                       (n_out, idx.shape[0]))
+        return torch.sparse.mm(code, dense.float())
     out = torch.zeros(n_out, d, device=dense.device, dtype=torch.float32)
     for rows in _chunks(idx.shape[0], k * d):
         contrib = coef[rows].float().unsqueeze(-1) * dense[rows].float().unsqueeze(1)   # [r, k, d]
@@ -111,7 +125,16 @@ def gather_dot(idx: torch.Tensor, W: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
 
 def gather_dot_torch(idx: torch.Tensor, W: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``gather_dot`` with PyTorch ops: rows gathered a chunk at a time, then a batched product."""
+    """``gather_dot`` with PyTorch ops. On the CPU in fp32, ``g @ W.T`` sampled at the code's entries
+    (``torch.sparse.sampled_addmm`` over a CSR pattern: only the B * k products are computed); elsewhere
+    rows gathered a chunk at a time, then a batched product."""
+    if W.device.type == "cpu" and W.dtype == torch.float32:
+        B, k = idx.shape
+        with warnings.catch_warnings():   # "sparse CSR support is in beta": the sampled product is what is used
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=idx.device), idx.reshape(-1),
+                                              torch.zeros(B * k, device=W.device, dtype=W.dtype), size=(B, W.shape[0]))
+        return torch.sparse.sampled_addmm(pattern, g.to(W.dtype), W.T, beta=0.0).values().view(B, k)
     out = torch.empty(idx.shape, device=W.device, dtype=W.dtype)
     g = g.to(W.dtype)
     for rows in _chunks(idx.shape[0], idx.shape[1] * W.shape[1]):
@@ -124,7 +147,7 @@ class _Decode(torch.autograd.Function):
     def forward(ctx, idx, vals, W):
         W_lp = W if W.dtype == vals.dtype else W.to(vals.dtype)   # one cast per step, not per row read
         ctx.w_dtype = W.dtype
-        ctx.dense = runs_dense(idx.shape[1], W.shape[0])
+        ctx.dense = runs_dense(idx.shape[1], W.shape[0], W.device)
         with torch.autocast(W.device.type, enabled=False):
             if ctx.dense:
                 code = densify(idx, vals, W.shape[0])
@@ -181,7 +204,7 @@ class _Select(torch.autograd.Function):
         grad_W = grad_b_enc = grad_b_dec = None
         if ctx.needs_input_grad[3]:
             centred = x.to(g.dtype) - b_dec.to(g.dtype)
-            if runs_dense(idx.shape[1], d_sae):   # many entries per row (AuxK): one dense product
+            if runs_dense(idx.shape[1], d_sae, g.device):   # many entries per row (AuxK): one dense product
                 grad_W = (centred.T @ densify(idx, g, d_sae)).to(ctx.w_dtype)
             else:
                 grad_W = scatter_rows(idx, g, centred, d_sae).t().contiguous().to(ctx.w_dtype)
