@@ -157,6 +157,23 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
 def launch(runs: str | Path | list, host: str = "127.0.0.1", port: int = 7860, *, device: str | torch.device = "cpu",
            dtype: str | torch.dtype = "float32", limits: Limits = Limits(), **kwargs):
     """Build the app and serve it (blocks unless ``prevent_thread_lock=True`` is passed)."""
+    check_address(host, port)   # before the models load: a taken port is known at once
     demo = build(runs, device=device, dtype=dtype, limits=limits)
-    demo.launch(server_name=host, server_port=port, **kwargs)
+    try:
+        demo.launch(server_name=host, server_port=port, **kwargs)
+    except (OSError, OverflowError) as e:
+        raise ScSteerError(f"cannot serve on --host {host} --port {port}: {str(e).split('. ')[0]}") from None
     return demo
+
+
+def check_address(host: str, port: int) -> None:
+    """One line where ``port`` is taken on ``host``, or ``host`` is not an address of this machine."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds: a closing port is free
+            s.bind((host, port))
+    except (OSError, OverflowError) as e:
+        raise ScSteerError(f"cannot serve on --host {host} --port {port}: {e.strerror or e} (is the port taken? "
+                           "is the host an address of this machine?)") from None

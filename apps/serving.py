@@ -89,6 +89,8 @@ class Playground:
                 self.features[site] = records
         graph = self._path(rundir.GRAPH, "graph.json")
         self.graph = read_json(graph, "the run's feature graph (node-link JSON)") if graph.exists() else None
+        if self.graph is not None and not isinstance(self.graph.get("links"), list):
+            raise ScSteerError(f"{str(graph)!r} is not a node-link graph (no list of \"links\"); rerun sc-steer graph")
 
     def _path(self, *parts: str) -> Path:
         p = self.run.joinpath(*parts).resolve()
@@ -157,7 +159,7 @@ class Playground:
         n = validate.integer("max_new_tokens", as_int("max_new_tokens", max_new_tokens), 1, lim.max_new_tokens)
         kw = dict(max_new_tokens=n, do_sample=validate.boolean("sample", sample),
                   temperature=validate.number("temperature", temperature, 0, 100, lo_open=True),
-                  seed=validate.integer("seed", as_int("seed", seed), 0))
+                  seed=validate.seed("seed", as_int("seed", seed)))
         for it in (recipe.interventions if recipe else []):
             it.check(self.lm, self.saes)
         self.lm.check_positions(n_prompt + n, "prompt tokens + max_new_tokens")

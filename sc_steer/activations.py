@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import validate
 from .data import TokenBatch, data_fingerprint, iter_batches, iter_documents, iter_rows, pad_token_id, prefetch
-from .devices import DTYPES, to_device
+from .devices import DTYPES, check_fits, to_device
 from .distributed import LOCAL, Dist
 from .errors import ScSteerError
 from .files import make_dir, read_json
@@ -128,6 +128,9 @@ def collect(lm: LM, sites: list[Site] | str, data: str, out: str | Path, *, prog
     _check_config(cfg)
     lm.check_positions(cfg.ctx)
     store_dtype = DTYPES[cfg.store_dtype] if cfg.store_dtype else lm.dtype
+    width = sum(lm.width(s) for s in sites) + lm.d_model * (sites[-1].layer + 1)   # saved sites, hidden states
+    check_fits(cfg.batch_size * cfg.ctx * width * 4 * 2, f"collecting batches of {cfg.batch_size:,} rows of "
+               f"{cfg.ctx:,} tokens", lm.device)
     out = Path(out)
     docs = iter_documents(data, field=cfg.field, split=cfg.split)  # a bad source fails here, before any write
     header = {"format": FORMAT, "config": cfg.__dict__ | {"sites": list(cfg.sites)}, "model": lm.fingerprint(),

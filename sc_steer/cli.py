@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import validate
 from .errors import ScSteerError
 from .files import check_new_file
 
@@ -201,6 +202,8 @@ def cmd_app(args) -> None:
     from sc_steer_apps.serving import Limits
 
     limits = Limits(args.max_new_tokens, args.max_prompt_tokens, args.time_limit).check()
+    validate.integer("--port", args.port, 1, 65535)
+    validate.text("--host", args.host)
     print(f"serving {', '.join(args.run)} on http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)
     launch(args.run, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits)
 

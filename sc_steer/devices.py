@@ -11,6 +11,7 @@ Every function that takes a model and SAEs calls ``follow_model`` first, so SAEs
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -88,3 +89,25 @@ def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, for_device: torch.de
     """An empty host tensor that ``for_device`` copies into: pinned for CUDA (fast asynchronous copies;
     torch's caching host allocator reuses freed blocks, so repeated shards pin no new memory)."""
     return torch.empty(shape, dtype=dtype, pin_memory=for_device.type == "cuda")
+
+
+def memory_of(device: torch.device) -> int | None:
+    """The memory of ``device`` in bytes (the host's RAM for the CPU), or None where it is not known."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_fits(n_bytes: float, what: str, device: torch.device | str = "cpu") -> None:
+    """A one-line error, before anything is allocated or written, where ``what`` would need more memory than
+    ``device`` has at all (a typo such as ``--expansion 10000`` or ``--top-n 10**9``, not a tight fit)."""
+    device = torch.device(device)
+    total = memory_of(device)
+    if total is not None and n_bytes > total:
+        raise ScSteerError(f"{what} would need {n_bytes / 2 ** 30:,.1f} GiB, more than the "
+                           f"{total / 2 ** 30:,.1f} GiB of memory of {device}")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import rundir, validate
 from .data import iter_batches, iter_documents, iter_rows, pad_token_id
-from .devices import follow_model
+from .devices import check_fits, follow_model
 from .errors import ScSteerError
 from .files import atomic_write_text, make_dir
 from .models import LM, rewrap, unwrap
@@ -49,6 +49,8 @@ def evaluate_saes(lm: LM, saes: dict[str, SAE], data: str, *, ctx: int = 256, ba
     validate.integer("--batch-size", batch_size, 1)
     validate.integer("context length", ctx, 2)
     lm.check_positions(ctx)
+    check_fits(batch_size * ctx * (int(lm.config.vocab_size) * 4 * 3 + lm.d_model * (lm.n_layers + 1) * 4),
+               f"evaluating batches of {batch_size:,} rows of {ctx:,} tokens", lm.device)
     sites = {str(s): s for s in lm.sites(list(saes))}
     follow_model(saes, lm)
     for name, site in sites.items():

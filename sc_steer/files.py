@@ -64,21 +64,31 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
 
 
-def read_json(path: str | Path, what: str, expect: type | None = dict):
-    """A JSON file the library or the user wrote, as ``expect`` (a dict unless told; None: any JSON):
-    one-line errors, naming ``what`` it should be, for a file that is missing, unreadable, not JSON, or
-    JSON of another shape (a list where an object belongs)."""
-    path = Path(path)
+def parse_json(text: str, where: str, expect: type | None = dict, what: str = ""):
+    """JSON text as ``expect`` (a dict unless told; None: any JSON), with one-line errors that say
+    ``where`` it came from and ``what`` it should be."""
     try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ScSteerError(f"{str(path)!r} does not exist (expected {what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScSteerError(f"{str(path)!r} is not readable JSON ({e}); expected {what}") from None
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScSteerError(f"{where} is not valid JSON ({e})" + (f"; expected {what}" if what else "")) from None
     if expect is not None and not isinstance(value, expect):
         shape = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
-        raise ScSteerError(f"{str(path)!r}: expected {shape} ({what}), found {type(value).__name__}")
+        raise ScSteerError(f"{where}: expected {shape}" + (f" ({what})" if what else "")
+                           + f", found {type(value).__name__}")
     return value
+
+
+def read_json(path: str | Path, what: str, expect: type | None = dict):
+    """A JSON file the library or the user wrote (``parse_json``); a missing or unreadable file is one
+    line too."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ScSteerError(f"{str(path)!r} does not exist (expected {what})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScSteerError(f"{str(path)!r} is unreadable ({e}); expected {what}") from None
+    return parse_json(text, repr(str(path)), expect, what)
 
 
 def file_sha256(path: str | Path, chars: int = 16) -> str:

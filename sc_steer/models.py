@@ -298,4 +298,8 @@ def open_model(model: str | torch.nn.Module, *, tokenizer: Any = None, device: s
         hf = hf.to(device)
     except (RuntimeError, AssertionError) as e:
         raise ScSteerError(f"--device {device}: {str(e).splitlines()[0]}") from e
+    bad = next((n for n, p in hf.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise ScSteerError(f"model {model!r}: its weight {bad} holds NaN or infinite values (a corrupt or diverged "
+                           "checkpoint)")
     return LM(hf.eval(), tok, name, remote=remote)

@@ -59,7 +59,7 @@ def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path,
     store.check_batch_size(cfg.batch_size)
     info = {s: {"d": store.d(s), "mean_norm": store.mean_norm(s), "module": store.manifest["sites"][s].get("module")}
             for s in sites}
-    cfg.check_widths({s: v["d"] for s, v in info.items()})
+    cfg.check_widths({s: v["d"] for s, v in info.items()}, device)
     check_parallel(parallel, dist, len(sites))
     c = store.manifest["config"]
     meta = {"model_name": store.manifest["model"]["name"], "context_size": c["ctx"], "prepend_bos": c["prepend_bos"],
@@ -85,7 +85,7 @@ def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ct
     validate.integer("--ctx", ctx, 2)
     lm.check_positions(ctx)
     info = {str(s): {"d": lm.width(s), "module": lm.module_path(s)} for s in sites}
-    cfg.check_widths({s: v["d"] for s, v in info.items()})
+    cfg.check_widths({s: v["d"] for s, v in info.items()}, resolve_device(device))
     check_parallel(parallel, dist, len(sites))
     if dist.active and parallel == "data":
         raise ScSteerError("--parallel data trains from an activation collection (--activations): collect first "

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .errors import ScSteerError
-from .files import atomic_write_text, check_folder, make_dir, read_json
+from .files import atomic_write_text, check_folder, make_dir, parse_json, read_json
 from .models import LM, open_model
 from .sae.base import SAE
 from .sae.config import stored_config
@@ -182,16 +182,8 @@ def read_records(run: str | Path, site: str, kind: str = "sae") -> list[dict] | 
     path = records_path(run, site, kind)
     if not path.exists():
         return None
-    records = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScSteerError(f"{str(path)!r} line {i + 1} is not JSON ({e}); rerun sc-steer interpret") from None
-        if not isinstance(rec, dict):
-            raise ScSteerError(f"{str(path)!r} line {i + 1}: expected a JSON object (one unit's record)")
-        records.append(rec)
-    return records
+    return [parse_json(line, f"{str(path)!r} line {i + 1}", dict, "one unit's record; rerun sc-steer interpret")
+            for i, line in enumerate(path.read_text().splitlines())]
 
 
 def read_record(run: str | Path, site: str, unit: int, kind: str = "sae") -> dict:

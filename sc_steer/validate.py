@@ -14,13 +14,25 @@ from typing import Any
 from .errors import ScSteerError
 
 
+INT64_MAX = 2 ** 63 - 1   # every integer here may reach torch, which holds it in 64 bits
+SEED_MAX = 2 ** 32 - 1    # seeds are combined with step and epoch counts, and must stay in 64 bits then
+
+
 def integer(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """An int (not a bool) in [lo, hi]."""
+    """An int (not a bool) in [lo, hi], and within 64 bits whatever ``hi`` says."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ScSteerError(f"{name} {value!r}: expected an integer{_range(lo, hi)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ScSteerError(f"{name} {value!r}: expected an integer{_range(lo, hi)}")
+    if abs(value) > INT64_MAX:
+        raise ScSteerError(f"{name} {value!r}: expected an integer{_range(lo, hi)} of at most 64 bits "
+                           f"(|value| <= {INT64_MAX:,})")
     return value
+
+
+def seed(name: str, value: Any) -> int:
+    """A random seed: an integer in [0, 2**32 - 1]."""
+    return integer(name, value, 0, SEED_MAX)
 
 
 def number(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,

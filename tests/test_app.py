@@ -1,5 +1,6 @@
 """The Gradio playground as users start it (`sc-steer app --run A --run B --port P`, a subprocess):
-API through gradio_client, concurrent users, and a real headless browser."""
+API through gradio_client, concurrent users, and a real headless browser (marked slow); and the UI built in
+process."""
 import json
 import os
 import threading
@@ -11,6 +12,24 @@ from sc_steer import open_model
 from sc_steer.interpret import interpret
 from helpers import firing_sae, launch_chromium, serve_app
 from sc_steer.steer import Intervention, Recipe, generate
+
+def test_the_app_builds_with_the_library_s_modes_and_a_steer_endpoint(tiny_model_dirs, tmp_path):
+    """In process, without a server (the tests below start it as users do): the UI builds over a run, its
+    mode and position choices are the library's, and its recipe table and snippet round-trip a recipe."""
+    from sc_steer.steer import MODES, POSITIONS
+    from sc_steer_apps.playground import build, python_snippet, recipe_from_rows
+    from sc_steer_apps.serving import Playground
+
+    firing_sae().save(tmp_path / "saes" / "resid_post.1")
+    (tmp_path / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
+    blocks = build([tmp_path])
+    radios = [c for c in blocks.blocks.values() if type(c).__name__ == "Radio"]
+    assert sorted(tuple(ch[0] for ch in r.choices) for r in radios) == sorted([MODES, POSITIONS])
+    assert "steer" in {d.api_name for d in blocks.fns.values()}
+    rec = recipe_from_rows([["resid_post.1", 3, "clamp", 2.5, "prompt"], ["", None, None, None, None]])
+    assert rec.interventions == [Intervention("resid_post.1", 3, "clamp", 2.5, "prompt")]
+    snippet = python_snippet(rec, Playground(tmp_path))
+    assert "Intervention('resid_post.1', 3, 'clamp', 2.5, 'prompt')" in snippet and str(tmp_path) in snippet
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +56,7 @@ def recipe(feature, coeff, mode="add"):
     return Recipe([Intervention("resid_post.1", feature, mode, coeff)])
 
 
+@pytest.mark.slow
 def test_gradio_client_gets_the_library_result(app):
     from gradio_client import Client
 
@@ -49,6 +69,7 @@ def test_gradio_client_gets_the_library_result(app):
     assert steered != base
 
 
+@pytest.mark.slow
 def test_a_second_run_is_served_with_its_own_saes(app):
     from gradio_client import Client
 
@@ -61,6 +82,7 @@ def test_a_second_run_is_served_with_its_own_saes(app):
         client.predict("In the beginning", r.to_json(), 5, False, 1.0, 0, "/etc", api_name="/steer")
 
 
+@pytest.mark.slow
 def test_four_concurrent_clients_each_get_their_own_result(app):
     from gradio_client import Client
 
@@ -81,6 +103,7 @@ def test_four_concurrent_clients_each_get_their_own_result(app):
     assert results == expected
 
 
+@pytest.mark.slow
 def test_bad_recipe_is_a_clear_error(app):
     from gradio_client import Client
 
@@ -89,6 +112,7 @@ def test_bad_recipe_is_a_clear_error(app):
         client.predict("In the beginning", recipe(99, 1.0).to_json(), 5, False, 1.0, 0, "", api_name="/steer")
 
 
+@pytest.mark.slow
 def test_browser_adds_a_feature_and_sees_steered_text(app, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     shot = Path(os.environ.get("SC_STEER_SCREENSHOT_DIR", tmp_path)) / "playground.png"
@@ -122,6 +146,7 @@ def test_browser_adds_a_feature_and_sees_steered_text(app, tmp_path):
     assert errors == []
 
 
+@pytest.mark.slow
 def test_a_huge_request_does_not_block_a_normal_one(tiny_model_dirs, tmp_path):
     """Requests are bounded at launch: too many tokens or too long a prompt are refused at once, and a
     long-but-allowed generation stops at the time limit, so a normal request behind it waits little."""
@@ -162,6 +187,7 @@ def test_a_huge_request_does_not_block_a_normal_one(tiny_model_dirs, tmp_path):
     assert got["long_s"] < 10 and got["long"][0], got
 
 
+@pytest.mark.slow
 def test_generation_stops_at_its_time_limit_or_when_cancelled(app):
     import time
 
@@ -178,6 +204,7 @@ def test_generation_stops_at_its_time_limit_or_when_cancelled(app):
     assert len(generate(lm, ["In the beginning"], None, saes, max_new_tokens=400, cancel=stop)[0]) < len(full)
 
 
+@pytest.mark.slow
 def test_a_stream_closed_by_its_client_stops_generating(app):
     """A browser that goes away closes the stream: the generation stops and the model lock is freed."""
     import time

@@ -7,6 +7,7 @@ SAE files, recipes, and the playground's request fields.
 import hashlib
 import json
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,40 @@ def ws(tiny_model_dirs, tmp_path_factory):
     wide = root / "run_wide"
     firing_sae(d_in=24).save(wide / "saes" / "resid_post.1")
     (wide / "run.json").write_text(json.dumps({"model": model}))
-    return {"root": root, "model": model}
+    nan_run = root / "run_nan"                  # an SAE whose weights are all NaN (a diverged training)
+    broken = firing_sae()
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.fill_(math.nan)
+    broken.save(nan_run / "saes" / "resid_post.1")
+    (nan_run / "run.json").write_text(json.dumps({"model": model}))
+    (root / "graph_list").mkdir()               # JSON files of the right name and the wrong shape
+    (root / "graph_list" / "recipe.json").write_text("[1, 2]")
+    (root / "acts_list").mkdir()
+    (root / "acts_list" / "manifest.json").write_text("[1, 2]")
+    (root / "r_list.json").write_text("[1, 2]")
+    (root / "r_items.json").write_text(json.dumps({"interventions": ["resid_post.1"]}))
+    (root / "r_nosite.json").write_text(json.dumps({"interventions": [{"feature": 1}]}))
+    (root / "r_name.json").write_text(json.dumps({"interventions": [], "name": 5}))
+    labels = root / "run_badrecords"            # interpretation records with a line that is not an object
+    for i in range(3):
+        firing_sae(seed=i).save(labels / "saes" / f"resid_post.{i}")
+    (labels / "run.json").write_text(json.dumps({"model": model}))
+    (labels / "features").mkdir()
+    (labels / "features" / "resid_post.0.jsonl").write_text('{"id": 0}\n[1]\n')
+    nan_model = root / "nan_model"              # a checkpoint with a NaN weight
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.down_proj.weight[0, 0] = math.nan
+    hf.save_pretrained(nan_model)
+    for f in Path(model).glob("tokenizer*"):
+        (nan_model / f.name).write_bytes(f.read_bytes())
+    with socket.socket() as taken:              # a port some other program serves on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield {"root": root, "model": model, "taken_port": taken.getsockname()[1]}
 
 
 def snapshot(root: Path) -> dict:
@@ -184,7 +218,7 @@ def cli_cases():
     # eval / interpret / graph / steer on broken runs
     for cmd in ("eval", "interpret", "graph", "steer"):
         extra = {"graph": ["--out", "G"], "steer": ["--prompt", "In the", "--add", "resid_post.1:1:4"]}.get(cmd, [])
-        for run, msg in [("nope", "no run.json"), ("run_badjson", "not readable JSON"), ("run_nomodel", "does not name"),
+        for run, msg in [("nope", "no run.json"), ("run_badjson", "not valid JSON"), ("run_nomodel", "does not name"),
                          ("run_list", "does not name"), ("run_nosaes", "no saes/ folder"),
                          ("run_emptysaes", "no SAE")]:
             add(f"{cmd} --run {run}", lambda ws, c=cmd, r=run, e=extra: [c, "--run", R(ws, r)] +
@@ -258,6 +292,39 @@ def cli_cases():
                                                            R(ws, "notes")), "is a folder")
     add("steer empty prompt", lambda ws: ["steer", "--run", R(ws, "run"), "--prompt", "", "--add",
                                           "resid_post.1:3:4"], "prompt")
+    # integers beyond what their consumer takes, sizes no machine holds, non-finite weights, JSON of the wrong shape
+    big = "99999999999999999999999"
+    add("steer --seed too large", lambda ws: st(ws, "--add", "resid_post.1:3:4", "--seed", big), f"seed {big}")
+    add("steer --seed above 2**32", lambda ws: st(ws, "--add", "resid_post.1:3:4", "--seed", str(2 ** 32)), "seed")
+    add("train --seed too large", lambda ws: tb(ws, "--seed", big), f"seed {big}")
+    add("train --tokens beyond 64 bits", lambda ws: tb(ws, "--tokens", big), "64 bits")
+    add("train --checkpoint-every beyond 64 bits", lambda ws: tb(ws, "--checkpoint-every", big), "64 bits")
+    add("train --expansion beyond memory", lambda ws: tb(ws, "--expansion", "100000000"), "GiB of memory")
+    add("train --d-sae beyond memory", lambda ws: tb(ws, "--d-sae", str(10 ** 12)), "GiB of memory")
+    add("collect --max-tokens beyond 64 bits", lambda ws: base(ws, "--max-tokens", big), "64 bits")
+    add("collect --batch-size beyond memory", lambda ws: base(ws, "--ctx", "32", "--batch-size", str(10 ** 12)),
+        "GiB of memory")
+    add("eval --batch-size beyond memory", lambda ws: ev(ws, "--batch-size", str(10 ** 12)), "GiB of memory")
+    add("interpret --top-n beyond memory", lambda ws: it(ws, "--top-n", str(10 ** 12)), "GiB of memory")
+    add("interpret --window beyond memory", lambda ws: it(ws, "--window", str(10 ** 12)), "GiB of memory")
+    add("graph --max-prompts beyond 64 bits", lambda ws: gr(ws, "--max-prompts", big), "64 bits")
+    add("steer with a NaN SAE", lambda ws: ["steer", "--run", R(ws, "run_nan"), "--prompt", "In the", "--add",
+                                             "resid_post.1:1:4"], "NaN or infinite")
+    add("eval with a NaN SAE", lambda ws: ["eval", "--run", R(ws, "run_nan")], "NaN or infinite")
+    add("collect a model with a NaN weight", lambda ws: ["collect", "--model", R(ws, "nan_model"), *good(ws), "--out",
+                                                         R(ws, "new_acts")], "NaN or infinite")
+    add("graph --out with a list for its recipe", lambda ws: gr(ws)[:-2] + ["--out", R(ws, "graph_list")],
+        "expected a JSON object")
+    add("collect --out with a list for its manifest", lambda ws: ["collect", *M(ws), *good(ws), "--out",
+                                                                  R(ws, "acts_list")], "expected a JSON object")
+    add("train --activations with a list for its manifest", lambda ws: ["train", "--activations", R(ws, "acts_list"),
+                                                                        "--out", R(ws, "new_run")], "expected a JSON object")
+    add("graph labels with a non-object line", lambda ws: ["graph", "--run", R(ws, "run_badrecords"), "--prompts",
+                                                           R(ws, "good.txt"), "--out", R(ws, "new_graph")],
+        "line 2: expected a JSON object")
+    for name, msg in [("r_list.json", "expected a JSON object"), ("r_items.json", "intervention 0 is str"),
+                      ("r_nosite.json", "names no site"), ("r_name.json", "name 5")]:
+        add(f"steer --recipe {name}", lambda ws, n=name: st(ws, "--recipe", R(ws, n)), msg)
     # demo and app
     add("demo --collect-tokens 3000 (less than a batch)", lambda ws: ["demo", "--out", R(ws, "new_demo"),
                                                                       "--collect-tokens", "3000"], "fewer than one batch")
@@ -269,9 +336,14 @@ def cli_cases():
     add("demo --dtype fp8", lambda ws: ["demo", "--out", R(ws, "new_demo"), "--dtype", "fp8"], "--dtype 'fp8'")
     for args, msg in [(["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--time-limit", "0"], "--time-limit 0"),
                       (["--time-limit", "nan"], "--time-limit nan"), (["--max-prompt-tokens", "-1"],
-                      "--max-prompt-tokens -1"), (["--port", "x"], "invalid int value")]:
+                      "--max-prompt-tokens -1"), (["--port", "x"], "invalid int value"),
+                      (["--port", "99999"], "--port 99999"), (["--port", "0"], "--port 0"), (["--port", "-1"], "--port -1"),
+                      (["--host", "nohost.invalid"], "cannot serve on --host nohost.invalid"),
+                      (["--host", ""], "--host ''")]:
         add(f"app {' '.join(args)}", lambda ws, a=args: ["app", "--run", R(ws, "run"), *a], msg)
     add("app --run missing", lambda ws: ["app", "--run", R(ws, "nope")], "no run.json")
+    add("app --port taken", lambda ws: ["app", "--run", R(ws, "run"), "--port", str(ws["taken_port"])],
+        "Address already in use")
     add("no command", lambda ws: [], "required")
     add("unknown command", lambda ws: ["fly"], "invalid choice")
     add("unknown flag", lambda ws: ["eval", "--run", R(ws, "run"), "--fast"], "unrecognized arguments")
@@ -309,9 +381,11 @@ def sae_file_cases():
 
     W = {"W_enc": torch.zeros(4, 6), "b_enc": torch.zeros(6), "W_dec": torch.zeros(6, 4), "b_dec": torch.zeros(4)}
     ok = {"architecture": "standard", "d_in": 4, "d_sae": 6}
+    dl_state = {"encoder.weight": torch.zeros(6, 4), "encoder.bias": torch.zeros(6), "decoder.weight": torch.zeros(4, 6),
+                "bias": torch.zeros(4)}
     cases = {
         "no cfg or weights": (lambda d: d.mkdir(), "holds no SAE"),
-        "cfg not json": (lambda d: (d.mkdir(), (d / "cfg.json").write_text("{")), "not readable JSON"),
+        "cfg not json": (lambda d: (d.mkdir(), (d / "cfg.json").write_text("{")), "not valid JSON"),
         "cfg a list": (lambda d: saelens(d, [1], W), "JSON object"),
         "no weights file": (lambda d: saelens(d, ok, None), "no sae_weights"),
         "missing d_in": (lambda d: saelens(d, {"architecture": "standard", "d_sae": 6}, W), "d_in None"),
@@ -339,6 +413,16 @@ def sae_file_cases():
                                 (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "Gated"}}))),
                                 "'Gated' is not supported"),
         "ae.pt not a dict": (lambda d: (d.mkdir(), torch.save([torch.zeros(2)], d / "ae.pt")), "state dict"),
+        "ae.pt config a list": (lambda d: (d.mkdir(), torch.save(dl_state, d / "ae.pt"),
+                                (d / "config.json").write_text("[1, 2]")), "expected a JSON object"),
+        "ae.pt trainer a list": (lambda d: (d.mkdir(), torch.save(dl_state, d / "ae.pt"),
+                                 (d / "config.json").write_text(json.dumps({"trainer": [1]}))), "\"trainer\" entry"),
+        "ae.pt NaN weights": (lambda d: (d.mkdir(), torch.save({**dl_state, "encoder.weight": torch.full((6, 4), math.nan)},
+                              d / "ae.pt")), "NaN or infinite"),
+        "NaN weights": (lambda d: saelens(d, ok, {**W, "W_dec": torch.full((6, 4), math.nan)}), "NaN or infinite"),
+        "infinite bias": (lambda d: saelens(d, ok, {**W, "b_enc": torch.full((6,), math.inf)}), "NaN or infinite"),
+        "NaN threshold": (lambda d: saelens(d, {**ok, "architecture": "jumprelu"},
+                                            {**W, "threshold": torch.full((6,), math.nan)}), "NaN or infinite"),
     }
     return [pytest.param(make, msg, id=name) for name, (make, msg) in cases.items()]
 

@@ -48,6 +48,7 @@ def test_bad_input_gives_one_line_errors(tiny_model_dirs, tmp_path, good_text, c
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, err)
 
 
+@pytest.mark.slow
 def test_console_script_entry_point(tiny_model_dirs, tmp_path):
     """The installed `sc-steer` script: a bad site exits 2 with no traceback; a good run reports."""
     exe = [sys.executable, "-m", "sc_steer.cli"]

@@ -104,6 +104,7 @@ def _folder_contents(path):
     return json.loads((path / "manifest.json").read_text()), files
 
 
+@pytest.mark.slow
 def test_killed_collection_resumes_to_identical_output(tiny_model_dirs, tmp_path):
     """SIGKILL a real `sc-steer collect` midway, rerun it, compare with an uninterrupted run."""
     text = tmp_path / "big.txt"

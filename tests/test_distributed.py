@@ -94,6 +94,7 @@ def work(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_collect_under_torchrun_holds_the_same_tokens_and_resumes_after_a_rank_is_killed(work):
     single_meta, single_acts = by_token(ActivationStore(work / "single"))
     ok(torchrun([*COLLECT, "--out", "two"], work))
@@ -136,6 +137,7 @@ def train_three_ways(work: Path, args: list[str], mode: str, checkpoint: str) ->
     return one, [split, killed]
 
 
+@pytest.mark.slow
 def test_parallel_layers_is_file_for_file_a_one_process_run_and_resumes_after_a_rank_is_killed(work):
     args = ["train", "--activations", "single", *TRAIN]
     one, runs = train_three_ways(work, args, "layers", "checkpoint.rank1-of-2.safetensors")
@@ -152,6 +154,7 @@ def test_parallel_layers_is_file_for_file_a_one_process_run_and_resumes_after_a_
             assert filecmp.cmp(one / f, run / f, shallow=False), (name, f)
 
 
+@pytest.mark.slow
 def test_parallel_layers_streaming_from_the_model_is_file_for_file_a_one_process_run(tiny_model_dirs, tmp_path):
     """No activation store: each rank runs its own copy of the model (tiny Llama, 3 sites: rank 0 trains
     two, rank 1 one) and must draw the same shuffled batches as one process."""
@@ -168,6 +171,7 @@ def test_parallel_layers_streaming_from_the_model_is_file_for_file_a_one_process
                                shallow=False), (site, f)
 
 
+@pytest.mark.slow
 def test_parallel_data_matches_a_one_process_run_for_every_architecture(work):
     """One run, a different architecture per site; the 2-rank run resumed after rank 1 was killed too.
     Resampling every 8 batches: with the default interval (a two-hundredth of this 60-step run, less than
@@ -210,6 +214,7 @@ def test_parallel_data_matches_a_one_process_run_for_every_architecture(work):
             assert b["loss"] == pytest.approx(a["loss"], rel=2e-3, abs=1e-5) and b["l0"] == pytest.approx(a["l0"], rel=2e-3)
 
 
+@pytest.mark.slow
 def test_a_rank_that_stops_answering_makes_the_other_stop_with_a_clear_message(work):
     """No torchrun here (it would kill the job itself): two processes joined by hand, rank 1 frozen."""
     port = free_port()
@@ -250,6 +255,7 @@ def test_a_split_run_needs_its_mode_and_enough_sites():
     check_parallel(None, Dist(), 1)
 
 
+@pytest.mark.slow
 def test_torchrun_without_a_mode_is_a_one_line_error(work):
     r = torchrun(["train", "--activations", "single", *TRAIN, "--out", "nomode"], work)
     assert r.returncode != 0 and "/sc_steer/" not in r.stderr   # torchrun adds a traceback of its own, not ours

@@ -276,6 +276,21 @@ def test_bad_input(interpreted, tiny_model_dirs, tmp_path):
         interpret(interpreted["lm"], {"resid_post.1": interpreted["sae"]}, interpreted["text"], tmp_path, window=-1)
 
 
+def test_browser_data_hold_every_record_and_the_plots_are_drawn(interpreted):
+    """The browser's data scripts carry exactly the records on disk (strict JSON inside), one per unit set."""
+    out, summary = interpreted["out"], interpreted["summary"]
+    write_browser(out, summary)
+    pngs = write_plots(out, summary)
+    assert all(p.stat().st_size > 5000 for p in pngs)
+    for key, info in summary["sets"].items():
+        script = (out / "browser" / "data" / f"{key.replace('/', '_').replace('.', '_')}.js").read_text()
+        prefix = f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = "
+        assert script.startswith(prefix) and script.endswith(";\n")
+        payload = json.loads(script[len(prefix):-2].replace("<\\/", "</"), parse_constant=pytest.fail)
+        assert payload == [json.loads(x) for x in (out / info["file"]).read_text().splitlines()]
+
+
+@pytest.mark.slow
 def test_browser_opens_without_errors_and_finds_a_feature_by_token(interpreted):
     playwright = pytest.importorskip("playwright.sync_api")
     out, summary = interpreted["out"], interpreted["summary"]

@@ -7,7 +7,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from helpers import firing_sae, free_port, wait_for_http
+
+pytestmark = pytest.mark.slow   # builds and installs a wheel, then starts its playground server
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,6 +17,8 @@ import torch
 
 from helpers import serve_app
 
+pytestmark = pytest.mark.slow   # every README command as a subprocess: demo, torchrun, the playground server
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 

@@ -26,6 +26,7 @@ def random_sae(arch, d_in=8, d_sae=24, k=3, seed=0):
 
 
 @pytest.mark.parametrize("arch, kw", [("topk", {"k": 4}), ("relu", {"l1_coeff": 1.0})])
+@pytest.mark.slow
 def test_recovers_known_directions_in_superposition(arch, kw):
     """Uniform frequencies, defaults but the sparsity knob. Data and SAE are seeded apart: with one
     seed the SAE's initial decoder was the true directions and this passed at any budget."""
@@ -244,6 +245,7 @@ def heavy_tailed_recovery(request):
     return request.param, mean_max_cosine(dirs, sae.W_dec.detach())
 
 
+@pytest.mark.slow
 def test_heavy_tailed_recovery_with_defaults(heavy_tailed_recovery):
     """TopK: 0.66 with the defaults before the AuxK normaliser, the dead window, the step count and the LR
     were measured; 0.94 after the first three, 0.986 on this pair now (the benchmark's mean over three

@@ -38,6 +38,7 @@ def _weights(run):
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu"])
+@pytest.mark.slow
 def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tiny_run, tmp_path, arch):
     """ReLU + L1 resamples dead and duplicated latents (here every step: the dead window of this short
     run is less than a batch), so the resumed run must also draw the same residuals."""

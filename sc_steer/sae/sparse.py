@@ -19,9 +19,8 @@ segments (no atomics, every output row written once); on the CPU as one COO-time
 ``SC_STEER_KERNELS=torch`` on other devices as chunked ``index_add_`` (the reference the tests compare
 the kernel with). The decoder's value gradient is a sampled dense product on the CPU.
 
-:func:`kernels` picks the path: Triton on CUDA, these sparse PyTorch ops on the CPU (at the demo's shape
-a TopK step takes 0.4x the time of a plain dense step, against 0.55x for the dense-encoder autograd
-path: ``bench/train.py``), the autograd path elsewhere.
+:func:`kernels` picks the path: Triton on CUDA, these sparse PyTorch ops on the CPU, the autograd path
+elsewhere (``bench/train.py`` times them against a plain dense step).
 """
 from __future__ import annotations
 
@@ -37,9 +36,8 @@ CHUNK_ELEMENTS = 1 << 26  # the torch paths materialise at most this many [rows,
 # Entries per row, as a share of d_sae, from which the maps below run as dense products, per device type.
 # GPU: gathering ``e`` rows of a [d_sae, d] weight reads e * d values, a dense product costs 2 * d_sae * d
 # FLOPs; at ~3 TB/s against ~800 bf16 TFLOP/s (H100/H200) the gather wins below about d_sae / 260 entries
-# per row (TopK's k = 64 of 65,536 stays sparse, AuxK's k_aux = 2,048 goes dense, 8x faster). CPU: the
-# sparse products (COO times dense, sampled dense-dense) beat dense ones up to about a quarter of d_sae
-# (bench/train.py).
+# per row (TopK's k = 64 of 65,536 stays sparse, AuxK's k_aux = 2,048 goes dense). CPU: the sparse
+# products (COO times dense, sampled dense-dense) beat dense ones up to about a quarter of d_sae.
 DENSE_FROM = {"cpu": 1 / 4, "cuda": 1 / 256}
 
 

@@ -78,6 +78,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig, sites: list[str], device: torc
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001
         raise ScSteerError(f"checkpoint {str(path)!r} is unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or not {"step", "config", "sites"} <= set(meta) or not isinstance(meta["sites"], dict):
+        raise ScSteerError(f"checkpoint {str(path)!r} was not written by sc-steer train (its metadata lacks the "
+                           "step, config or sites); start a new --out, or pass --force")
     old, new = stored_config(meta["config"]), stored_config(cfg.to_dict())
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -13,7 +13,7 @@ import torch
 
 # The data's random stream is seeded apart from the SAE's: an SAE seeded s draws its initial decoder
 # as torch.randn(d_sae, d_in) from seed s, which is exactly the directions of data seeded s at a 1x
-# dictionary, so a shared seed starts the SAE at the answer (every benchmark row used to).
+# dictionary, so a shared seed would start the SAE at the answer.
 DATA_SEED_OFFSET = 7_919_000
 
 

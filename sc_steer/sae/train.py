@@ -372,6 +372,7 @@ def train_sae(x: torch.Tensor, architecture: str = "topk", *, d_sae: int | None 
     cfg = TrainConfig(sites=["x"], batch_size=batch_size, tokens=tokens, seed=seed, sae=scfg,
                       **{"checkpoint_every": 1 << 30, **run_opts})
     cfg.check()
+    cfg.check_widths({"x": x.shape[1]}, resolve_device(device))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tensor_source({"x": x}, batch_size, seed), out or tmp,
                           {"x": {"d": x.shape[1], "mean_norm": float(x.float().norm(dim=-1).mean())}},

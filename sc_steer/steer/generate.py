@@ -107,7 +107,7 @@ def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes:
     for p in prompts:
         validate.text("prompt", p)
     validate.integer("max_new_tokens", max_new_tokens, 1)
-    validate.integer("seed", seed, 0)
+    validate.seed("seed", seed)
     validate.boolean("do_sample", do_sample)
     if do_sample:
         validate.number("temperature", temperature, 0, 100, lo_open=True)

@@ -11,7 +11,7 @@ import torch
 
 from .. import validate
 from ..errors import ScSteerError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, parse_json
 from ..models import LM
 from ..sae import SAE
 from ..sites import Site
@@ -78,18 +78,26 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        try:
-            d = json.loads(text)
-            known = set(Intervention.__dataclass_fields__)
-            items = []
-            for x in d.get("interventions", []):
-                unknown = set(x) - known
-                if unknown:
-                    raise ScSteerError(f"recipe: unknown intervention key(s) {', '.join(sorted(unknown))}")
-                items.append(Intervention(**x))
-            return cls(items, d.get("name", ""))
-        except (json.JSONDecodeError, TypeError, AttributeError) as e:
-            raise ScSteerError(f"recipe is not valid JSON of the expected shape ({e})") from None
+        """A recipe from its JSON: ``{"interventions": [{...}, ...], "name": "..."}``; every shape error
+        is one line that says where (the values themselves are checked by ``Intervention.check``)."""
+        d = parse_json(text, "recipe", dict, 'with a list "interventions"')
+        if not isinstance(d.get("interventions", []), list):
+            raise ScSteerError(f"recipe: \"interventions\" is {type(d['interventions']).__name__}, expected a list")
+        known = set(Intervention.__dataclass_fields__)
+        items = []
+        for i, x in enumerate(d.get("interventions", [])):
+            if not isinstance(x, dict):
+                raise ScSteerError(f"recipe: intervention {i} is {type(x).__name__}, expected a JSON object")
+            unknown = set(x) - known
+            if unknown:
+                raise ScSteerError(f"recipe: unknown intervention key(s) {', '.join(sorted(unknown))}")
+            if "site" not in x:
+                raise ScSteerError(f"recipe: intervention {i} names no site")
+            items.append(Intervention(**x))
+        name = d.get("name", "")
+        if not isinstance(name, str):
+            raise ScSteerError(f"recipe: name {name!r}: expected a string")
+        return cls(items, name)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_text(path, self.to_json())
