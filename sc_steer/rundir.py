@@ -13,7 +13,7 @@ A run folder ties the stages together; each command takes the last one's output 
       eval.json, eval.md           per-site metrics on held-out text              (eval)
       features/<site>.jsonl, .md   one interpretation record per SAE feature      (interpret)
       neurons/<site>.jsonl, .md    the same for residual dimensions and MLP neurons
-      interpret.json, interpret.md, interpret_scores.png, density.png
+      interpret.json, interpret.md, interpret_scores.png, density.png, explain_curves.png
       browser/index.html + data/   the static feature browser
       graph/                       the demo's feature graph (recipe.json + exports)  (graph)
 
@@ -46,7 +46,7 @@ CURVES = "training_curves.png"
 EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 FEATURES, NEURONS = "features", "neurons"          # per unit kind: "sae" -> features/, others -> neurons/
 INTERPRET_JSON, INTERPRET_MD = "interpret.json", "interpret.md"
-SCORES_PNG, DENSITY_PNG = "interpret_scores.png", "density.png"
+SCORES_PNG, DENSITY_PNG, EXPLAIN_PNG = "interpret_scores.png", "density.png", "explain_curves.png"
 BROWSER = "browser"
 GRAPH = "graph"
 GRAPH_RECIPE = "recipe.json"                       # in any graph folder, the run's own or another

@@ -5,7 +5,8 @@
 
 Each mutant is one deliberate bug (a sign, a mask, a target value, an off-by-one) in one of the files
 whose numbers users rely on: edits.py, graph/measure.py, graph/attribution.py, steer/*.py,
-interpret/stats.py, interpret/lens.py, interpret/tokens.py, interpret/simulation.py and sae/*.py. The package and the tests
+interpret/stats.py, interpret/lens.py, interpret/tokens.py, interpret/explain.py, interpret/lookup.py,
+interpret/features.py and sae/*.py. The package and the tests
 are copied to a scratch folder, the mutant is applied there, and the tests that cover that file run
 (stopping at the first failure). A mutant is killed when a test fails. Prints the share killed per file
 and writes ``mutation_results.json``. Not collected by pytest (its name does not start with test_).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH, STEER, INTERP = ["tests/test_graph.py"], ["tests/test_steer.py"], ["tests/test_interpret.py"]
+EXPLAIN = ["tests/test_explain.py", "tests/test_interpret.py"]
 SAE = ["tests/test_sparse_step.py", "tests/test_resample.py", "tests/test_sae.py", "tests/test_train.py"]
 
 # (file, exact text, replacement, tests that should notice)
@@ -70,8 +72,13 @@ MUTANTS = [
     ("interpret/stats.py", "ids) / counts).topk(k, dim=1)", "ids) / counts.clamp_min(2)).topk(k, dim=1)", INTERP),
     ("interpret/tokens.py", "t, u = (acts != 0).nonzero(as_tuple=True)", "t, u = (acts > 0).nonzero(as_tuple=True)",
      INTERP),
-    ("interpret/simulation.py", "held = row % 2 == 1", "held = row % 2 == 0", INTERP),
-    ("interpret/simulation.py", "+ mean * n_unseen\n", "\n", INTERP),
+    ('interpret/explain.py', '        half = int(held)', '        half = 0', EXPLAIN),
+    ('interpret/explain.py', 's_pt + self.mu * (y - h_cov)', 's_pt', EXPLAIN),
+    ('interpret/explain.py', '(acts - self.mu.float()).abs() >= self.threshold', 'acts >= self.threshold', EXPLAIN),
+    ('interpret/explain.py', 'e_sum / e_cnt.clamp_min(1), torch.zeros_like', 'e.mean, torch.zeros_like', EXPLAIN),
+    ('interpret/lookup.py', 'torch.where(tok, x - minus, torch.zeros_like(x))', 'torch.where(tok, x, torch.zeros_like(x))', EXPLAIN),
+    ('interpret/lookup.py', '_sq_over(base_s - x_s, base_c - x_c) - ', '', EXPLAIN),
+    ('interpret/features.py', 'if i % 2 == held]', 'if i % 2 == 0]', EXPLAIN),
     ("sae/topk.py", "vals = torch.relu(sel[:, :k])", "vals = sel[:, :k]", SAE),
     ("sae/topk.py", " * inputs.dead[aux_idx]", "", SAE),
     ("sae/sparse.py", "grad_b_dec = -row_dot(W_enc, g_sum)", "grad_b_dec = row_dot(W_enc, g_sum)", SAE),

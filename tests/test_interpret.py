@@ -82,7 +82,7 @@ def test_sparse_token_table_equals_the_dense_one_for_signed_units():
 
 
 def test_sig_round_agrees_with_sig_within_one_unit_in_the_last_digit():
-    from sc_steer.interpret.features import _sig, sig_round
+    from sc_steer.interpret.readout import _sig, sig_round
 
     g = torch.Generator().manual_seed(4)
     mags = torch.randint(-30, 31, (4000,), generator=g).double()
@@ -205,14 +205,34 @@ def test_pipeline_records_match_brute_force(interpreted):
         assert [x["id"] for x in rec["top_tokens"]] == [t for _, t in best]
     assert checked > 20
     assert records[5]["density"] == 0 and records[5]["contexts"] == [] and records[5]["label"] == "(never fires)"
-    # the simulation score of every unit, recomputed per position from the same activations
+    # the whole-table simulation score of every unit, recomputed per position from the same activations
     sim = _brute_force_simulation(acts, toks, rows)
     for u, rec in enumerate(records):
         if torch.isnan(sim[u]):
-            assert rec["simulation"] is None
+            assert rec["scores"]["tokens"]["all"] is None
         else:
-            assert rec["simulation"] == pytest.approx(float(sim[u]), abs=1e-4)
-    assert sum(r["simulation"] is not None for r in records) >= 10
+            assert rec["scores"]["tokens"]["all"] == pytest.approx(float(sim[u]), abs=1e-4)
+    assert sum(r["scores"]["tokens"]["all"] is not None for r in records) >= 10
+    # every explanation score, sensitivity and specificity from the definitions (tests/test_explain.py)
+    from sc_steer.interpret.explain import K_VALUES, pair_vocabulary
+    from test_explain import brute
+
+    prev = torch.cat([torch.full_like(toks[:1], -1), toks[:-1]])
+    prev[torch.cat([torch.tensor([True]), rows[1:] != rows[:-1]])] = lm.tokenizer.bos_token_id
+    ev = rows % 2 == 0
+    pairs = pair_vocabulary(prev[ev], toks[ev], len(lm.tokenizer))
+    ref = brute(rows, toks, prev, acts, len(lm.tokenizer), K_VALUES, 3, pairs)
+    compared = 0
+    for rec, r in zip(records, ref):
+        for name in ("tokens", "context"):
+            for k, v in r[name].items():
+                got = rec["scores"][name][k]
+                assert (got is None) == math.isnan(v) and (got is None or got == pytest.approx(v, abs=2e-4)), \
+                    (rec["id"], name, k, got, v)
+                compared += got is not None
+        for key in ("sensitivity", "specificity"):
+            assert (rec[key] is None) == math.isnan(r[key]) and (rec[key] is None or rec[key] == pytest.approx(r[key], abs=1e-4))
+    assert compared > 100
 
 
 def test_neuron_baseline_and_summary(interpreted):
@@ -226,10 +246,11 @@ def test_neuron_baseline_and_summary(interpreted):
     assert md.count("\n| ") >= 3 and "Top Input Tokens" in md
     assert "MLP neurons" in (out / "interpret.md").read_text()
     md = (out / "interpret.md").read_text()
-    assert "Simulation score" in md and md.count("95% CI") == 1
+    assert "Explanation scores" in md and md.count("| K = 1 | K = 2 | K = 5 | K = 10 | K = 20 | K = all |") == 2
     for key in summary["sets"]:
-        sim = summary["sets"][key]["simulation"]
-        assert sim["n"] > 0 and sim["ci95"][0] <= sim["mean"] <= sim["ci95"][1]
+        for name in ("tokens", "context"):
+            sim = summary["sets"][key]["explain"][name]["all"]
+            assert sim["n"] > 0 and sim["ci95"][0] <= sim["mean"] <= sim["ci95"][1]
 
 
 def test_logit_lens_against_a_direct_computation(interpreted):
@@ -361,7 +382,8 @@ def _brute_force_simulation(acts, tokens, rows):
 
 @pytest.mark.parametrize("dense_limit", [10**9, 0])
 def test_simulation_score_equals_a_brute_force_computation(dense_limit):
-    from sc_steer.interpret.simulation import Simulation
+    """The whole-table score ("all" of the token variant), read explaining rows first as interpret does."""
+    from sc_steer.interpret.explain import Explanations
 
     g = torch.Generator().manual_seed(5)
     T, U, V = 400, 6, 9
@@ -374,10 +396,14 @@ def test_simulation_score_equals_a_brute_force_computation(dense_limit):
     acts[:, 1] = torch.relu(acts[:, 1] - 1.0)                        # sparse, SAE-like
     acts[:, 2] = torch.randn(T, generator=g)                         # unrelated to the token
     acts[:, 3] = 0.0                                                 # never varies: no score
-    sim = Simulation(U, V, dense_limit=dense_limit)
-    for lo in range(0, T, 91):                                       # in chunks, as interpret streams
-        sim.update(acts[lo:lo + 91], tokens[lo:lo + 91], rows[lo:lo + 91])
-    got, ref = sim.scores(), _brute_force_simulation(acts, tokens, rows)
+    sim = Explanations(U, V, torch.zeros(0, dtype=torch.long), dense_limit=dense_limit)
+    prev = torch.full_like(tokens, -1)
+    for held in (0, 1):
+        half = torch.nonzero(rows % 2 == held).squeeze(1)
+        for lo in range(0, len(half), 91):                           # in chunks, as interpret streams
+            i = half[lo:lo + 91]
+            sim.update(acts[i], tokens[i], prev[i], bool(held))
+    got, ref = sim.scores()["tokens"]["all"], _brute_force_simulation(acts, tokens, rows)
     assert torch.isnan(got[3]) and torch.isnan(ref[3])
     keep = ~torch.isnan(ref)
     torch.testing.assert_close(got[keep], ref[keep], rtol=1e-6, atol=1e-6)   # fp32 token sums

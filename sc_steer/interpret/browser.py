@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .. import rundir
 from ..files import atomic_write, atomic_write_text, make_dir
-from .features import KIND_TITLES
+from .explain import HEADLINE_K, K_VALUES
+from .report import KIND_TITLES
 
 _PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sc-steer feature browser</title>
@@ -52,7 +53,15 @@ function load(key, then) {
 function esc(t) { return t.replace(/&/g,'&amp;').replace(/</g,'&lt;').replace(/>/g,'&gt;'); }
 function show(u) {
   const maxc = Math.max(1e-9, ...u.contexts.map(c => c.max));
-  let h = `<h2>#${u.id}: ${esc(u.label)}</h2><p>density ${(100*u.density).toFixed(3)}% · max ${u.max_act.toFixed(3)} · mean when firing ${u.mean_act.toFixed(3)} · score ${u.score===null?'–':u.score.toFixed(3)} · simulation ${u.simulation==null?'–':u.simulation.toFixed(3)}</p>`;
+  const f = v => v == null ? '–' : v.toFixed(3);
+  let h = `<h2>#${u.id}: ${esc(u.label)}</h2><p>density ${(100*u.density).toFixed(3)}% · max ${u.max_act.toFixed(3)} · mean when firing ${u.mean_act.toFixed(3)} · concentration ${f(u.score)} · explanation score (5 tokens) ${f(u.explain_score)} · sensitivity ${f(u.sensitivity)} · specificity ${f(u.specificity)}</p>`;
+  if (u.scores) {
+    const ks = Object.keys(u.scores.tokens);
+    h += '<h3>Explanation score by length</h3><table><tr><th>entries</th>' + ks.map(k => `<th>${k}</th>`).join('') + '</tr>' +
+         ['tokens', 'context'].map(n => `<tr><td>${n === 'tokens' ? 'tokens' : 'tokens and pairs'}</td>` + ks.map(k => `<td>${f(u.scores[n][k])}</td>`).join('') + '</tr>').join('') + '</table>';
+    const entry = e => esc(JSON.stringify(e.token)) + (e.prev === undefined ? '' : ' after ' + esc(JSON.stringify(e.prev))) + ` (${e.mean})`;
+    h += '<p>explanation: ' + u.explanation.tokens.map(entry).join(', ') + '<br>with context: ' + u.explanation.context.map(entry).join(', ') + '</p>';
+  }
   h += '<h3>Top input tokens</h3><table><tr><th>token</th><th>mean act.</th><th>count</th></tr>' +
        u.top_tokens.map(t => `<tr><td>${esc(JSON.stringify(t.token))}</td><td>${t.mean.toFixed(3)}</td><td>${t.count}</td></tr>`).join('') + '</table>';
   h += '<h3>Top contexts</h3>' + u.contexts.map(c => '<div class="ctx">' + c.tokens.map((t, i) => {
@@ -102,8 +111,9 @@ def write_browser(out: str | Path, summary: dict) -> Path:
         payload = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")
         atomic_write_text(out / rundir.BROWSER / script,
                           f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = {payload};\n")
-        sim = info.get("simulation", {"n": 0})
-        sim_text = f", simulation {sim['mean']:.2f} [{sim['ci95'][0]:.2f}, {sim['ci95'][1]:.2f}]" if sim["n"] else ""
+        sim = info["explain"]["tokens"][str(HEADLINE_K)]
+        sim_text = (f", explanation score (K = {HEADLINE_K}) {sim['mean']:.2f} [{sim['ci95'][0]:.2f}, "
+                    f"{sim['ci95'][1]:.2f}]") if sim["n"] else ""
         sets.append({"key": key, "script": script,
                      "title": f"{info['site']} · {KIND_TITLES[info['kind']]} ({info['live']}/{info['n_units']} live"
                               f"{sim_text})"})
@@ -124,7 +134,7 @@ def write_plots(out: str | Path, summary: dict) -> list[Path]:
     scores: dict[tuple[str, int], list[float]] = {}
     densities: dict[str, list[float]] = {k: [] for k in kinds}
     for info in summary["sets"].values():
-        recs = [json.loads(line) for line in (out / info["file"]).read_text().splitlines()]
+        recs = rundir.read_records(out, info["site"], info["kind"])
         layer = int(info["site"].split(".")[1])
         scores[(info["kind"], layer)] = [r["score"] for r in recs if r["score"] is not None]
         densities[info["kind"]] += [math.log10(r["density"]) for r in recs if r["density"] > 0]
@@ -154,4 +164,36 @@ def write_plots(out: str | Path, summary: dict) -> list[Path]:
     fig.tight_layout()
     p2 = atomic_write(out / rundir.DENSITY_PNG, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
-    return [p1, p2]
+    return [p1, p2, _explain_curves(out, summary, layers, kinds, colors)]
+
+
+def _explain_curves(out: Path, summary: dict, layers: list[int], kinds: list[str], colors: dict) -> Path:
+    """``explain_curves.png``: mean explanation score against explanation length, per layer and unit kind
+    (solid: tokens, dashed: tokens and pairs), with 95% intervals."""
+    import matplotlib.pyplot as plt
+
+    ks = [*map(str, K_VALUES), "all"]
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.4), sharey=True, squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for info in summary["sets"].values():
+            if int(info["site"].split(".")[1]) != layer:
+                continue
+            for name, style in (("tokens", "-"), ("context", "--")):
+                pts = [(i, info["explain"][name][k]) for i, k in enumerate(ks) if info["explain"][name][k].get("n")]
+                if pts:
+                    x = [i for i, _ in pts]
+                    y = [p["mean"] for _, p in pts]
+                    err = [[p["mean"] - p["ci95"][0] for _, p in pts], [p["ci95"][1] - p["mean"] for _, p in pts]]
+                    ax.errorbar(x, y, yerr=err, fmt=style, marker="o", ms=3, capsize=2, color=colors[info["kind"]],
+                                label=f"{KIND_TITLES[info['kind']]}" + (", with pairs" if name == "context" else ""))
+        ax.set_xticks(range(len(ks)), ks)
+        ax.set_xlabel("explanation length K")
+        ax.set_title(f"layer {layer}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out Pearson r")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle("How well a unit follows from an explanation of K entries", fontsize=10)
+    fig.tight_layout()
+    path = atomic_write(out / rundir.EXPLAIN_PNG, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+    return path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import DENSE_TOKEN_TABLE_LIMIT, TokenTable
+from .tokens import DENSE_TOKEN_TABLE_LIMIT, SummedTables, TokenTable
 
 HIST_EDGES = torch.linspace(-3, 3, 37)  # log10 of positive activations, clipped into the end bins
 MEANS_BLOCK = 1 << 23                   # float64 per-token means held at once by top_tokens_block (64 MiB)
@@ -18,9 +18,11 @@ class UnitStats:
     """Accumulate statistics for ``n_units`` units over token chunks (see ``update``)."""
 
     def __init__(self, n_units: int, vocab: int, top_n: int = 20, window: int = 8,
-                 device: str | torch.device = "cpu", dense_token_limit: int = DENSE_TOKEN_TABLE_LIMIT):
+                 device: str | torch.device = "cpu", dense_token_limit: int = DENSE_TOKEN_TABLE_LIMIT,
+                 token_sums: TokenTable | SummedTables | None = None):
         """Accumulators live on ``device`` (the model's: per-token work stays on the GPU); ``cpu()``
-        moves them to the host for the per-unit read-out."""
+        moves them to the host for the per-unit read-out. ``token_sums``: per-token sums some other
+        accumulator keeps over the same tokens (the explanation tables), read instead of a table here."""
         self.n_units, self.vocab, self.top_n, self.window = n_units, vocab, top_n, window
         self.device = torch.device(device)
         self.n_tokens = 0
@@ -28,7 +30,8 @@ class UnitStats:
         self.act_sum = torch.zeros(n_units, dtype=torch.float64)
         self.max = torch.full((n_units,), float("-inf"))
         self.hist = torch.zeros(n_units, len(HIST_EDGES) - 1, dtype=torch.int64)
-        self.tokens = TokenTable(n_units, vocab, device, dense_token_limit)
+        self.own_tokens = token_sums is None
+        self.tokens = TokenTable(n_units, vocab, device, dense_token_limit) if token_sums is None else token_sums
         w = 2 * window + 1
         self.top_val = torch.full((n_units, top_n), float("-inf"))
         self.top_idx = torch.full((n_units, top_n), -1, dtype=torch.int64)       # global token index
@@ -53,6 +56,13 @@ class UnitStats:
         self._move(torch.device("cpu"))
         return self
 
+    def renumber(self, where: torch.Tensor) -> None:
+        """Token indices ``i`` of the top lists become ``where[i]`` (-1 stays -1): the positions as read
+        become positions in the text, for a pass that read the text in another order."""
+        for name in ("top_idx", "top_win_idx"):
+            t = getattr(self, name)
+            setattr(self, name, torch.where(t >= 0, where.to(t.device)[t.clamp_min(0)], t))
+
     def update(self, acts: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor) -> None:
         """``acts [T, U]`` for ``T`` consecutive stored tokens made of whole rows; ``row [T]`` their row ids."""
         acts = acts.to(self.device).float()
@@ -69,11 +79,34 @@ class UnitStats:
             vals = acts[nz_t, nz_u]
             b = torch.bucketize(vals.log10(), HIST_EDGES[1:-1].to(vals.device))
             self.hist.view(-1).index_add_(0, nz_u * self.hist.shape[1] + b, torch.ones_like(b))
-        self.tokens.add(acts, tokens)
+        if self.own_tokens:
+            self.tokens.add(acts, tokens)
         self._merge_top(acts, row, offset)
         self.n_tokens += t
 
     def _merge_top(self, acts: torch.Tensor, row: torch.Tensor, offset: int) -> None:
+        """Merge the chunk's best activations into every unit's top list. On the CPU only the units with an
+        activation above their current n-th best take part (after the first chunks, a few of them); on
+        other devices all do (no host sync)."""
+        units = None
+        if acts.device.type == "cpu":
+            units = (acts > self.top_val[:, -1]).any(0).nonzero().squeeze(1)
+            if len(units) == 0:
+                return
+            if len(units) == acts.shape[1]:
+                units = None
+            else:
+                acts = acts.index_select(1, units)
+        old = [x if units is None else x[units] for x in (self.top_val, self.top_idx, self.top_win_idx,
+                                                          self.top_win_act)]
+        new = self._merged(acts, row, offset, *old)
+        for name, value in zip(("top_val", "top_idx", "top_win_idx", "top_win_act"), new):
+            if units is None:
+                setattr(self, name, value)
+            else:
+                getattr(self, name)[units] = value
+
+    def _merged(self, acts, row, offset, top_val, top_idx, top_win_idx, top_win_act):
         t, u = acts.shape
         n = min(self.top_n, t)
         cand_val, cand_t = acts.topk(n, dim=0)                # [n, U]
@@ -87,14 +120,12 @@ class UnitStats:
         jc = j.clamp(0, t - 1)
         win_act = acts.T.gather(1, jc.reshape(u, -1)).reshape(u, n, -1) * valid
         win_idx = torch.where(valid, jc + offset, torch.full_like(jc, -1))
-        all_val = torch.cat([self.top_val, cand_val], 1)
+        all_val = torch.cat([top_val, cand_val], 1)
         keep = all_val.topk(self.top_n, dim=1).indices
-        self.top_val = all_val.gather(1, keep)
-        self.top_idx = torch.cat([self.top_idx, cand_t + offset], 1).gather(1, keep)
         w = offs.numel()
         k3 = keep[..., None].expand(-1, -1, w)
-        self.top_win_idx = torch.cat([self.top_win_idx, win_idx], 1).gather(1, k3)
-        self.top_win_act = torch.cat([self.top_win_act, win_act], 1).gather(1, k3)
+        return (all_val.gather(1, keep), torch.cat([top_idx, cand_t + offset], 1).gather(1, keep),
+                torch.cat([top_win_idx, win_idx], 1).gather(1, k3), torch.cat([top_win_act, win_act], 1).gather(1, k3))
 
     # -- results ---------------------------------------------------------------------------------
     def density(self) -> torch.Tensor:

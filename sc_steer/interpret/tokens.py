@@ -85,6 +85,18 @@ class TokenTable:
             out[keys[ok] // self.vocab - start, c[ok]] = self._vals[0][a:b][ok]
         return out
 
+    def lookup(self, units: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """float64 sums at the (unit, token) pairs ``units[i], cols[i]`` (any shape, same shape out)."""
+        if self.dense:
+            return self.sums[units, cols].double()
+        self.merge()
+        if not self._keys:
+            return torch.zeros(units.shape, dtype=torch.float64, device=self.device)
+        keys, vals = self._keys[0], self._vals[0]
+        want = units * self.vocab + cols
+        pos = torch.searchsorted(keys, want).clamp_max(len(keys) - 1)
+        return torch.where(keys[pos] == want, vals[pos], torch.zeros((), dtype=torch.float64, device=keys.device))
+
     def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every nonzero sum as (unit, token, value) in ascending key order (float64 values)."""
         if self.dense:
@@ -96,3 +108,31 @@ class TokenTable:
             return empty, empty, empty.double()
         keys = self._keys[0]
         return keys // self.vocab, keys % self.vocab, self._vals[0]
+
+
+class SummedTables:
+    """Two tables read as one (their sums and counts added), for reading both halves of a split corpus
+    without a third table. Read-only: ``add`` goes to the tables themselves."""
+
+    def __init__(self, a: TokenTable, b: TokenTable):
+        self.a, self.b = a, b
+        self.n_units, self.vocab = a.n_units, a.vocab
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.a.count + self.b.count
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    def to(self, device: str | torch.device) -> SummedTables:
+        self.a.to(device)
+        self.b.to(device)
+        return self
+
+    def unit_sums(self, unit: int) -> torch.Tensor:
+        return self.a.unit_sums(unit) + self.b.unit_sums(unit)
+
+    def block_sums(self, start: int, stop: int, cols: torch.Tensor) -> torch.Tensor:
+        return self.a.block_sums(start, stop, cols) + self.b.block_sums(start, stop, cols)
