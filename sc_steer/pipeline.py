@@ -20,9 +20,11 @@ from .devices import resolve_device
 from .distributed import LOCAL, Dist, share
 from .errors import ScSteerError
 from .evaluate import evaluate_saes, write_results
-from .files import atomic_write_text, file_sha256
+from .files import atomic_write_text, file_sha256, read_json
 from .graph.run import check_options, feature_graph, source_layers
 from .interpret import interpret, write_browser, write_plots
+from .interpret.probe import labelled_texts, sparse_probe
+from .interpret.report import probe_markdown
 from .models import LM, open_model
 from .rundir import check_run, load_run_saes, open_run_model, start_run
 from .sae import SAE
@@ -131,6 +133,29 @@ def interpret_run(run: str | Path, data: str = "demo:heldout", *, lm: LM | None 
     write_browser(run, summary)
     write_plots(run, summary)
     return summary
+
+
+def probe_run(run: str | Path, data: str = "demo:heldout", label: str = "source", *, field: str = "text",
+              lm: LM | None = None, max_per_label: int = 500, ctx: int = 128, neurons: bool = True, seed: int = 0,
+              device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", progress: bool = True) -> dict:
+    """Sparse probing of a run's SAE features and neuron baselines for one label (``interpret/probe.py``);
+    adds the label's results to the run's probe.json and probe.md (other labels there are kept)."""
+    items = labelled_texts(data, label, field, max_per_label, seed)
+    validate.integer("--ctx", ctx, 2)
+    lm = open_run_model(run, lm, device=device, dtype=dtype)
+    lm.check_positions(ctx)
+    saes = load_run_saes(run, device=lm.device)
+    sets = sparse_probe(lm, saes, items, ctx=ctx, neurons=neurons, seed=seed, progress=progress)
+    path = Path(run) / rundir.PROBE_JSON
+    probes = read_json(path, "the run's probe results") if path.exists() else {}
+    counts: dict[str, int] = {}
+    for _, lab in items:
+        counts[lab] = counts.get(lab, 0) + 1
+    probes[label] = {"data": data, "field": field, "n_texts": len(items), "labels": dict(sorted(counts.items())),
+                     "sets": sets}
+    atomic_write_text(path, json.dumps(probes, indent=1))
+    atomic_write_text(Path(run) / rundir.PROBE_MD, probe_markdown(probes))
+    return probes[label]
 
 
 def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None = None, layers: list[int] | None = None,

@@ -14,6 +14,7 @@ A run folder ties the stages together; each command takes the last one's output 
       features/<site>.jsonl, .md   one interpretation record per SAE feature      (interpret)
       neurons/<site>.jsonl, .md    the same for residual dimensions and MLP neurons
       interpret.json, interpret.md, interpret_scores.png, density.png, explain_curves.png
+      probe.json, probe.md         sparse probing accuracy by label, unit set and K  (probe)
       browser/index.html + data/   the static feature browser
       graph/                       the demo's feature graph (recipe.json + exports)  (graph)
 
@@ -47,6 +48,7 @@ EVAL_JSON, EVAL_MD = "eval.json", "eval.md"
 FEATURES, NEURONS = "features", "neurons"          # per unit kind: "sae" -> features/, others -> neurons/
 INTERPRET_JSON, INTERPRET_MD = "interpret.json", "interpret.md"
 SCORES_PNG, DENSITY_PNG, EXPLAIN_PNG = "interpret_scores.png", "density.png", "explain_curves.png"
+PROBE_JSON, PROBE_MD = "probe.json", "probe.md"
 BROWSER = "browser"
 GRAPH = "graph"
 GRAPH_RECIPE = "recipe.json"                       # in any graph folder, the run's own or another

@@ -292,6 +292,14 @@ def cli_cases():
                                                            R(ws, "notes")), "is a folder")
     add("steer empty prompt", lambda ws: ["steer", "--run", R(ws, "run"), "--prompt", "", "--add",
                                           "resid_post.1:3:4"], "prompt")
+    pr = lambda ws, *a: ["probe", "--run", R(ws, "run"), *a]  # noqa: E731
+    for args, msg in [(["--label", "genre"], "carries source, pos"), (["--data", "good.txt"], ".jsonl"),
+                      (["--max-per-label", "1"], "--max-per-label 1"), (["--ctx", "1"], "--ctx 1"),
+                      (["--ctx", "100000"], "at most 512"), (["--seed", "-1"], "seed -1"),
+                      (["--data", "r_list.json"], ".jsonl")]:
+        add(f"probe {' '.join(args)}", lambda ws, a=args: pr(ws, *[R(ws, x) if x.endswith((".txt", ".json")) else x
+                                                                   for x in a]), msg)
+    add("probe --run missing", lambda ws: ["probe", "--run", R(ws, "nope")], "no run.json")
     # integers beyond what their consumer takes, sizes no machine holds, non-finite weights, JSON of the wrong shape
     big = "99999999999999999999999"
     add("steer --seed too large", lambda ws: st(ws, "--add", "resid_post.1:3:4", "--seed", big), f"seed {big}")

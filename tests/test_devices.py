@@ -29,6 +29,7 @@ from sc_steer.graph.experiments import Ablation, ablation_experiment
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
 from sc_steer.graph.run import choose_sources, feature_graph
+from sc_steer.interpret.probe import sparse_probe, unit_means
 from sc_steer.interpret import interpret
 from sc_steer.evaluate import evaluate_saes
 from sc_steer.steer import Intervention, Recipe, decompose, generate, generate_ids, measure_effects
@@ -105,6 +106,9 @@ def _calls(lm, text, batches, tmp_path):
         "generate_ids": lambda s: generate_ids(lm, PROMPTS, rec, s, max_new_tokens=6)[0],
         "measure_effects": lambda s: measure_effects(lm, PROMPTS[:1], rec, s, max_new_tokens=4,
                                                      watch=[("resid_post.2", 5)])["prompts"][0]["kl_per_step"],
+        "unit_means": lambda s: unit_means(lm, s, PROMPTS, ctx=16, progress=False),
+        "sparse_probe": lambda s: sparse_probe(lm, s, [(p, str(i % 2)) for i, p in enumerate(PROMPTS * 4)], ctx=16,
+                                               progress=False),
         "decompose": lambda s: decompose(torch.randn(32, generator=torch.Generator().manual_seed(1)),
                                          s["resid_post.1"]),
     }

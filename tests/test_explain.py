@@ -142,3 +142,19 @@ def test_pair_vocabulary_keeps_the_most_frequent_pairs():
     assert pair_vocabulary(prev, tok, 10, min_count=3, cap=9).tolist() == [1, 12, 23]
     ids = pair_ids(keys, torch.tensor([0, 1, 2, -1]), torch.tensor([1, 2, 3, 1]), 10)
     assert ids.tolist() == [0, -1, 1, -1]
+
+
+def test_a_unit_the_context_reads_better_is_named_by_its_pair():
+    from sc_steer.interpret.readout import _explained, label_for
+
+    row, tok, prev, acts = corpus()
+    ev = row % 2 == 0
+    pairs = pair_vocabulary(prev[ev], tok[ev], 9, min_count=3, cap=1000)
+    names = [f" w{i}" for i in range(9)]
+    expl = _explained(stream(row, tok, prev, acts, 9, pairs, 10**9), names)
+    assert expl[1]["context_label"] == {"token": " w2", "prev": " w1", "mean": expl[1]["context_label"]["mean"]}
+    assert label_for([], [], expl[1]["context_label"]) == 'w2 (after " w1")'
+    assert expl[2]["context_label"] is None                      # token 4 alone: no pair in its name
+    assert expl[2]["explanation"]["tokens"][0]["token"] == " w4" and "prev" not in expl[2]["explanation"]["tokens"][0]
+    assert set(expl[1]["scores"]) == {"tokens", "context"} and set(expl[1]["scores"]["tokens"]) == \
+        {"1", "2", "5", "10", "20", "all"}

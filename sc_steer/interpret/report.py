@@ -74,3 +74,22 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {KIND_TITLES[s['kind']]} | {s['site']} | {_mean_ci(s['sensitivity'])} "
                      f"| {_mean_ci(s['specificity'])} | {s['context_labels']} |")
     return "\n".join(lines) + "\n"
+
+
+def probe_markdown(probes: dict) -> str:
+    """``probe.md``: per label, balanced test accuracy of K-unit probes per unit set."""
+    lines = ["# Sparse probing\n",
+             "Per label, one task per class (it against the others) on half of the texts; the K units whose mean "
+             "activation differs most between the classes on that half feed a class-balanced logistic "
+             "regression; balanced accuracy on the other half, averaged over the tasks (chance: 0.5; see "
+             "sc_steer/interpret/probe.py).\n"]
+    for label, p in probes.items():
+        ks = list(next(iter(p["sets"].values()))["accuracy"])
+        counts = ", ".join(f"{k} {v}" for k, v in p["labels"].items())
+        lines += [f"## {label} (`{p['data']}`: {p['n_texts']:,} texts; {counts})\n",
+                  "| units | site | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+        for s in p["sets"].values():
+            lines.append(f"| {KIND_TITLES[s['kind']]} | {s['site']} | "
+                         + " | ".join(f"{s['accuracy'][k]:.3f}" for k in ks) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""What each ``sc-steer`` command does: open what it needs, call the library, print where results went."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import validate
+from ..errors import ScSteerError
+from ..files import check_new_file
+
+
+def _open(args):
+    """The model named by --model, or else by the run's run.json, on --device in --dtype."""
+    from ..models import open_model
+    from ..rundir import read_run
+
+    remote = {"ndif": True, "local": "local", None: False}[args.remote]
+    model = args.model or read_run(args.run)["model"]
+    return open_model(model, device=args.device, dtype=args.dtype, remote=remote)
+
+
+def cmd_collect(args) -> None:
+    from .. import distributed
+    from ..activations import collect
+
+    dist, device = distributed.from_env(args.device)
+    args.device = str(device)
+    lm = _open(args)
+    manifest = collect(lm, args.sites, args.data, args.out, ctx=args.ctx, batch_size=args.batch_size,
+                       max_tokens=args.max_tokens, shard_tokens=args.shard_tokens, store_dtype=args.store_dtype,
+                       packing=args.packing, prepend_bos=not args.no_bos, field=args.field, split=args.split,
+                       dist=dist)
+    if not dist.is_main:
+        return
+    norms = ", ".join(f"{s} {v['mean_norm']:.2f}" for s, v in manifest["sites"].items())
+    print(f"collected {manifest['n_tokens']:,} tokens x {len(manifest['sites'])} sites "
+          f"in {len(manifest['shards'])} shards -> {args.out}")
+    print(f"mean activation norm: {norms}")
+
+
+def _train_config(args):
+    from ..sae.config import TrainConfig, config_from_dict, load_config
+
+    cfg = load_config(args.config) if args.config else TrainConfig()
+    d = cfg.to_dict()
+    for flag, key in (("sites", "sites"), ("tokens", "tokens"), ("batch_size", "batch_size"), ("seed", "seed"),
+                      ("checkpoint_every", "checkpoint_every")):
+        if getattr(args, flag) is not None:
+            d[key] = getattr(args, flag)
+    for flag in ("architecture", "k", "expansion", "d_sae", "lr", "l1_coeff", "l0_coeff"):
+        if getattr(args, flag) is not None:
+            d["sae"][flag] = getattr(args, flag)
+    return config_from_dict(d, where="--config and flags")
+
+
+def cmd_train(args) -> None:
+    from .. import distributed
+    from ..pipeline import train_from_model, train_from_store
+    from ..rundir import sae_sites
+
+    cfg = _train_config(args)
+    dist, device = distributed.from_env(args.device)
+    split = {"dist": dist, "parallel": args.parallel}
+    if args.activations:
+        saes = train_from_store(args.activations, cfg, args.out, resume=args.resume, device=device,
+                                force=args.force, **split)
+    else:
+        args.device = str(device)
+        lm = _open(args)
+        saes = train_from_model(lm, args.data, cfg, args.out, ctx=args.ctx, resume=args.resume, device=lm.device,
+                                force=args.force, **split)
+    if dist.is_main:
+        sites = sae_sites(args.out) if dist.active else list(saes)
+        print(f"trained {len(sites)} SAEs -> {args.out}/saes/ ({', '.join(sites)}); "
+              f"curves: {args.out}/training_curves.png" + (f" ({dist.world} processes, --parallel {args.parallel})"
+                                                           if dist.active else ""))
+
+
+def cmd_eval(args) -> None:
+    from ..pipeline import eval_run
+    from ..evaluate import markdown_table
+
+    results = eval_run(args.run, args.data, lm=_open(args), max_tokens=args.max_tokens, batch_size=args.batch_size)
+    print(markdown_table(results))
+    print(f"-> {args.run}/eval.json, {args.run}/eval.md")
+
+
+def cmd_interpret(args) -> None:
+    from .. import rundir
+    from ..pipeline import interpret_run
+
+    sites = [x.strip() for x in args.sites.split(",")] if args.sites else None
+    summary = interpret_run(args.run, args.data, lm=_open(args), max_tokens=args.max_tokens, sites=sites,
+                            neurons=not args.no_neurons, top_n=args.top_n, window=args.window,
+                            min_count=args.min_count)
+    print((Path(args.run) / rundir.INTERPRET_MD).read_text())
+    print(f"-> {args.run}/{rundir.FEATURES}/<site>.jsonl and .md, {args.run}/{rundir.NEURONS}/, "
+          f"{args.run}/{rundir.BROWSER}/index.html, {args.run}/{rundir.SCORES_PNG} ({summary['n_tokens']:,} tokens)")
+
+
+def cmd_probe(args) -> None:
+    from .. import rundir
+    from ..pipeline import probe_run
+
+    probe_run(args.run, args.data, args.label, field=args.field, lm=_open(args), max_per_label=args.max_per_label,
+              ctx=args.ctx, neurons=not args.no_neurons, seed=args.seed)
+    print((Path(args.run) / rundir.PROBE_MD).read_text())
+    print(f"-> {args.run}/{rundir.PROBE_JSON}, {args.run}/{rundir.PROBE_MD}")
+
+
+def cmd_graph(args) -> None:
+    from ..pipeline import graph_run
+
+    lm = _open(args)
+    layers = None
+    if args.layers:
+        lo, _, hi = args.layers.partition("-")
+        try:
+            layers = list(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            layers = []
+        if not layers:
+            raise ScSteerError(f"--layers {args.layers!r}: expected N or N-M with N <= M (source layers)")
+    sources = args.sources
+    if sources and sources[0].isdigit():
+        try:
+            sources = [int(x) for x in sources.split(",")]
+        except ValueError:
+            raise ScSteerError(f"--sources {args.sources!r}: expected active, top:N, attr:N or feature ids "
+                               "like 3,17,42") from None
+    g, paths, corr = graph_run(args.run, args.prompts, args.out, lm=lm, layers=layers, sources=sources,
+                               mode=args.mode, value=args.value, where=args.where, prune=args.prune,
+                               amount=args.amount, rank_by=args.rank_by, attribute=not args.no_attribution,
+                               ctx=args.ctx, max_prompts=args.max_prompts, name=args.name, force=args.force)
+    print(f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges; attribution vs exact (Pearson): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in corr.items()))
+    print("-> " + ", ".join(str(p) for p in paths.values()))
+
+
+def _parse_interventions(args):
+    from ..steer import MODE_DOCS, Intervention, Recipe
+
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe([])
+    for mode, (value, _) in MODE_DOCS.items():
+        for spec in getattr(args, mode) or []:
+            parts = spec.split(":")
+            need = 3 if value else 2
+            if len(parts) != need or not parts[1].lstrip("-").isdigit():
+                form = "SITE:FEATURE" + (":VALUE" if value else "")
+                raise ScSteerError(f"--{mode} {spec!r}: expected {form}, e.g. resid_post.1:837" + (":8" if value else ""))
+            try:
+                coeff = float(parts[2]) if need == 3 else 0.0
+            except ValueError:
+                raise ScSteerError(f"--{mode} {spec!r}: {parts[2]!r} is not a number") from None
+            recipe.interventions.append(Intervention(parts[0], int(parts[1]), mode, coeff, args.positions,
+                                                     include_bos=args.include_bos))
+    return recipe
+
+
+def cmd_steer(args) -> None:
+    import textwrap
+
+    from ..rundir import load_run_saes
+    from ..steer import MODE_DOCS, generate
+
+    recipe = _parse_interventions(args)
+    if not recipe.interventions:
+        raise ScSteerError(f"nothing to steer with: give {'/'.join('--' + m for m in MODE_DOCS)} or --recipe")
+    if args.save_recipe:
+        check_new_file(args.save_recipe, "--save-recipe", args.force)
+    lm = _open(args)
+    saes = load_run_saes(args.run, device=lm.device)
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+              seed=args.seed)
+    base = generate(lm, args.prompt, None, saes, **kw)
+    steered = generate(lm, args.prompt, recipe, saes, **kw)
+    width = 58
+    for p, b, s in zip(args.prompt, base, steered):
+        print(f"\nprompt: {p!r}")
+        left = textwrap.wrap(b.replace("\n", " / "), width) or [""]
+        right = textwrap.wrap(s.replace("\n", " / "), width) or [""]
+        print(f"{'baseline':<{width}} | steered")
+        print("-" * width + "-+-" + "-" * width)
+        for i in range(max(len(left), len(right))):
+            print(f"{(left[i] if i < len(left) else ''):<{width}} | {right[i] if i < len(right) else ''}")
+    if args.save_recipe:
+        print(f"\nrecipe -> {recipe.save(args.save_recipe)}")
+
+
+def cmd_app(args) -> None:
+    from sc_steer_apps.playground import launch
+    from sc_steer_apps.serving import Limits
+
+    limits = Limits(args.max_new_tokens, args.max_prompt_tokens, args.time_limit).check()
+    validate.integer("--port", args.port, 1, 65535)
+    validate.text("--host", args.host)
+    print(f"serving {', '.join(args.run)} on http://{args.host}:{args.port}/ (Ctrl+C to stop)", flush=True)
+    launch(args.run, host=args.host, port=args.port, device=args.device, dtype=args.dtype, limits=limits)
+
+
+def cmd_demo(args) -> None:
+    import time
+
+    from .. import rundir
+    from ..evaluate import markdown_table
+    from ..pipeline import demo
+
+    t = time.time()
+    results = demo(args.out, collect_tokens=args.collect_tokens, train_tokens=args.train_tokens,
+                   eval_tokens=args.eval_tokens, interpret_tokens=args.interpret_tokens, device=args.device,
+                   dtype=args.dtype)
+    print(markdown_table(results))
+    print((Path(args.out) / rundir.INTERPRET_MD).read_text())
+    print(f"demo finished in {time.time() - t:.0f} s. Results in {args.out}/: eval.md, eval.json, saes/<site>/, "
+          "training_curves.png, interpret.md, browser/index.html, features/, neurons/, graph/, activations/. "
+          f"Next: sc-steer app --run {args.out}")
+
+
