@@ -52,22 +52,28 @@ def _split_text(text: str, split: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
-def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-empty line of a ``.jsonl`` or ``.jsonl.gz`` file; a line
+    that is not JSON is a one-line error naming the file and line."""
     with _open_text(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ScSteerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or field not in rec:
-                keys = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
-                raise ScSteerError(f"{path}:{n}: no field {field!r} (found: {keys}); pass the text field's name")
-            if not isinstance(rec[field], str):
-                raise ScSteerError(f"{path}:{n}: field {field!r} is {type(rec[field]).__name__}, expected text")
-            if rec[field].strip():
-                yield rec[field]
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    for n, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or field not in rec:
+            keys = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise ScSteerError(f"{path}:{n}: no field {field!r} (found: {keys}); pass the text field's name")
+        if not isinstance(rec[field], str):
+            raise ScSteerError(f"{path}:{n}: field {field!r} is {type(rec[field]).__name__}, expected text")
+        if rec[field].strip():
+            yield rec[field]
 
 
 def _passages(text: str, chars: int) -> Iterator[str]:

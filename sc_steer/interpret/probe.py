@@ -17,8 +17,6 @@ as a book's spelling), and labels that the mean over a text washes out.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 from pathlib import Path
@@ -28,7 +26,7 @@ from tqdm import tqdm
 
 from .. import validate
 from ..activations import kept, run_sites, text_rows
-from ..data import DEMO_DATA, Row, collate, pad_token_id
+from ..data import DEMO_DATA, Row, collate, iter_jsonl, pad_token_id
 from ..devices import follow_model
 from ..errors import ScSteerError
 from ..models import LM
@@ -72,16 +70,14 @@ def _demo_items(split: str, label: str) -> list[tuple[str, str]]:
     if not path.exists():
         raise ScSteerError(f"data 'demo:{split}': expected demo:train or demo:heldout")
     items = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            for text in rec["text"].splitlines():
-                if not text.strip():
-                    continue
-                if label == "source":
-                    items.append((text, rec["source"]))
-                elif rec["source"] == "wordnet" and (m := _GLOSS.match(text)):
-                    items.append((f"{m['lemmas']}: {m['gloss']}", m["pos"]))
+    for _, rec in iter_jsonl(path):
+        for text in rec["text"].splitlines():
+            if not text.strip():
+                continue
+            if label == "source":
+                items.append((text, rec["source"]))
+            elif rec["source"] == "wordnet" and (m := _GLOSS.match(text)):
+                items.append((f"{m['lemmas']}: {m['gloss']}", m["pos"]))
     return items
 
 
@@ -89,21 +85,13 @@ def _jsonl_items(path: Path, field: str, label: str) -> list[tuple[str, str]]:
     if not path.is_file() or not path.name.removesuffix(".gz").endswith(".jsonl"):
         raise ScSteerError(f"--data {str(path)!r}: expected a .jsonl or .jsonl.gz file with a text and a label "
                            "field (or demo, demo:heldout)")
-    opener = gzip.open if path.suffix == ".gz" else open
     items = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScSteerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str) or label not in rec:
-                raise ScSteerError(f"{path}:{n}: expected a JSON object with a text field {field!r} and a label "
-                                   f"field {label!r}")
-            if rec[field].strip():
-                items.append((rec[field], str(rec[label])))
+    for n, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get(field), str) or label not in rec:
+            raise ScSteerError(f"{path}:{n}: expected a JSON object with a text field {field!r} and a label "
+                               f"field {label!r}")
+        if rec[field].strip():
+            items.append((rec[field], str(rec[label])))
     return items
 
 
