@@ -52,6 +52,11 @@ def test_stats_match_brute_force_with_edges():
         for t, m in zip(ids.tolist(), means.tolist()):
             assert m == pytest.approx(acts[tokens == t, u].mean().item(), rel=1e-5)
     assert st.fires.tolist() == (acts > 0).sum(0).tolist()
+    few = UnitStats(4, 12, top_n=5, window=3, windows=2)       # windows kept for the first two only
+    for lo, hi in ((0, 12), (12, 21), (21, 27)):
+        few.update(acts[lo:hi], tokens[lo:hi], rows[lo:hi])
+    assert torch.equal(few.top_val, st.top_val) and torch.equal(few.top_idx, st.top_idx)
+    assert torch.equal(few.top_win_idx, st.top_win_idx[:, :2]) and torch.equal(few.top_win_act, st.top_win_act[:, :2])
     sparse = UnitStats(4, 12, top_n=5, window=3, dense_token_limit=0)
     sparse.update(acts, tokens, rows)
     for u in (0, 1, 3):

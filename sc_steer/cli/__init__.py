@@ -30,6 +30,3 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

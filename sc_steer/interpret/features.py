@@ -31,7 +31,7 @@ from ..models import LM
 from ..sae import SAE
 from ..sites import Site
 from .explain import K_VALUES, Explanations, pair_vocabulary
-from .readout import token_strings, unit_records
+from .readout import N_CONTEXTS, token_strings, unit_records
 from .report import markdown_table, mean_with_ci, summary_markdown
 from .score import summarize
 from .stats import HIST_EDGES, UnitStats
@@ -88,7 +88,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     sites = sorted({us.site for us in sets}, key=lambda s: s.order)
     vocab = len(lm.tokenizer)
     units = sum(us.n_units for us in sets)   # top lists with their windows, and a batch's activations of each
-    check_fits(units * top_n * (2 * window + 2) * 12 + batch_size * ctx * units * 4 * 3,
+    check_fits(units * (top_n * 12 + N_CONTEXTS * (2 * window + 1) * 12) + batch_size * ctx * units * 4 * 3,
                f"interpreting {units:,} units with --top-n {top_n:,}, --window {window:,}", lm.device)
     rows = rows_upto(data, lm.tokenizer, ctx, max_tokens)
     halves = [[(i, r) for i, r in enumerate(rows) if i % 2 == held] for held in (0, 1)]
@@ -96,7 +96,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
         else (torch.zeros(0, dtype=torch.long),) * 2
     pair_keys = pair_vocabulary(ev_prev, ev_tok, vocab)
     expl = {us.key: Explanations(us.n_units, vocab, pair_keys, device=lm.device) for us in sets}
-    stats = {us.key: UnitStats(us.n_units, vocab, top_n, window, device=lm.device,
+    stats = {us.key: UnitStats(us.n_units, vocab, top_n, window, device=lm.device, windows=N_CONTEXTS,
                                token_sums=expl[us.key].all_tokens) for us in sets}
     all_tokens, order = [], []     # the tokens as read, and where each stands in the text
     starts = torch.tensor([0] + [sum(r.keep) for r in rows]).cumsum(0)

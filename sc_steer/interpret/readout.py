@@ -57,6 +57,7 @@ def sig_round(x: torch.Tensor, digits: int = 5) -> torch.Tensor:
     return torch.where(live, torch.round(x * up / down) * down / up, x)
 
 
+N_CONTEXTS = 10     # top contexts shown per unit, each with its window of tokens
 READ_BLOCK = 4096   # units read out at once: bounds the [units, top_n, window] tensors and their lists
 
 
@@ -74,7 +75,7 @@ def _gc_paused():
 
 
 def unit_records(lm: LM, kind: str, site, sae, stats: UnitStats, tokens: torch.Tensor, strings: list[str], *,
-                 top_k_tokens: int = 10, min_count: int = 5, n_contexts: int = 10,
+                 top_k_tokens: int = 10, min_count: int = 5, n_contexts: int = N_CONTEXTS,
                  explanations: Explanations | None = None) -> list[dict]:
     """One record per unit of a unit set (``kind`` at ``site``; see the module docstring), with its
     explanation scores where ``explanations`` is given. Every number is computed for a block of units at
@@ -156,6 +157,7 @@ def _context_lists(stats: UnitStats, start: int, stop: int, tokens: torch.Tensor
     """Per unit of ``start:stop``: its top contexts up to the first non-positive value (at most ``n``),
     each with the window's tokens and activations where the window lies inside the row. The kept window
     entries of all units go to Python as one flat list each; every context is a slice of them."""
+    n = min(n, stats.n_windows)
     val, centre = stats.top_val[start:stop, :n], stats.top_idx[start:stop, :n]
     win = stats.top_win_idx[start:stop, :n]
     used = (val > 0).long().cumprod(1)                        # [units, n]: 0 from the first non-positive on

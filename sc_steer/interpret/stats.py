@@ -19,11 +19,14 @@ class UnitStats:
 
     def __init__(self, n_units: int, vocab: int, top_n: int = 20, window: int = 8,
                  device: str | torch.device = "cpu", dense_token_limit: int = DENSE_TOKEN_TABLE_LIMIT,
-                 token_sums: TokenTable | SummedTables | None = None):
+                 token_sums: TokenTable | SummedTables | None = None, windows: int | None = None):
         """Accumulators live on ``device`` (the model's: per-token work stays on the GPU); ``cpu()``
         moves them to the host for the per-unit read-out. ``token_sums``: per-token sums some other
-        accumulator keeps over the same tokens (the explanation tables), read instead of a table here."""
+        accumulator keeps over the same tokens (the explanation tables), read instead of a table here.
+        ``windows``: how many of the top activations keep their context window (all ``top_n`` unless
+        told; the records show the first ten)."""
         self.n_units, self.vocab, self.top_n, self.window = n_units, vocab, top_n, window
+        self.n_windows = top_n if windows is None else min(windows, top_n)
         self.device = torch.device(device)
         self.n_tokens = 0
         self.fires = torch.zeros(n_units, dtype=torch.int64)
@@ -35,8 +38,8 @@ class UnitStats:
         w = 2 * window + 1
         self.top_val = torch.full((n_units, top_n), float("-inf"))
         self.top_idx = torch.full((n_units, top_n), -1, dtype=torch.int64)       # global token index
-        self.top_win_idx = torch.full((n_units, top_n, w), -1, dtype=torch.int64)  # -1: outside the row
-        self.top_win_act = torch.zeros(n_units, top_n, w)
+        self.top_win_idx = torch.full((n_units, self.n_windows, w), -1, dtype=torch.int64)  # -1: outside the row
+        self.top_win_act = torch.zeros(n_units, self.n_windows, w)
         if self.device.type != "cpu":
             self._move(self.device)
 
@@ -107,25 +110,34 @@ class UnitStats:
                 getattr(self, name)[units] = value
 
     def _merged(self, acts, row, offset, top_val, top_idx, top_win_idx, top_win_act):
+        """The merged top lists. Sorting is stable with the old entries first, so an entry keeps its place
+        before equal newcomers, and the first ``n_windows`` entries always come from entries that have
+        their windows: the old list's first ``n_windows`` and the chunk's best ``n_windows``."""
         t, u = acts.shape
         n = min(self.top_n, t)
-        cand_val, cand_t = acts.topk(n, dim=0)                # [n, U]
+        cand_val, cand_t = acts.topk(n, dim=0)                # [n, U], best first
         cand_val, cand_t = cand_val.T, cand_t.T               # [U, n]
-        # window positions, clamped to the candidate's own row
+        all_val = torch.cat([top_val, cand_val], 1)
+        keep = torch.sort(all_val, dim=1, descending=True, stable=True).indices[:, :self.top_n]
+        new_val, new_idx = all_val.gather(1, keep), torch.cat([top_idx, cand_t + offset], 1).gather(1, keep)
+        # windows of the chunk's best n_windows candidates, clamped to each candidate's own row
+        nw = min(self.n_windows, n)
+        ct = cand_t[:, :nw]
         starts = torch.searchsorted(row, row, side="left")
         ends = torch.searchsorted(row, row, side="right")
         offs = torch.arange(-self.window, self.window + 1, device=acts.device)
-        j = cand_t[..., None] + offs                          # [U, n, w]
-        valid = (j >= starts[cand_t][..., None]) & (j < ends[cand_t][..., None])
+        j = ct[..., None] + offs                              # [U, nw, w]
+        valid = (j >= starts[ct][..., None]) & (j < ends[ct][..., None])
         jc = j.clamp(0, t - 1)
-        win_act = acts.T.gather(1, jc.reshape(u, -1)).reshape(u, n, -1) * valid
+        win_act = acts.T.gather(1, jc.reshape(u, -1)).reshape(u, nw, -1) * valid
         win_idx = torch.where(valid, jc + offset, torch.full_like(jc, -1))
-        all_val = torch.cat([top_val, cand_val], 1)
-        keep = all_val.topk(self.top_n, dim=1).indices
-        w = offs.numel()
-        k3 = keep[..., None].expand(-1, -1, w)
-        return (all_val.gather(1, keep), torch.cat([top_idx, cand_t + offset], 1).gather(1, keep),
-                torch.cat([top_win_idx, win_idx], 1).gather(1, k3), torch.cat([top_win_act, win_act], 1).gather(1, k3))
+        # where the new list's first n_windows came from, as positions in [old windows | new windows]
+        head = keep[:, :self.n_windows]
+        from_old = head < self.top_n
+        src = torch.where(from_old, head, head - self.top_n + self.n_windows)
+        k3 = src[..., None].expand(-1, -1, offs.numel())
+        return (new_val, new_idx, torch.cat([top_win_idx, win_idx], 1).gather(1, k3),
+                torch.cat([top_win_act, win_act], 1).gather(1, k3))
 
     # -- results ---------------------------------------------------------------------------------
     def density(self) -> torch.Tensor:
