@@ -1,12 +1,13 @@
 """One demo site's SAE trained with the demo's recipe and chosen overrides, then FVU and CE recovered.
 
-    sc-steer demo --out runs/demo                                   # once: the collection
-    OMP_NUM_THREADS=1 python bench/demo_site.py --activations runs/demo/activations \
+    sc-steer collect --model demo --data demo --max-tokens 1200000 --out runs/demo-acts   # once
+    OMP_NUM_THREADS=1 python bench/demo_site.py --activations runs/demo-acts \
         --site resid_post.3 --set sae.lr=4e-3 --set dead_tokens=6144
 
 How the demo's training settings were chosen (``bench/toy_recovery_results.md``): everything as
-``sc-steer demo`` trains (``pipeline.DEMO_TRAIN``) except the ``--set`` overrides (``key=value`` for
-the run, ``sae.key=value`` for the SAE), evaluated like ``sc-steer eval`` on held-out text.
+``sc-steer demo --full`` trains (``demo/run.py``: ``DEMO_TRAIN`` with the ``FULL`` budget) except the
+``--set`` overrides (``key=value`` for the run, ``sae.key=value`` for the SAE), evaluated like
+``sc-steer eval`` on held-out text.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 
 def main() -> None:
     from sc_steer.models import open_model
-    from sc_steer.pipeline import DEMO_TRAIN, train_from_store
+    from sc_steer.demo.run import DEMO_TRAIN, FULL
+    from sc_steer.pipeline import train_from_store
     from sc_steer.sae.config import config_from_dict
     from sc_steer.evaluate import evaluate_saes
 
@@ -33,7 +35,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=50_000)
     args = ap.parse_args()
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    cfg = copy.deepcopy(DEMO_TRAIN) | {"sites": [args.site], "checkpoint_every": 1 << 30}
+    cfg = copy.deepcopy(DEMO_TRAIN) | {"sites": [args.site], "checkpoint_every": 1 << 30,
+                                       "tokens": FULL["train_tokens"]}
     for item in args.set:
         key, _, value = item.partition("=")
         target, key = (cfg["sae"], key[4:]) if key.startswith("sae.") else (cfg, key)

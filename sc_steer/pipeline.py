@@ -1,5 +1,5 @@
 """The stages that work on a run folder (``rundir.py``): train -> eval -> interpret -> graph, each
-reading the last one's output from the folder, and ``demo``, which runs them all on the demo model.
+reading the last one's output from the folder (``demo/run.py`` runs them all on the demo model).
 
 Each stage opens what it needs from the run (the model, the SAEs, the interpretation records) and
 calls the library function that does the work on a model and SAEs in memory; the CLI calls the
@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from . import rundir, validate
-from .activations import collect
 from .data import data_fingerprint
 from .devices import resolve_device
 from .distributed import LOCAL, Dist, share
@@ -25,11 +24,11 @@ from .graph.run import check_options, feature_graph, source_layers
 from .interpret import interpret, write_browser, write_plots
 from .interpret.probe import labelled_texts, sparse_probe
 from .interpret.report import probe_markdown
-from .models import LM, open_model
-from .rundir import check_run, load_run_saes, open_run_model, start_run
+from .models import LM
+from .rundir import load_run_saes, open_run_model, start_run
 from .sae import SAE
 from .sae.base import WEIGHTS_FILE
-from .sae.config import TrainConfig, config_from_dict
+from .sae.config import TrainConfig
 from .sae.sources import model_source, store_source
 from .sae.train import PARALLEL_MODES, Trainer
 from .sites import parse_sites
@@ -80,8 +79,10 @@ def train_from_store(activations: str | Path, cfg: TrainConfig, out: str | Path,
 
 def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ctx: int = 256, resume: bool = False,
                      device: str | torch.device = "cpu", force: bool = False, progress: bool = True,
-                     dist: Dist = LOCAL, parallel: str | None = None) -> dict[str, SAE]:
-    """Train straight from the model's activations, with no disk cache. Under torchrun only
+                     dist: Dist = LOCAL, parallel: str | None = None, buffer_tokens: int = 1 << 17,
+                     buffer_dtype: torch.dtype | None = None) -> dict[str, SAE]:
+    """Train straight from the model's activations, with no disk cache, shuffled in a host buffer of
+    ``buffer_tokens`` tokens per site in ``buffer_dtype`` (``sources.model_source``). Under torchrun only
     ``parallel="layers"``: each rank runs its own copy of the model for its share of the sites."""
     sites = lm.sites(cfg.sites)
     validate.integer("--ctx", ctx, 2)
@@ -99,7 +100,8 @@ def train_from_model(lm: LM, data: str, cfg: TrainConfig, out: str | Path, *, ct
     dist.agree(run_info, "the training settings")
     dist.main_first(lambda: start_run(Path(out), run_info, force=force), "writing run.json")
     mine = share(sites, dist) if dist.active else sites
-    source = model_source(lm, mine, data, cfg.batch_size, cfg.seed, ctx=ctx, run_sites_of=sites)
+    source = model_source(lm, mine, data, cfg.batch_size, cfg.seed, ctx=ctx, run_sites_of=sites,
+                          buffer_tokens=buffer_tokens, buffer_dtype=buffer_dtype)
     return Trainer(cfg, source, out, info, meta, device, progress, dist=dist, parallel=parallel).run(resume=resume)
 
 
@@ -189,36 +191,3 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
                                    provenance={"sae_sha256": hashes}, progress=progress, **options)
     atomic_write_text(out / rundir.GRAPH_RECIPE, json.dumps({**recipe, "layers": layers}, indent=1))
     return g, paths, corr
-
-
-DEMO_TRAIN = {"sites": ["resid_post.*"], "batch_size": 4096, "tokens": 1_228_800, "checkpoint_every": 50,
-              "sae": {"architecture": "topk", "expansion": 8, "k": 32, "lr": 6e-3}}
-
-
-def demo(out: str | Path = "runs/demo", *, collect_tokens: int = 1_200_000, train_tokens: int | None = None,
-         eval_tokens: int = 50_000, interpret_tokens: int = 200_000, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype = "float32", progress: bool = True) -> dict[str, dict]:
-    """collect -> train -> eval -> interpret -> graph on the shipped demo model, offline, on ``device``
-    (SAEs train there too; the model runs in ``dtype``, SAEs in float32). Rerunning resumes."""
-    out = Path(out)
-    cfg = config_from_dict(dict(DEMO_TRAIN, tokens=DEMO_TRAIN["tokens"] if train_tokens is None else train_tokens),
-                           where="--train-tokens")
-    validate.integer("--collect-tokens", collect_tokens, 1)
-    if collect_tokens < cfg.batch_size:
-        raise ScSteerError(f"--collect-tokens {collect_tokens:,}: fewer than one batch of the demo's training "
-                           f"({cfg.batch_size:,} tokens)")
-    validate.integer("--eval-tokens", eval_tokens, 1)
-    validate.integer("--interpret-tokens", interpret_tokens, 1)
-    lm = open_model("demo", device=device, dtype=dtype)
-    # the folder is checked before the first write: a foreign run there is refused, not merged into
-    # (its own collection may be there already: a demo killed while collecting resumes)
-    acts = out / rundir.ACTIVATIONS
-    check_run(out, {"model": "demo", "sites": [str(s) for s in lm.sites(cfg.sites)], "train_config": cfg.to_dict(),
-                    "activations": str(acts)})
-    collect(lm, "resid_post.*", "demo", acts, ctx=256, batch_size=16, max_tokens=collect_tokens, progress=progress)
-    train_from_store(acts, cfg, out, resume=True, device=lm.device, progress=progress)
-    results = eval_run(out, "demo:heldout", lm=lm, max_tokens=eval_tokens, progress=progress)
-    interpret_run(out, "demo:heldout", lm=lm, max_tokens=interpret_tokens, progress=progress)
-    graph_run(out, "demo:heldout", out / rundir.GRAPH, lm=lm, sources="top:12", prune="top_k", amount=2,
-              max_prompts=32, progress=progress)
-    return results

@@ -334,13 +334,14 @@ def cli_cases():
                       ("r_nosite.json", "names no site"), ("r_name.json", "name 5")]:
         add(f"steer --recipe {name}", lambda ws, n=name: st(ws, "--recipe", R(ws, n)), msg)
     # demo and app
-    add("demo --collect-tokens 3000 (less than a batch)", lambda ws: ["demo", "--out", R(ws, "new_demo"),
-                                                                      "--collect-tokens", "3000"], "fewer than one batch")
+    add("demo --train-tokens 3000 (less than a batch)", lambda ws: ["demo", "--out", R(ws, "new_demo"),
+                                                                    "--train-tokens", "3000"], "fewer than one batch")
     add("demo --out is a file", lambda ws: ["demo", "--out", R(ws, "a_file")], "a file")
-    add("demo --out another run", lambda ws: ["demo", "--out", R(ws, "other_run"), "--collect-tokens", "4096",
-                                              "--train-tokens", "4096"], "holds another run")
-    add("demo --collect-tokens 0", lambda ws: ["demo", "--out", R(ws, "new_demo"), "--collect-tokens", "0"],
-        "--collect-tokens 0")
+    add("demo --out another run", lambda ws: ["demo", "--out", R(ws, "other_run"), "--train-tokens", "4096"], "holds another run")
+    add("demo --train-tokens 0", lambda ws: ["demo", "--out", R(ws, "new_demo"), "--train-tokens", "0"],
+        "--train-tokens 0")
+    add("demo --interpret-tokens -5", lambda ws: ["demo", "--out", R(ws, "new_demo"), "--interpret-tokens", "-5"],
+        "--interpret-tokens -5")
     add("demo --dtype fp8", lambda ws: ["demo", "--out", R(ws, "new_demo"), "--dtype", "fp8"], "--dtype 'fp8'")
     for args, msg in [(["--max-new-tokens", "0"], "--max-new-tokens 0"), (["--time-limit", "0"], "--time-limit 0"),
                       (["--time-limit", "nan"], "--time-limit nan"), (["--max-prompt-tokens", "-1"],

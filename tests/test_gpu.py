@@ -168,8 +168,8 @@ def test_cli_on_cuda(runs, tmp_path):
     run = str(runs["cpu"]["run"])
     steps = [["eval", "--run", run, "--device", CUDA, "--max-tokens", "2000"],
              ["steer", "--run", run, "--device", CUDA, "--prompt", "In the beginning", "--add", "resid_post.1:7:12"],
-             ["demo", "--out", str(tmp_path / "demo"), "--device", CUDA, "--dtype", BF16, "--collect-tokens",
-              "8192", "--train-tokens", "16384", "--eval-tokens", "1024", "--interpret-tokens", "2048"]]
+             ["demo", "--out", str(tmp_path / "demo"), "--device", CUDA, "--dtype", BF16,
+              "--train-tokens", "16384", "--eval-tokens", "1024", "--interpret-tokens", "2048"]]
     for args in steps:
         r = subprocess.run(cli + args, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (args, r.stderr[-3000:])

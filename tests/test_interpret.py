@@ -413,3 +413,26 @@ def test_simulation_score_equals_a_brute_force_computation(dense_limit):
     keep = ~torch.isnan(ref)
     torch.testing.assert_close(got[keep], ref[keep], rtol=1e-6, atol=1e-6)   # fp32 token sums
     assert got[0] > 0.4 and abs(got[2]) < 0.3
+
+
+def test_one_pass_per_layer_writes_what_one_pass_for_all_writes(interpreted, tmp_path):
+    """A table budget too small for two layers reads the text once per layer (``passes``); every
+    record and the summary's scores are those of a single pass over all layers."""
+    from sc_steer.interpret.features import passes, unit_sets
+
+    lm = interpreted["lm"]
+    saes = {"resid_post.0": firing_sae(d_sae=40, seed=2, gain=4.0, bias=-0.2), "resid_post.1": interpreted["sae"]}
+    sets = unit_sets(lm, saes)
+    assert [[us.key for us in g] for g in passes(sets, 100, 10, budget=0)] == \
+        [["sae/resid_post.0", "resid/resid_post.0", "mlp/mlp_act.0"], ["sae/resid_post.1", "resid/resid_post.1",
+                                                                        "mlp/mlp_act.1"]]
+    assert len(passes(sets, 100, 10, budget=1 << 40)) == 1
+    got = {}
+    for budget in (0, 1 << 40):
+        out = tmp_path / str(budget)
+        summary = interpret(lm, saes, interpreted["text"], out, ctx=20, batch_size=2, top_n=6, window=4,
+                            min_count=1, table_budget=budget, progress=False)
+        assert summary["passes"] == (2 if budget == 0 else 1)
+        got[budget] = ({p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.jsonl")},
+                       {k: v["explain"] for k, v in summary["sets"].items()})
+    assert len(got[0][0]) == 6 and got[0] == got[1 << 40]

@@ -24,7 +24,7 @@ README = (ROOT / "README.md").read_text()
 
 # per subcommand: flag -> the small value used here (replacing the README's, or appended)
 BUDGETS = {
-    "demo": {"--collect-tokens": "8192", "--train-tokens": "16384", "--eval-tokens": "1024",
+    "demo": {"--train-tokens": "16384", "--eval-tokens": "1024",
              "--interpret-tokens": "2048"},
     "collect": {"--max-tokens": "12000"},
     "train": {"--tokens": "8192"},

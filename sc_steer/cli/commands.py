@@ -200,18 +200,9 @@ def cmd_app(args) -> None:
 def cmd_demo(args) -> None:
     import time
 
-    from .. import rundir
-    from ..evaluate import markdown_table
-    from ..pipeline import demo
+    from ..demo.run import demo, summary
 
-    t = time.time()
-    results = demo(args.out, collect_tokens=args.collect_tokens, train_tokens=args.train_tokens,
-                   eval_tokens=args.eval_tokens, interpret_tokens=args.interpret_tokens, device=args.device,
-                   dtype=args.dtype)
-    print(markdown_table(results))
-    print((Path(args.out) / rundir.INTERPRET_MD).read_text())
-    print(f"demo finished in {time.time() - t:.0f} s. Results in {args.out}/: eval.md, eval.json, saes/<site>/, "
-          "training_curves.png, interpret.md, browser/index.html, features/, neurons/, graph/, activations/. "
-          f"Next: sc-steer app --run {args.out}")
-
-
+    t = time.perf_counter()
+    record = demo(args.out, full=args.full, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
+                  interpret_tokens=args.interpret_tokens, device=args.device, dtype=args.dtype, force=args.force)
+    print(summary(args.out, record, time.perf_counter() - t))

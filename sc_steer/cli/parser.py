@@ -170,12 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(p)
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("demo", help="collect -> train -> eval -> interpret -> graph on the shipped demo model, offline")
+    p = sub.add_parser("demo", help="train -> eval -> interpret -> graph on the shipped demo model, offline "
+                       "(a few minutes on a laptop CPU; rerun to resume)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--collect-tokens", type=int, default=1_200_000)
-    p.add_argument("--train-tokens", type=int, help="training tokens per SAE (default 1,228,800)")
-    p.add_argument("--eval-tokens", type=int, default=50_000)
-    p.add_argument("--interpret-tokens", type=int, default=200_000)
+    p.add_argument("--full", action="store_true", help="the longer budgets: 1,228,800 training tokens per SAE, "
+                   "50,000 evaluation and 200,000 interpretation tokens (default: 614,400 / 25,000 / 100,000)")
+    p.add_argument("--train-tokens", type=int, help="training tokens per SAE (streamed from the model)")
+    p.add_argument("--eval-tokens", type=int, help="held-out tokens to evaluate on")
+    p.add_argument("--interpret-tokens", type=int, help="held-out tokens to interpret on")
+    p.add_argument("--force", action="store_true", help="start over in a folder that holds another run")
     _add_device_args(p)
     p.set_defaults(func=cmd_demo)
     return ap

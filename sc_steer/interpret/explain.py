@@ -131,15 +131,18 @@ class Explanations:
         on = pid >= 0
         self.pairs[half].add(acts[on], pid[on])
         if not held:
-            self.dev_max = torch.maximum(self.dev_max, acts.max(0).values)
-            self.dev_min = torch.maximum(self.dev_min, (-acts).max(0).values)
+            lo, hi = acts.aminmax(dim=0)
+            self.dev_max = torch.maximum(self.dev_max, hi)
+            self.dev_min = torch.maximum(self.dev_min, -lo)
             return
-        self.held_sq += acts.double().pow(2).sum(0)
+        self.held_sq += acts.square().sum(0, dtype=torch.float64)
         strong = (acts - self.mu.float()).abs() >= self.threshold.float()          # [T, U]
-        member = (self.headline.T[:, :, None] == tokens[None, None, :]).any(0).T   # [T, U]
-        self.strong += strong.sum(0).double()
-        self.strong_on += (strong & member).sum(0).double()
-        self.on += member.sum(0).double()
+        member = tokens[:, None] == self.headline[None, :, 0]                       # [T, U]
+        for k in range(1, self.headline.shape[1]):
+            member |= tokens[:, None] == self.headline[None, :, k]
+        self.strong += strong.sum(0, dtype=torch.float64)
+        self.strong_on += (strong & member).sum(0, dtype=torch.float64)
+        self.on += member.sum(0, dtype=torch.float64)
 
     def finish_explaining(self) -> None:
         """The explaining half is in: the unit's mean, its strong-activity threshold, and the tokens of its

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .. import rundir, validate
 from ..activations import kept, run_sites, text_rows
 from ..data import Row, collate, iter_documents, iter_rows, pad_token_id
-from ..devices import check_fits, follow_model
+from ..devices import check_fits, follow_model, release_host_memory
 from ..errors import ScSteerError
 from ..files import atomic_write_text
 from ..models import LM
@@ -35,6 +35,7 @@ from .readout import N_CONTEXTS, token_strings, unit_records
 from .report import markdown_table, mean_with_ci, summary_markdown
 from .score import summarize
 from .stats import HIST_EDGES, UnitStats
+from .tokens import DENSE_TOKEN_TABLE_LIMIT
 
 
 @dataclass
@@ -66,11 +67,38 @@ def unit_sets(lm: LM, saes: dict[str, SAE], neurons: bool = True) -> list[UnitSe
     return sets
 
 
+TABLE_BUDGET = 1 << 29   # bytes of dense per-token tables one pass over the text may hold (512 MiB)
+
+
+def passes(sets: list[UnitSet], vocab: int, n_pairs: int, budget: int = TABLE_BUDGET) -> list[list[UnitSet]]:
+    """The unit sets split into passes over the text, a layer's sets always together, in forward order,
+    each pass's dense explanation tables (``Explanations``: two token and two pair tables per unit)
+    within ``budget`` bytes where one layer alone fits. More passes cost more forward passes (each
+    stops at its last layer) and bound the memory."""
+    per_unit = 2 * (vocab + n_pairs) * 4
+    layers: dict[int, list[UnitSet]] = {}
+    for us in sets:
+        layers.setdefault(us.site.layer, []).append(us)
+    out: list[list[UnitSet]] = []
+    held = 0
+    for layer in sorted(layers):
+        group = layers[layer]
+        size = sum(us.n_units * per_unit for us in group if us.n_units * vocab <= DENSE_TOKEN_TABLE_LIMIT)
+        if out and held + size <= budget:
+            out[-1] += group
+            held += size
+        else:
+            out.append(list(group))
+            held = size
+    return out
+
+
 def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_tokens: int = 200_000,
               ctx: int = 256, batch_size: int = 16, top_n: int = 100, window: int = 8, top_k_tokens: int = 10,
               min_count: int = 5, neurons: bool = True, sample: int = 12, seed: int = 0,
-              progress: bool = True) -> dict:
-    """Stream ``data`` through the model once; write per-unit JSONL, Markdown tables and a summary.
+              table_budget: int = TABLE_BUDGET, progress: bool = True) -> dict:
+    """Stream ``data`` through the model (one pass per group of layers, ``passes``); write per-unit
+    JSONL, Markdown tables and a summary.
 
     Returns the summary (also ``interpret.json``): per unit set, the score distribution and counts.
     """
@@ -85,7 +113,6 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     out = Path(out)
     follow_model(saes, lm)
     sets = unit_sets(lm, saes, neurons)
-    sites = sorted({us.site for us in sets}, key=lambda s: s.order)
     vocab = len(lm.tokenizer)
     units = sum(us.n_units for us in sets)   # top lists with their windows, and a batch's activations of each
     check_fits(units * (top_n * 12 + N_CONTEXTS * (2 * window + 1) * 12) + batch_size * ctx * units * 4 * 3,
@@ -95,13 +122,42 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     ev_prev, ev_tok = (torch.cat(t) for t in zip(*(_text_tokens(r) for _, r in halves[0]))) if halves[0] \
         else (torch.zeros(0, dtype=torch.long),) * 2
     pair_keys = pair_vocabulary(ev_prev, ev_tok, vocab)
-    expl = {us.key: Explanations(us.n_units, vocab, pair_keys, device=lm.device) for us in sets}
+    n = sum(sum(r.keep) for r in rows)
+    if n == 0:
+        raise ScSteerError(f"data {data!r} gave no tokens to interpret")
+    groups = passes(sets, vocab, len(pair_keys), table_budget)
+    strings = token_strings(lm.tokenizer, int(lm.config.vocab_size))
+    summary = {"model": lm.name, "data": data, "n_tokens": n, "top_n": top_n, "window": window,
+               "min_count": min_count, "n_pairs": len(pair_keys), "passes": len(groups), "sets": {}}
+    rng = random.Random(seed)
+    bar = tqdm(total=n * len(groups), unit="tok", desc="interpret", disable=not progress)
+    for group in groups:
+        stats, expl, tokens = _read(lm, group, rows, halves, pair_keys, vocab, top_n, window, batch_size, ctx, bar)
+        for us in group:
+            recs = unit_records(lm, us.kind, us.site, us.sae, stats.pop(us.key), tokens, strings,
+                                top_k_tokens=top_k_tokens, min_count=min_count, explanations=expl.pop(us.key))
+            summary["sets"][us.key] = _write_set(out, us, recs, rng, sample)
+        del stats, expl
+        release_host_memory(collect=True)
+    bar.close()
+    summary["sets"] = {us.key: summary["sets"][us.key] for us in sets}   # the order of unit_sets
+    summary["hist_edges_log10"] = HIST_EDGES.tolist()
+    atomic_write_text(out / rundir.INTERPRET_JSON, json.dumps(summary, indent=1))
+    atomic_write_text(out / rundir.INTERPRET_MD, summary_markdown(summary))
+    return summary
+
+
+def _read(lm: LM, group: list[UnitSet], rows: list[Row], halves: list, pair_keys: torch.Tensor, vocab: int,
+          top_n: int, window: int, batch_size: int, ctx: int, bar) -> tuple[dict, dict, torch.Tensor]:
+    """One pass over the text for ``group``'s unit sets: the explaining half, then the held-out half.
+    Returns their statistics and explanation sums (top lists renumbered to reading order) and the
+    text's tokens in reading order."""
+    sites = sorted({us.site for us in group}, key=lambda s: s.order)
+    expl = {us.key: Explanations(us.n_units, vocab, pair_keys, device=lm.device) for us in group}
     stats = {us.key: UnitStats(us.n_units, vocab, top_n, window, device=lm.device, windows=N_CONTEXTS,
-                               token_sums=expl[us.key].all_tokens) for us in sets}
+                               token_sums=expl[us.key].all_tokens) for us in group}
     all_tokens, order = [], []     # the tokens as read, and where each stands in the text
     starts = torch.tensor([0] + [sum(r.keep) for r in rows]).cumsum(0)
-    n = int(starts[-1])
-    bar = tqdm(total=n, unit="tok", desc="interpret", disable=not progress)
     pad = pad_token_id(lm.tokenizer)
     with torch.no_grad():
         for held, half in enumerate(halves):
@@ -114,35 +170,29 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
                 prev = torch.cat([torch.full_like(b.input_ids[:, :1], -1), b.input_ids[:, :-1]], 1)[keep]
                 row = b.row[:, None].expand_as(b.input_ids)[keep]
                 where = text_rows(b)
-                for us in sets:
+                for us in group:
                     f = us.encode(kept(acts[us.site], where).float())
                     stats[us.key].update(f, toks, row)
                     expl[us.key].update(f, toks, prev, bool(held))
                 all_tokens.append(toks)
                 order += [torch.arange(starts[j], starts[j + 1]) for j, _ in part]
                 bar.update(len(toks))
-    bar.close()
-    if n == 0:
-        raise ScSteerError(f"data {data!r} gave no tokens to interpret")
     # positions in reading order, so that a context's token_index is where it stands in the text
     order = torch.cat(order)
     tokens = torch.empty_like(order).index_copy_(0, order, torch.cat(all_tokens))
     for st in stats.values():
         st.cpu().renumber(order)
-    strings = token_strings(lm.tokenizer, int(lm.config.vocab_size))
-    summary = {"model": lm.name, "data": data, "n_tokens": n, "top_n": top_n, "window": window,
-               "min_count": min_count, "n_pairs": len(pair_keys), "sets": {}}
-    rng = random.Random(seed)
-    for us in sets:
-        recs = unit_records(lm, us.kind, us.site, us.sae, stats[us.key], tokens, strings, top_k_tokens=top_k_tokens,
-                            min_count=min_count, explanations=expl.pop(us.key))
-        path = rundir.records_path(out, str(us.site), us.kind)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
-        live = [r for r in recs if r["density"] > 0]
-        picked = sorted(rng.sample(live, min(sample, len(live))), key=lambda r: r["id"])
-        atomic_write_text(path.with_suffix(".md"), markdown_table(us.kind, us.site, picked))
-        summary["sets"][us.key] = {
-            "kind": us.kind, "site": str(us.site), "n_units": us.n_units, "live": len(live),
+    return stats, expl, tokens
+
+
+def _write_set(out: Path, us: UnitSet, recs: list[dict], rng: random.Random, sample: int) -> dict:
+    """A unit set's JSONL records and sampled Markdown table; returns its summary entry."""
+    path = rundir.records_path(out, str(us.site), us.kind)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    live = [r for r in recs if r["density"] > 0]
+    picked = sorted(rng.sample(live, min(sample, len(live))), key=lambda r: r["id"])
+    atomic_write_text(path.with_suffix(".md"), markdown_table(us.kind, us.site, picked))
+    return {"kind": us.kind, "site": str(us.site), "n_units": us.n_units, "live": len(live),
             "file": str(path.relative_to(out)), "score": summarize([r["score"] for r in recs]),
             "entropy": summarize([r["entropy"] for r in recs]),
             "explain": {name: {k: mean_with_ci([r["scores"][name][k] for r in recs])
@@ -150,10 +200,6 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
             "sensitivity": mean_with_ci([r["sensitivity"] for r in recs]),
             "specificity": mean_with_ci([r["specificity"] for r in recs]),
             "context_labels": sum(" (after " in r["label"] for r in recs)}
-    summary["hist_edges_log10"] = HIST_EDGES.tolist()
-    atomic_write_text(out / rundir.INTERPRET_JSON, json.dumps(summary, indent=1))
-    atomic_write_text(out / rundir.INTERPRET_MD, summary_markdown(summary))
-    return summary
 
 
 def rows_upto(data: str, tokenizer, ctx: int, max_tokens: int) -> list[Row]:

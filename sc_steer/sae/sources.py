@@ -49,13 +49,16 @@ def store_source(store, sites: list[str], batch_size: int, seed: int) -> BatchSo
 
 
 def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: int = 256, rows_per_pass: int = 16,
-                 buffer_tokens: int = 1 << 17, buffer_bytes: int = 8 << 30, run_sites_of: list | None = None
-                 ) -> BatchSource:
+                 buffer_tokens: int = 1 << 17, buffer_bytes: int = 8 << 30, run_sites_of: list | None = None,
+                 buffer_dtype: torch.dtype | None = None) -> BatchSource:
     """Activations straight from the model (no disk cache), shuffled in a host buffer of ``buffer_tokens``
     tokens per site, fewer where all sites together would pass ``buffer_bytes`` (kept and handed out in
-    the model's dtype: the trainer casts on its device). ``run_sites_of`` is the whole run's sites where
-    ``sites`` is one rank's share: the buffer is sized for the run, so every rank draws the same tokens."""
-    per_token = sum(lm.width(s) for s in (run_sites_of or sites)) * torch.empty((), dtype=lm.dtype).element_size()
+    ``buffer_dtype``, by default the model's: the trainer casts on its device; bfloat16 halves the
+    buffer and rounds each value by at most 2^-9 of itself). ``run_sites_of`` is the whole run's sites
+    where ``sites`` is one rank's share: the buffer is sized for the run, so every rank draws the same
+    tokens."""
+    buffer_dtype = buffer_dtype or lm.dtype
+    per_token = sum(lm.width(s) for s in (run_sites_of or sites)) * torch.empty((), dtype=buffer_dtype).element_size()
     buffer_tokens = max(2 * batch_size, min(buffer_tokens, buffer_bytes // per_token))
 
     def token_batches():
@@ -90,11 +93,11 @@ def model_source(lm, sites: list, data: str, batch_size: int, seed: int, ctx: in
             for s in sites:
                 rows = kept(acts[s], where)
                 if str(s) not in buf:
-                    buf[str(s)] = torch.empty(cap, rows.shape[1], dtype=rows.dtype)
+                    buf[str(s)] = torch.empty(cap, rows.shape[1], dtype=buffer_dtype)
                     staging[str(s)] = host_buffer((rows_per_pass * ctx, rows.shape[1]), rows.dtype, rows.device)
                 stage = staging[str(s)][:len(where)]
                 stage.copy_(rows)                      # blocking: the rows are on the host when it returns
-                buf[str(s)].index_copy_(0, slots, stage)
+                buf[str(s)].index_copy_(0, slots, stage.to(buffer_dtype))
             live = torch.cat([live, slots])
             n = len(live)
             if n < buffer_tokens:

@@ -18,6 +18,7 @@ Under torchrun (``sc_steer/distributed.py``) a run is split in one of two ways:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..devices import resolve_device
+from ..devices import host_memory_returned, resolve_device
 from ..distributed import LOCAL, Dist, row_range, share, wait_for_ranks
 from ..errors import ScSteerError
 from ..files import atomic_write_text, make_dir
@@ -258,7 +259,8 @@ class Trainer:
         old_handlers = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train SAEs", disable=not self.progress)
         try:
-            with open(os.devnull if not self.writes_shared else log_path, "a") as log:
+            trim = host_memory_returned() if self.device.type == "cpu" else contextlib.nullcontext()
+            with open(os.devnull if not self.writes_shared else log_path, "a") as log, trim:
                 while self.step < self.cfg.steps:
                     batch = next(stream)
                     stats = {site: self._step_site(self.states[site], batch[site]) for site in self.sites}
