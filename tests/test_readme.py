@@ -138,7 +138,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     graph = json.loads((tmp_path / "graphs/my-graph/graph.json").read_text())
     assert graph["links"] and json.loads((tmp_path / "graphs/my-graph/recipe.json").read_text())["prompts"]
     recipe = (tmp_path / "stage.json").read_text()
-    assert json.loads(recipe)["interventions"][0]["feature"] == 1781
+    assert json.loads(recipe)["interventions"][0]["feature"] == 1350
 
     # the playground, as the README starts it: answers /steer with a continuation the recipe changed
     from gradio_client import Client
@@ -149,7 +149,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
                                                            api_name="/steer")
         assert steered and steered != base
     with serve_app([], cwd=tmp_path, command=apps[1]) as url:
-        # runs/x's SAEs trained for two steps here: their feature 1781 is a near-random direction, so push it hard
+        # runs/x's SAEs trained for two steps here: the recipe's feature is a near-random direction, so push it hard
         strong = json.dumps({"interventions": [{**json.loads(recipe)["interventions"][0], "coeff": 60.0}]})
         run_x = str((tmp_path / "runs" / "x").resolve())
         base, steered = Client(url, verbose=False).predict("Ge1:1 In the beginning", strong, 10, False, 1.0, 0, run_x,

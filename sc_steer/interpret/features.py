@@ -130,7 +130,8 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     summary = {"model": lm.name, "data": data, "n_tokens": n, "top_n": top_n, "window": window,
                "min_count": min_count, "n_pairs": len(pair_keys), "passes": len(groups), "sets": {}}
     rng = random.Random(seed)
-    bar = tqdm(total=n * len(groups), unit="tok", desc="interpret", disable=not progress)
+    desc = "interpret" + (f" ({len(groups)} passes)" if len(groups) > 1 else "")
+    bar = tqdm(total=n * len(groups), unit="tok", desc=desc, disable=not progress)
     for group in groups:
         stats, expl, tokens = _read(lm, group, rows, halves, pair_keys, vocab, top_n, window, batch_size, ctx, bar)
         for us in group:
