@@ -2,13 +2,12 @@
 
     OMP_NUM_THREADS=2 python bench/interpret.py --run runs/demo --tokens 1000000
 
-Run ``sc-steer demo`` first. Peak RSS is the process's maximum resident set size (getrusage), which
+Run ``sc-steer demo`` first. Peak RSS is the process's maximum resident set size (``sc_steer.usage.peak_rss_bytes``), which
 includes the model, the SAEs and the token table; the time includes writing all outputs.
 """
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sc_steer.pipeline import interpret_run
+from sc_steer.usage import peak_rss_bytes
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1_000_000)
     ap.add_argument("--no-neurons", action="store_true")
     args = ap.parse_args()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = peak_rss_bytes() / 2**20
     work = Path(tempfile.mkdtemp(prefix="sc_steer_bench_interp_"))
     try:
         for name in ("run.json", "saes"):  # interpret a copy, so the run's own outputs stay as they are
@@ -35,7 +35,7 @@ def main() -> None:
         t = time.perf_counter()
         summary = interpret_run(work, args.data, max_tokens=args.tokens, neurons=not args.no_neurons)
         dt = time.perf_counter() - t
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_rss_bytes() / 2**20
         units = sum(s["n_units"] for s in summary["sets"].values())
         print(f"interpreted {units:,} units ({len(summary['sets'])} unit sets) over {summary['n_tokens']:,} tokens "
               f"of {args.data!r} with {torch.get_num_threads()} thread(s)")
