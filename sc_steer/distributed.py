@@ -201,11 +201,21 @@ def from_env(device: str | torch.device = "cpu") -> tuple[Dist, torch.device]:
     return Dist(rank, world, local_rank), dev
 
 
-def shutdown() -> None:
-    """Leave the process group (at exit of the CLI), so the backend does not warn of a leak."""
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group (at exit of the CLI), so the backend does not warn of a leak.
+
+    A rank that finished waits at a barrier first: the last collective (rank 0 broadcasting a result)
+    can return on the sender before the receiver has read it, and a gloo group torn down under a
+    message still in flight aborts the process. After an error the other ranks may never arrive, so
+    there is no barrier then."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass   # a rank that already left: nothing more to wait for
         dist.destroy_process_group()
 
 

@@ -17,8 +17,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     where = f"[rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}] " if distributed.launched() else ""
+    finished = False
     try:
         args.func(args)
+        finished = True
     except ScSteerError as e:
         print(f"{where}error: {e}", file=sys.stderr)
         return 2
@@ -27,6 +29,6 @@ def main(argv: list[str] | None = None) -> int:
               "continue", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
     return 0
 
