@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH, STEER, INTERP = ["tests/test_graph.py"], ["tests/test_steer.py"], ["tests/test_interpret.py"]
 EXPLAIN = ["tests/test_explain.py", "tests/test_interpret.py"]
+STEER_EVAL = ["tests/test_steer_eval.py"]
 SAE = ["tests/test_sparse_step.py", "tests/test_resample.py", "tests/test_sae.py", "tests/test_train.py"]
 
 # (file, exact text, replacement, tests that should notice)
@@ -60,6 +61,23 @@ MUTANTS = [
     ("steer/generate.py", "edit_hidden(h, by_site[site], saes, masks, start if prefill else None)",
      "edit_hidden(h, by_site[site], saes, masks, None)", STEER),
     ("models.py", '                if site.kind == "mlp_act":', '                if site.kind == "mlp_out":', STEER),
+    ("steer/scores.py", "torch.logsumexp(lp_u[:, 1:, concept", "torch.logsumexp(lp_u[:, :-1, concept", STEER_EVAL),
+    ("steer/scores.py", "c = concept.read(h_u[:, -N:], saes)", "c = concept.read(h_u[:, -N - 1:-1], saes)", STEER_EVAL),
+    ("steer/scores.py", "token_lp = lp_u[:, :-1].gather", "token_lp = lp_u[:, 1:].gather", STEER_EVAL),
+    ("steer/scores.py", "kl = (lp_s.exp() * (lp_s - lp_u[:, :-1])).sum(-1)",
+     "kl = (lp_u[:, :-1].exp() * (lp_u[:, :-1] - lp_s)).sum(-1)", STEER_EVAL),
+    ("steer/scores.py", "return (is_eos.cumsum(1) - is_eos) == 0", "return is_eos.cumsum(1) == 0", STEER_EVAL),
+    ("steer/scores.py", "logits, h = teacher_forced(lm, inputs, n, list(its), saes, read)",
+     "logits, h = teacher_forced(lm, inputs, n + 1, list(its), saes, read)", STEER_EVAL),
+    ("steer/effects.py", "position_ids=position_ids(mask)", "position_ids=None", STEER_EVAL),
+    ("steer/compare.py", "ok = [r for r in pick_rows if", "ok = [r for r in rows if", STEER_EVAL),
+    ("steer/compare.py", "and r[\"F\"] >= min_fluency]", "]", STEER_EVAL),
+    ("steer/compare.py", "return f * (min(1.0, (1 - rep) / (1 - base_rep))", "return f * (min(1.0, (1 - base_rep) / (1 - rep))",
+     STEER_EVAL),
+    ("steer/steerability.py", "text = inputs[\"attention_mask\"].bool() & ~bos_positions",
+     "text = inputs[\"attention_mask\"].bool() | bos_positions", STEER_EVAL),
+    ("steer/steerability.py", "push = (coeff * W[chunk]).repeat_interleave(P, 0)", "push = (coeff * W[chunk]).repeat(P, 1)",
+     STEER_EVAL),
     ("interpret/stats.py", "self.fires += pos.sum(0)", "self.fires += (acts >= 0).sum(0)", INTERP),
     ("interpret/stats.py", "(j < ends[ct][..., None])", "(j <= ends[ct][..., None])", INTERP),
     ("interpret/stats.py", "torch.sort(all_val, dim=1, descending=True, stable=True)",

@@ -286,6 +286,23 @@ def cli_cases():
                       ("r_str.json", "feature id '3'"), ("r_coeff_str.json", "'big'"), ("r_shape.json", "recipe"),
                       ("r_broken.json", "not valid JSON")]:
         add(f"steer --recipe {name}", lambda ws, n=name: st(ws, "--recipe", R(ws, n)), msg)
+    se = lambda ws, *a: ["steer-eval", "--run", R(ws, "run"), *a]  # noqa: E731
+    one = ["--features", "resid_post.1:3"]
+    for args, msg in [(["--features", "resid_post.1:99999"], "out of range"),
+                      (["--features", "resid_post.9:3"], "expected SITE:ID"), (["--features", "top:0"], "N >= 1"),
+                      (["--features", "top:4"], "no steerability"), ([], "name the features"),
+                      ([*one, "--prompts", "PROMPTS_EMPTY"], "holds no prompt"),
+                      ([*one, "--prompts", "nope.txt"], "no such file"), ([*one, "--coeffs", "1,nan"], "finite"),
+                      ([*one, "--coeffs", "1,x"], "comma-separated numbers"), ([*one, "--coeffs", ","], "at least one"),
+                      ([*one, "--methods", "add,shout"], "'shout'"), ([*one, "--min-fluency", "2"], "--min-fluency"),
+                      ([*one, "--seeds", "x"], "comma-separated numbers"), ([*one, "--n-prompts", "0"], "--n-prompts"),
+                      (["--recipe", "nope.json"], "does not exist")]:
+        add(f"steer-eval {' '.join(args) or 'no features'}",
+            lambda ws, a=args: se(ws, *[R(ws, "empty.txt") if x == "PROMPTS_EMPTY" else x for x in a]), msg)
+    sb = lambda ws, *a: ["steerability", "--run", R(ws, "run"), *a]  # noqa: E731
+    for args, msg in [(["--scale", "0"], "--scale"), (["--scale", "nan"], "--scale"),
+                      (["--sites", "resid_post.9"], "resid_post.9"), (["--n-prompts", "-1"], "--n-prompts")]:
+        add(f"steerability {' '.join(args)}", lambda ws, a=args: sb(ws, *a), msg)
     add("steer --save-recipe onto a file", lambda ws: st(ws, "--add", "resid_post.1:3:4", "--save-recipe",
                                                          R(ws, "existing.json")), "already exists")
     add("steer --save-recipe onto a folder", lambda ws: st(ws, "--add", "resid_post.1:3:4", "--save-recipe",

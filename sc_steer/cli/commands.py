@@ -76,8 +76,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from ..pipeline import eval_run
     from ..evaluate import markdown_table
+    from ..pipeline import eval_run
 
     results = eval_run(args.run, args.data, lm=_open(args), max_tokens=args.max_tokens, batch_size=args.batch_size)
     print(markdown_table(results))
@@ -184,6 +184,49 @@ def cmd_steer(args) -> None:
             print(f"{(left[i] if i < len(left) else ''):<{width}} | {right[i] if i < len(right) else ''}")
     if args.save_recipe:
         print(f"\nrecipe -> {recipe.save(args.save_recipe)}")
+
+
+def _numbers(flag: str, text: str, kind=float) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ScSteerError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def cmd_steer_eval(args) -> None:
+    from ..steer.run import STEER_EVAL_MD, parse_features, prompts_from, steer_eval_run
+
+    validate.integer("--n-prompts", args.n_prompts, 1)
+    validate.integer("--vector-tokens", args.vector_tokens, 1000)
+    features = parse_features(args.run, args.features, args.recipe, args.seed)
+    prompts = prompts_from(args.prompts, args.n_prompts)
+    coeffs = _numbers("--coeffs", args.coeffs)
+    seeds = [] if args.seeds.strip().lower() == "none" else _numbers("--seeds", args.seeds, int)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    out = Path(args.out or Path(args.run) / "steer_eval")
+    result = steer_eval_run(args.run, features, prompts, out, lm=_open(args), methods=methods, coeffs=coeffs,
+                            max_new_tokens=args.max_new_tokens, seeds=tuple(seeds), greedy=not args.no_greedy,
+                            vector_data=args.vector_data, vector_tokens=args.vector_tokens,
+                            min_fluency=args.min_fluency)
+    text = (out / STEER_EVAL_MD).read_text()
+    print(text.split("\n## ")[0])
+    best = result["methods"][0]
+    print(f"best at matched cost: {best['method']} (H {best['H']:.3f}) -> {out}/")
+
+
+def cmd_steerability(args) -> None:
+    from ..steer.run import prompts_from, steerability_run
+    from ..steer.steerability import steerability_path
+
+    validate.integer("--n-prompts", args.n_prompts, 1)
+    validate.number("--scale", args.scale, 0, 100, lo_open=True)
+    sites = [s.strip() for s in args.sites.split(",")] if args.sites else None
+    res = steerability_run(args.run, lm=_open(args), sites=sites, prompts=prompts_from(args.prompts, args.n_prompts),
+                           scale=args.scale)
+    for s, r in res.items():
+        top = sorted(range(len(r["scores"])), key=lambda i: -r["scores"][i])[:5]
+        print(f"{s}: coefficient {r['coeff']:.2f}; highest output scores "
+              + ", ".join(f"{i} ({r['scores'][i]:+.3f})" for i in top) + f" -> {steerability_path(args.run, s)}")
 
 
 def cmd_app(args) -> None:

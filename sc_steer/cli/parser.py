@@ -3,8 +3,19 @@ from __future__ import annotations
 
 import argparse
 
-from .commands import (cmd_app, cmd_collect, cmd_demo, cmd_eval, cmd_graph, cmd_interpret, cmd_probe, cmd_steer,
-                       cmd_train)
+from .commands import (
+    cmd_app,
+    cmd_collect,
+    cmd_demo,
+    cmd_eval,
+    cmd_graph,
+    cmd_interpret,
+    cmd_probe,
+    cmd_steer,
+    cmd_steer_eval,
+    cmd_steerability,
+    cmd_train,
+)
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +42,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from ..graph.build import PRUNE, RANK_BY
-    from ..graph.measure import MODES as ABLATION_MODES, WHERE
+    from ..graph.measure import MODES as ABLATION_MODES
+    from ..graph.measure import WHERE
     from ..sae.train import PARALLEL_MODES
     from ..steer import MODE_DOCS, POSITIONS
+    from ..steer.compare import DEFAULT_COEFFS, MIN_FLUENCY
+    from ..steer.methods import METHODS as STEER_METHODS
+    from ..steer.steerability import SCALE as STEER_SCALE
 
     ap = _Parser(prog="sc-steer", description="sparse autoencoders on LM activations: "
                                  "collect, train, interpret, graph, steer")
@@ -158,6 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_steer)
+
+    p = sub.add_parser("steer-eval", help="score steering methods side by side on the same prompts "
+                       "(concept, fluency, side effect; matched cost)")
+    p.add_argument("--run", required=True, help="a run folder with saes/")
+    _add_model_args(p, default=None)
+    p.add_argument("--features", help="SITE:ID,SITE:ID,..., top:N[:SITE] (by steerability) or sample:N[:SITE]")
+    p.add_argument("--recipe", help="steer-evaluate the features of this recipe")
+    p.add_argument("--prompts", help="a .txt file (one prompt per line) or a data spec whose documents' "
+                   "openings are the prompts (default: demo:heldout)")
+    p.add_argument("--n-prompts", type=int, default=8, help="openings taken from a data spec (default: 8)")
+    p.add_argument("--methods", default=",".join(STEER_METHODS), help="comma-separated, of "
+                   f"{', '.join(STEER_METHODS)} (default: all)")
+    p.add_argument("--coeffs", default=",".join(f"{c:g}" for c in DEFAULT_COEFFS),
+                   help="the coefficient grid (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--seeds", default="0", help="sampled decodings, one per seed, next to greedy "
+                   "(comma-separated; 'none' for greedy only; default: 0)")
+    p.add_argument("--no-greedy", action="store_true", help="sampled decodings only")
+    p.add_argument("--min-fluency", type=float, default=MIN_FLUENCY, help="the matched-cost bound on "
+                   "normalised fluency (default: %(default)s)")
+    p.add_argument("--vector-data", default="demo", help="text the contrast pairs, mean differences and "
+                   "prompting text are taken from (default: demo, the training split)")
+    p.add_argument("--vector-tokens", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0, help="which features sample:N draws")
+    p.add_argument("--out", help="output folder (default: RUN/steer_eval)")
+    p.set_defaults(func=cmd_steer_eval)
+
+    p = sub.add_parser("steerability", help="the output score of every feature (how much pushing it raises "
+                       "its own logit-lens tokens), stored beside the interpretation records")
+    p.add_argument("--run", required=True, help="a run folder with saes/")
+    _add_model_args(p, default=None)
+    p.add_argument("--sites", help="comma-separated sites (default: every site of the run)")
+    p.add_argument("--prompts", help="a .txt file (one prompt per line) or a data spec (default: demo:heldout)")
+    p.add_argument("--n-prompts", type=int, default=8)
+    p.add_argument("--scale", type=float, default=STEER_SCALE, help="the push, as a share of the site's mean "
+                   "residual norm (default: %(default)s)")
+    p.set_defaults(func=cmd_steerability)
 
     p = sub.add_parser("app", help="the Gradio steering playground for one or more runs")
     p.add_argument("--run", action="append", required=True, help="a run folder (repeat to offer several)")

@@ -17,11 +17,20 @@ through attention. With the KV cache the prefill step sees ``[B, prompt_len, d]`
 the edit is a forward hook on the site's module (``LM.edited``), so it runs at every step of
 ``transformers``' own ``generate``: steering costs the edit and nothing else. A raw ``vector`` of shape
 ``[L, d]`` (an ActAdd difference) is added to the first ``L`` prompt positions.
+
+Whether steering worked is measured without a judge (``scores.py``: concept, fluency and side effect,
+read by the unsteered model), methods are compared at matched cost (``compare.py``, ``methods.py``,
+``sc-steer steer-eval``), and which features steer at all is ranked by their output score
+(``steerability.py``, ``sc-steer steerability``).
 """
+from .compare import steer_eval
 from .effects import measure_effects
 from .generate import bos_positions, edit_hidden, generate, generate_ids, step_mask
 from .recipe import MAX_COEFF, MODE_DOCS, MODES, POSITIONS, Intervention, Recipe
-from .vectors import actadd_vector, decompose
+from .scores import Concept, score_continuations
+from .steerability import output_scores
+from .vectors import actadd_vector, contrast_vector, decompose
 
-__all__ = ["MAX_COEFF", "MODE_DOCS", "MODES", "POSITIONS", "Intervention", "Recipe", "actadd_vector", "bos_positions", "decompose",
-           "edit_hidden", "generate", "generate_ids", "measure_effects", "step_mask"]
+__all__ = ["MAX_COEFF", "MODES", "MODE_DOCS", "POSITIONS", "Concept", "Intervention", "Recipe", "actadd_vector",
+           "bos_positions", "contrast_vector", "decompose", "edit_hidden", "generate", "generate_ids",
+           "measure_effects", "output_scores", "score_continuations", "steer_eval", "step_mask"]

@@ -14,38 +14,62 @@ from ..sites import Site
 from .generate import bos_positions, edit_hidden, generate_ids
 from .recipe import Intervention, Recipe
 
-def _teacher_forced(lm: LM, ids: torch.Tensor, n_prompt: int, items: list[Intervention], saes: dict[str, SAE],
-                    watch: list[tuple[str, int]]) -> tuple[torch.Tensor, dict]:
-    """Logits of one sequence ``[1, T]`` with the recipe applied where generation would have applied it,
-    and the activations of the watched (site, feature) pairs (after any edit at that site)."""
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of a left-padded batch as ``generate`` numbers them: from 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def teacher_forced(lm: LM, inputs: dict, n_prompt: int, items: list[Intervention], saes: dict[str, SAE],
+                   read: list[Site] = ()) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
+    """One forward pass over whole sequences ``[B, T]`` (left-padded prompts of ``n_prompt`` columns, then
+    their continuations) with the interventions applied where generation applied them, step by step:
+    ``prompt`` below column ``n_prompt``, ``generated`` from it on, ``last`` from ``n_prompt - 1`` on,
+    the BOS left alone unless asked, an ActAdd sequence from each row's first real token.
+
+    Returns the logits ``[B, T, vocab]`` (fp32) and the hidden state at each ``read`` site, after any edit
+    there."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     T = ids.shape[1]
     by_site: dict[Site, list[Intervention]] = {}
     for it in items:
         by_site.setdefault(Site.parse(it.site, lm.n_layers), []).append(it)
-    watched = {Site.parse(s, lm.n_layers) for s, _ in watch}
-    sites = sorted(set(by_site) | watched, key=lambda s: s.order)
-    pos = torch.arange(T, device=ids.device)[None]
-    region = {"all": pos >= 0, "prompt": pos < n_prompt, "generated": pos >= n_prompt, "last": pos >= n_prompt - 1}
+    sites = sorted(set(by_site) | set(read), key=lambda s: s.order)
+    pos = torch.arange(T, device=ids.device)[None].expand_as(ids)
+    real = mask.bool()
+    region = {"all": real, "prompt": real & (pos < n_prompt), "generated": real & (pos >= n_prompt),
+              "last": real & (pos >= n_prompt - 1)}
     not_bos = ~(bos_positions(lm, ids) & (pos < n_prompt))
+    start = (1 - mask).sum(1)
 
     def where(it: Intervention) -> torch.Tensor:
         return region[it.positions] if it.include_bos else region[it.positions] & not_bos
 
-    seen: dict = {}
+    seen: dict[Site, torch.Tensor] = {}
 
     def edit(site: Site, h: torch.Tensor, _call: int) -> torch.Tensor | None:
         new = None
         if site in by_site:
             its = by_site[site]
-            new = edit_hidden(h, its, saes, [where(it) for it in its], torch.zeros(1, dtype=torch.long))
-        for s, f in watch:
-            if Site.parse(s, lm.n_layers) == site:
-                seen[(s, f)] = saes[s].encode((h if new is None else new).float())[0, :, f]
+            new = edit_hidden(h, its, saes, [where(it) for it in its], start)
+        if site in read:
+            seen[site] = h if new is None else new
         return new
 
     with torch.no_grad(), lm.edited(edit, sites):
-        logits = lm.hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-    return logits[0].float(), seen
+        logits = lm.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    return logits.float(), seen
+
+
+def _one(lm: LM, ids: torch.Tensor, n: int, items: list[Intervention], saes: dict[str, SAE],
+         watch: list[tuple[str, int]]) -> tuple[torch.Tensor, dict]:
+    """``teacher_forced`` on one unpadded sequence ``[1, T]``, with the watched features' activations."""
+    read = {Site.parse(s, lm.n_layers) for s, _ in watch}
+    logits, h = teacher_forced(lm, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, n, items, saes,
+                               sorted(read, key=lambda s: s.order))
+    with torch.no_grad():
+        seen = {(s, f): saes[s].encode(h[Site.parse(s, lm.n_layers)].float())[0, :, f] for s, f in watch}
+    return logits[0], seen
 
 
 def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, SAE], *, max_new_tokens: int = 30,
@@ -81,9 +105,9 @@ def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, 
                "baseline": tok.decode(b_ids[0, n:], skip_special_tokens=True)}
         # the unsteered model along each continuation: perplexity (fluency proxy) and, on its own
         # continuation, the baseline of the watched features
-        base_s_logits, _ = _teacher_forced(lm, s_ids, n, [], saes, [])
-        base_b_logits, base_seen = _teacher_forced(lm, b_ids, n, [], saes, watch)
-        st_logits, st_seen = _teacher_forced(lm, s_ids, n, recipe.interventions, saes, watch)
+        base_s_logits, _ = _one(lm, s_ids, n, [], saes, [])
+        base_b_logits, base_seen = _one(lm, b_ids, n, [], saes, watch)
+        st_logits, st_seen = _one(lm, s_ids, n, recipe.interventions, saes, watch)
         for name, ids, logits in (("steered", s_ids, base_s_logits), ("baseline", b_ids, base_b_logits)):
             lp = torch.log_softmax(logits[n - 1:-1], -1)
             tgt = ids[0, n:]

@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from .. import validate
+from ..data import pad_token_id
 from ..devices import follow_model
 from ..edits import add_along, edit_amount
 from ..errors import ScSteerError
@@ -16,6 +17,7 @@ from ..models import LM
 from ..sae import SAE
 from ..sites import Site
 from .recipe import Intervention, Recipe
+
 
 def bos_positions(lm: LM, input_ids: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` True where the token is the tokenizer's BOS (none for tokenizers without one)."""
@@ -77,6 +79,20 @@ def tokenize_prompts(lm: LM, prompts: list[str]) -> dict:
     return {"input_ids": enc["input_ids"].to(lm.device), "attention_mask": enc["attention_mask"].to(lm.device)}
 
 
+def left_pad(lm: LM, rows: list[list[int]]) -> dict:
+    """Token rows (BOS included where the model wants one) as a left-padded batch, the layout
+    ``generate`` uses: every row ends at the last column."""
+    if not rows or any(not r for r in rows):
+        raise ScSteerError("give one or more non-empty token rows")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id(lm.tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids.to(lm.device), "attention_mask": mask.to(lm.device)}
+
+
 def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dict[str, SAE] | None = None, *,
              max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, streamer=None, max_time: float | None = None,
@@ -94,18 +110,24 @@ def generate(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dic
 
 
 def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes: dict[str, SAE] | None = None,
-                 *, max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, streamer=None, max_time: float | None = None,
-                 cancel: threading.Event | None = None) -> tuple[torch.Tensor, int]:
+                 **settings) -> tuple[torch.Tensor, int]:
     """``generate``'s token ids: ``[B, n + new]`` (left-padded prompts, then the continuation) and ``n``."""
-    saes = follow_model(saes or {}, lm)
-    items = list(recipe.interventions) if recipe else []
-    for it in items:
-        it.check(lm, saes)
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise ScSteerError("generate: give a list of one or more non-empty prompts")
     for p in prompts:
         validate.text("prompt", p)
+    return generate_batch(lm, tokenize_prompts(lm, prompts), recipe, saes, **settings)
+
+
+def generate_batch(lm: LM, inputs: dict, recipe: Recipe | None = None, saes: dict[str, SAE] | None = None, *,
+                   max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, seed: int = 0, streamer=None, max_time: float | None = None,
+                   cancel: threading.Event | None = None) -> tuple[torch.Tensor, int]:
+    """``generate_ids`` on a batch already tokenized and left-padded (``tokenize_prompts``, ``left_pad``)."""
+    saes = follow_model(saes or {}, lm)
+    items = list(recipe.interventions) if recipe else []
+    for it in items:
+        it.check(lm, saes)
     validate.integer("max_new_tokens", max_new_tokens, 1)
     validate.seed("seed", seed)
     validate.boolean("do_sample", do_sample)
@@ -113,7 +135,6 @@ def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes:
         validate.number("temperature", temperature, 0, 100, lo_open=True)
         validate.integer("top_k", top_k, 0)
         validate.number("top_p", top_p, 0, 1, lo_open=True)
-    inputs = tokenize_prompts(lm, prompts)
     lm.check_positions(inputs["input_ids"].shape[1] + max_new_tokens, "prompt tokens + max_new_tokens")
     # raw vectors become tensors on the model's device once, not at every generation step
     items = [replace(it, vector=torch.as_tensor(it.vector, dtype=torch.float32).to(lm.device))
@@ -122,7 +143,7 @@ def generate_ids(lm: LM, prompts: list[str], recipe: Recipe | None = None, saes:
     for it in items:
         by_site.setdefault(Site.parse(it.site, lm.n_layers), []).append(it)
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                  "pad_token_id": lm.tokenizer.pad_token_id}
+                  "pad_token_id": pad_token_id(lm.tokenizer)}
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
     if streamer is not None:  # e.g. transformers' TextIteratorStreamer, for one prompt

@@ -8,13 +8,20 @@ from ..models import LM
 from ..sae import SAE
 from ..sites import Site
 
+
 def actadd_vector(lm: LM, site: str, positive: str, negative: str) -> torch.Tensor:
     """ActAdd: activations of ``positive`` minus ``negative`` at ``site``, position by position ``[L, d]``
     (the shorter prompt is padded with space tokens, as in the original method)."""
+    tok = lm.tokenizer
+    return contrast_vector(lm, site, tok(positive)["input_ids"], tok(negative)["input_ids"])
+
+
+def contrast_vector(lm: LM, site: str, positive: list[int], negative: list[int]) -> torch.Tensor:
+    """``actadd_vector`` of two token rows (BOS included where the model wants one)."""
     import nnsight
 
     tok = lm.tokenizer
-    a, b = tok(positive)["input_ids"], tok(negative)["input_ids"]
+    a, b = list(positive), list(negative)
     space = tok(" ", add_special_tokens=False)["input_ids"] or [tok.pad_token_id]
     n = max(len(a), len(b))
     a, b = a + space * (n - len(a)), b + space * (n - len(b))
