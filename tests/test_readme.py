@@ -5,6 +5,7 @@ Only the budgets are made small (tokens, prompts): ``BUDGETS`` below says how, f
 that need a GPU run only where CUDA is present.
 """
 import json
+import math
 import os
 import re
 import shlex
@@ -30,6 +31,8 @@ BUDGETS = {
     "train": {"--tokens": "8192"},
     "eval": {"--max-tokens": "1500"},
     "interpret": {"--max-tokens": "3000"},
+    "steerability": {"--n-prompts": "2"},
+    "steer-eval": {"--n-prompts": "2", "--coeffs": "4,12", "--max-new-tokens": "8", "--seeds": "none"},
 }
 
 
@@ -118,7 +121,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
                                timeout=900)
             assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd, r.stdout[-2000:], r.stderr[-4000:])
             ran.append(words[1] if words[0] == "sc-steer" else words[0])
-    assert {"demo", "collect", "train", "eval", "interpret", "graph", "steer"} <= set(ran), ran
+    assert {"demo", "collect", "train", "eval", "interpret", "graph", "steer", "steerability", "steer-eval"} <= set(ran), ran
     assert ran.count("train") == 3 and ran.count("torchrun") >= 3, ran
 
     demo = tmp_path / "runs" / "demo"
@@ -137,6 +140,11 @@ def test_every_readme_command_runs_as_written(tmp_path):
         assert sorted(p.name for p in (tmp_path / "runs" / run / "saes").iterdir()) == [f"resid_post.{i}" for i in range(4)]
     graph = json.loads((tmp_path / "graphs/my-graph/graph.json").read_text())
     assert graph["links"] and json.loads((tmp_path / "graphs/my-graph/recipe.json").read_text())["prompts"]
+    scores = json.loads((demo / "features" / "resid_post.1.steerability.json").read_text())["scores"]
+    assert len(scores) == 2048 and all(map(math.isfinite, scores))
+    ev_steer = json.loads((demo / "steer_eval" / "steer_eval.json").read_text())
+    assert {m["method"] for m in ev_steer["methods"]} == {"add", "clamp", "actadd", "mean_diff", "prompt"}
+    assert (demo / "steer_eval" / "steer_eval.png").exists() and len(ev_steer["facts"]) == 8
     recipe = (tmp_path / "stage.json").read_text()
     assert json.loads(recipe)["interventions"][0]["feature"] == 1350
 

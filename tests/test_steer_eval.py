@@ -248,3 +248,18 @@ def test_bad_input_to_steer_eval(setup):
         steer_eval(lm, saes, [(SITE, 1)], PROMPTS, methods=("add", "shout"), progress=False)
     with pytest.raises(ScSteerError, match="prompt"):
         steer_eval(lm, saes, [(SITE, 1)], [], progress=False)
+
+
+def test_a_feature_that_never_fires_is_skipped_with_its_reason(setup):
+    lm, saes = setup
+    sae = firing_sae()
+    good = _firing_feature(lm, sae)
+    dead = (good + 1) % sae.cfg.d_sae
+    with torch.no_grad():
+        sae.b_enc[dead] = -1e6
+    res = steer_eval(lm, {SITE: sae}, [(SITE, dead), (SITE, good)], PROMPTS[:1], methods=("add",), coeffs=[2.0],
+                     max_new_tokens=3, seeds=(), vector_tokens=2000, progress=False)
+    assert res["skipped"] == [{"feature": f"{SITE}:{dead}", "why": "never fires on 2,000 tokens of 'demo'"}]
+    assert [f["feature"] for f in res["facts"]] == [f"{SITE}:{good}"]
+    with pytest.raises(ScSteerError, match="never fires"):
+        steer_eval(lm, {SITE: sae}, [(SITE, dead)], PROMPTS[:1], progress=False, vector_tokens=2000)

@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, default=None)
     p.add_argument("--features", help="SITE:ID,SITE:ID,..., top:N[:SITE] (by steerability) or sample:N[:SITE]")
     p.add_argument("--recipe", help="steer-evaluate the features of this recipe")
-    p.add_argument("--prompts", help="a .txt file (one prompt per line) or a data spec whose documents' "
-                   "openings are the prompts (default: demo:heldout)")
+    p.add_argument("--prompts", help="a .txt file (one prompt per line), a .json list of prompts, or a data "
+                   "spec whose documents' openings are the prompts (default: demo:heldout)")
     p.add_argument("--n-prompts", type=int, default=8, help="openings taken from a data spec (default: 8)")
     p.add_argument("--methods", default=",".join(STEER_METHODS), help="comma-separated, of "
                    f"{', '.join(STEER_METHODS)} (default: all)")

@@ -26,6 +26,7 @@ from .. import validate
 from ..data import iter_documents
 from ..devices import follow_model
 from ..errors import ScSteerError
+from ..files import parse_json
 from ..models import LM
 from ..sae import SAE
 from .generate import generate_batch, left_pad
@@ -55,13 +56,20 @@ def neutral_prompts(data: str = "demo:heldout", n: int = 8, words: int = PROMPT_
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line of a text file."""
+    """One prompt per non-empty line of a ``.txt`` file, or a ``.json`` list of strings (prompts that
+    hold line breaks)."""
     p = Path(path)
     if not p.is_file():
         raise ScSteerError(f"--prompts {str(path)!r}: no such file")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if p.suffix == ".json":
+        prompts = parse_json(p.read_text(encoding="utf-8"), f"--prompts {str(path)!r}", list, "a list of strings")
+        if not all(isinstance(x, str) for x in prompts):
+            raise ScSteerError(f"--prompts {str(path)!r}: expected a JSON list of strings")
+        prompts = [x for x in prompts if x.strip()]
+    else:
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ScSteerError(f"--prompts {str(path)!r}: the file holds no prompt (one per line)")
+        raise ScSteerError(f"--prompts {str(path)!r}: the file holds no prompt")
     return prompts
 
 
@@ -90,8 +98,16 @@ def steer_eval(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]], pr
     decodings = ([("greedy", None)] if greedy else []) + [("sample", int(s)) for s in seeds]
     if not decodings:
         raise ScSteerError("steer-eval: no decoding: keep greedy or give --seeds")
+    for s, f in features:
+        Concept.of_feature(lm, saes, s, f)      # an unknown site or id: one error line before any work
+    facts, skipped = feature_facts(lm, saes, features, vector_data, max_tokens=vector_tokens, progress=progress)
+    if not facts:
+        raise ScSteerError("steer-eval: no feature can be steered towards by every method: "
+                           + "; ".join(f"{name} {why}" for name, why in skipped))
+    for name, why in skipped:
+        tqdm.write(f"skipped {name}: {why}")
+    features = [(ft.site, ft.feature) for ft in facts]
     concepts = [Concept.of_feature(lm, saes, s, f) for s, f in features]
-    facts = feature_facts(lm, saes, features, vector_data, max_tokens=vector_tokens, progress=progress)
     tok = lm.tokenizer
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     rows = [bos + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -127,6 +143,7 @@ def steer_eval(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]], pr
     result["settings"] = {"prompts": prompts, "coeffs": coeffs, "methods": list(methods), "decodings": decodings,
                           "max_new_tokens": max_new_tokens, "min_fluency": min_fluency,
                           "vector_data": vector_data, "vector_tokens": vector_tokens}
+    result["skipped"] = [{"feature": name, "why": why} for name, why in skipped]
     result["facts"] = [{"feature": ft.name, "peak": ft.peak, "n_strong": ft.n_strong,
                         "top_window": tok.decode(ft.top_window), "off_window": tok.decode(ft.off_window)}
                        for ft in facts]

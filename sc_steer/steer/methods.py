@@ -48,7 +48,7 @@ class FeatureFacts:
     peak: float = 0.0
     n_strong: int = 0
     top_window: list[int] = field(default_factory=list)   # text tokens ending at its peak
-    off_window: list[int] = field(default_factory=list)   # as many tokens, over which it is silent
+    off_window: list[int] = field(default_factory=list)   # ACTADD_TOKENS tokens over which it is silent
     mean_diff: torch.Tensor | None = None                 # unit vector [d]
     actadd: torch.Tensor | None = None                    # [1 + ACTADD_TOKENS, d], BOS row 0
 
@@ -70,9 +70,10 @@ class Setting:
 @torch.no_grad()
 def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]], data: str = "demo", *,
                   max_tokens: int = 20_000, ctx: int = 64, batch_size: int = 32,
-                  progress: bool = True) -> list[FeatureFacts]:
+                  progress: bool = True) -> tuple[list[FeatureFacts], list[tuple[str, str]]]:
     """Read ``max_tokens`` of ``data`` once and gather, for each (site, feature), its peak and the window
-    ending there, a window where it is silent, and its mean-difference and ActAdd vectors."""
+    ending there, a window where it is silent, and its mean-difference and ActAdd vectors. Returns the
+    features with all of these, and (name, why) for those without (never firing, or never silent)."""
     follow_model(saes, lm)
     sites = sorted({Site.parse(s, lm.n_layers) for s, _ in features}, key=lambda s: s.order)
     names = {Site.parse(s, lm.n_layers): s for s, _ in features}
@@ -105,15 +106,16 @@ def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]],
                     b, p = divmod(int(fi.argmax()), fi.shape[1])
                     facts[i].peak, where_peak[i] = best, (start + b, p)
                 if not facts[i].off_window:
-                    for b in range(fi.shape[0]):
-                        n = int(batch.keep[b].sum())
-                        if n >= PROMPT_TOKENS and not on[b, 1:PROMPT_TOKENS + 1].any():
-                            facts[i].off_window = rows[start + b].ids[1:PROMPT_TOKENS + 1]
-                            break
+                    facts[i].off_window = _silent_window(rows, start, keep & ~on)
+    usable, skipped = [], []
     for i, ft in enumerate(facts):
         if ft.peak <= 0:
-            raise ScSteerError(f"feature {ft.name} never fires on {max_tokens:,} tokens of {data!r}: there is no "
-                               "text to build its contrast pair, mean difference or prompt from; choose another")
+            skipped.append((ft.name, f"never fires on {max_tokens:,} tokens of {data!r}"))
+            continue
+        if not ft.off_window:
+            why = f"fires in every {ACTADD_TOKENS}-token window of {data!r}: no silent text to contrast it with"
+            skipped.append((ft.name, why))
+            continue
         r, p = where_peak[i]
         row = rows[r]
         first = next(j for j, k in enumerate(row.keep) if k)
@@ -127,13 +129,23 @@ def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]],
         rest = (total[s].cpu() - on_sum) / max(count - ft.n_strong, 1)
         diff = on_sum / ft.n_strong - rest
         ft.mean_diff = diff / diff.norm().clamp_min(1e-12)
-        if not ft.off_window:
-            raise ScSteerError(f"feature {ft.name} fires somewhere in every {PROMPT_TOKENS}-token window of "
-                               f"{data!r}: no silent text to contrast it with; give more data (--vector-data)")
         bos = [lm.tokenizer.bos_token_id] if lm.tokenizer.bos_token_id is not None else []
-        ft.actadd = contrast_vector(lm, ft.site, bos + ft.top_window[-ACTADD_TOKENS:],
-                                    bos + ft.off_window[:ACTADD_TOKENS])
-    return facts
+        ft.actadd = contrast_vector(lm, ft.site, bos + ft.top_window[-ACTADD_TOKENS:], bos + ft.off_window)
+        usable.append(ft)
+    return usable, skipped
+
+
+def _silent_window(rows, start: int, silent: torch.Tensor) -> list[int]:
+    """The first ``ACTADD_TOKENS`` consecutive text tokens over which a feature is silent, in a batch
+    (``silent [B, T]``, rows from ``rows[start]``), or [] where there is none."""
+    n = ACTADD_TOKENS
+    c = torch.nn.functional.pad(silent.long().cumsum(1), (1, 0))
+    runs = (c[:, n:] - c[:, :-n]) == n                     # [B, T - n + 1]: window [p, p + n) all silent
+    hit = runs.nonzero()
+    if not len(hit):
+        return []
+    b, p = (int(x) for x in hit[0])
+    return rows[start + b].ids[p:p + n]
 
 
 def settings(ft: FeatureFacts, method: str, coeffs: list[float], newline: list[int]) -> list[Setting]:

@@ -19,9 +19,9 @@ STEER_EVAL_JSON, STEER_EVAL_MD, STEER_EVAL_PNG = "steer_eval.json", "steer_eval.
 
 
 def prompts_from(spec: str | None, n: int = 8) -> list[str]:
-    """A ``.txt`` file (one prompt per line, all of them), or the neutral openings of ``n`` documents of a
-    data spec (default ``demo:heldout``)."""
-    if spec and spec.endswith(".txt"):
+    """A ``.txt`` file (one prompt per line) or ``.json`` list, all of its prompts, or the neutral openings
+    of ``n`` documents of a data spec (default ``demo:heldout``)."""
+    if spec and spec.endswith((".txt", ".json")):
         return read_prompts(spec)
     return neutral_prompts(spec or "demo:heldout", n)
 
@@ -33,8 +33,10 @@ def _alive(run, site: str) -> list[int]:
 
 
 def parse_features(run: str | Path, spec: str | None, recipe: str | None, seed: int = 0) -> list[tuple[str, int]]:
-    """Comma-separated parts, each ``SITE:ID``, ``top:N[:SITE]`` (highest steerability) or
-    ``sample:N[:SITE]`` (live features at random), plus the features of a recipe's interventions."""
+    """Comma-separated parts, each ``SITE:ID``, ``top:N[:SITE]`` (the live features of highest
+    steerability) or ``sample:N[:SITE]`` (live features at random), plus the features of a recipe's
+    interventions. Live: active on the held-out text the run was interpreted on (every feature where it
+    was not interpreted)."""
     sites = rundir.sae_sites(run)
     out: list[tuple[str, int]] = []
     if recipe:
@@ -78,7 +80,8 @@ def _feature_part(run, part: str, sites: list[str], seed: int) -> list[tuple[str
         if st is None or st.get("features") is not None:
             raise ScSteerError(f"--features {part!r}: {s} has no steerability of every feature yet; run "
                                f"sc-steer steerability --run {run} first")
-        scored += [(v, s, i) for i, v in enumerate(st["scores"])]
+        alive = set(_alive(run, s))
+        scored += [(v, s, i) for i, v in enumerate(st["scores"]) if i in alive]
     scored.sort(key=lambda t: -t[0])
     return [(s, i) for _, s, i in scored[:int(n_s)]]
 
