@@ -187,17 +187,18 @@ def _sample(method, coeff, prompt, concept, logprob, rep=0.0, decoding="greedy")
 
 
 def test_the_matched_cost_choice_by_hand():
-    """Two prompts: prompt 0 chooses, prompt 1 scores. Unsteered: concept 1, logprob -3, no repetition.
+    """Two prompts: prompt 0 chooses, prompt 1 scores. Unsteered: concept 1, logprob -3, no repetition;
+    on-topic text holds 4.
     add at 2 reaches concept 3 with fluency exp(-0.1) = 0.905; at 4 concept 5 but fluency exp(-1) = 0.37,
-    under the 0.7 bound: 2 is chosen on prompt 0. Scored on prompt 1 (concept 2 vs unsteered 1, best any
-    setting reached there 4): C = 1/3, F = exp(-0.2), H their harmonic mean (prompt 1 alone would have
+    under the 0.7 bound: 2 is chosen on prompt 0. Scored on prompt 1 (concept 2 vs unsteered 1, on-topic
+    4): C = 1/3, F = exp(-0.2), H their harmonic mean (prompt 1 alone would have
     chosen 4, fluent there). clamp never keeps fluency
     within the bound: none chosen, H = 0."""
     s = [_sample("none", 0.0, 0, 1.0, -3.0), _sample("none", 0.0, 1, 1.0, -3.0),
          _sample("add", 2.0, 0, 3.0, -3.1), _sample("add", 4.0, 0, 5.0, -4.0),
          _sample("add", 2.0, 1, 2.0, -3.2), _sample("add", 4.0, 1, 4.0, -3.1),
          _sample("clamp", 2.0, 0, 9.0, -5.0), _sample("clamp", 2.0, 1, 0.5, -5.0)]
-    r = summarise(s, ["s:1"], ("add", "clamp"), 0.7, n_prompts=2)
+    r = summarise(s, {"s:1": 4.0}, ("add", "clamp"), 0.7, n_prompts=2)
     add = next(c for c in r["chosen"] if c["method"] == "add")
     assert add["coeff"] == 2.0 and add["within"]
     assert add["C"] == pytest.approx(1 / 3) and add["F"] == pytest.approx(math.exp(-0.2))
@@ -263,3 +264,34 @@ def test_a_feature_that_never_fires_is_skipped_with_its_reason(setup):
     assert [f["feature"] for f in res["facts"]] == [f"{SITE}:{good}"]
     with pytest.raises(ScSteerError, match="never fires"):
         steer_eval(lm, {SITE: sae}, [(SITE, dead)], PROMPTS[:1], progress=False, vector_tokens=2000)
+
+
+def test_feature_facts_by_brute_force(setup):
+    """Peak, on-topic level (best 24-token stretch per row, the 16 best rows averaged), the mean
+    difference and the prompting text, each recomputed row by row with plain hooks."""
+    from sc_steer.interpret.features import rows_upto
+    from sc_steer.steer.methods import feature_facts
+
+    lm, saes = setup
+    sae = saes[SITE]
+    f = _firing_feature(lm, sae)
+    (ft,), skipped = feature_facts(lm, saes, [(SITE, f)], "demo", max_tokens=2500, window=24, progress=False)
+    assert not skipped
+    rows = rows_upto("demo", lm.tokenizer, 64, 2500)
+    acts, hs, best = [], [], []
+    for r in rows:
+        _, h = hooked(lm, r.ids)
+        a = sae_formula(sae, h[1:])[:, f].detach()       # text tokens only (BOS first)
+        acts.append(a)
+        hs.append(h[1:].detach())
+        n = min(24, len(a))
+        best.append(max(float(a[i:i + n].mean()) for i in range(len(a) - n + 1)))
+    a_all, h_all = torch.cat(acts), torch.cat(hs)
+    assert ft.peak == pytest.approx(float(a_all.max()), rel=1e-4)
+    assert ft.on_topic == pytest.approx(sum(sorted(best)[-16:]) / 16, rel=1e-4)
+    strong = a_all >= 0.5 * a_all.max()
+    diff = h_all[strong].mean(0) - h_all[~strong].mean(0)
+    assert torch.allclose(ft.mean_diff, diff / diff.norm(), atol=1e-4)
+    r = max(range(len(rows)), key=lambda i: float(acts[i].max()))
+    p = int(acts[r].argmax()) + 1                              # position in the row, BOS at 0
+    assert ft.top_window == rows[r].ids[max(1, p - 15):p + 1]

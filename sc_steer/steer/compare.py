@@ -4,7 +4,10 @@ its best coefficient of matched cost.
 
 Per feature, scores are normalised against its unsteered continuations:
 
-* concept ``C`` = (concept - unsteered) / (the most any setting reached - unsteered), clipped to [0, 1];
+* concept ``C`` = (concept - unsteered) / (on-topic - unsteered), clipped to [0, 1], where on-topic is the
+  feature's mean over the 16 stretches of real text (of the continuation's length) where it is highest
+  (``FeatureFacts.on_topic``): 1 means the continuation holds as much of the concept as the most
+  on-topic text does, whatever the other methods reached;
 * fluency ``F`` = min(1, exp(logprob - unsteered logprob)) x min(1, (1 - rep) / (1 - unsteered rep)),
   ``rep`` the mean of the repeated 2- and 3-gram shares;
 * ``H`` = the harmonic mean of C and F.
@@ -100,7 +103,8 @@ def steer_eval(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]], pr
         raise ScSteerError("steer-eval: no decoding: keep greedy or give --seeds")
     for s, f in features:
         Concept.of_feature(lm, saes, s, f)      # an unknown site or id: one error line before any work
-    facts, skipped = feature_facts(lm, saes, features, vector_data, max_tokens=vector_tokens, progress=progress)
+    facts, skipped = feature_facts(lm, saes, features, vector_data, max_tokens=vector_tokens,
+                                   window=max_new_tokens, progress=progress)
     if not facts:
         raise ScSteerError("steer-eval: no feature can be steered towards by every method: "
                            + "; ".join(f"{name} {why}" for name, why in skipped))
@@ -139,12 +143,12 @@ def steer_eval(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]], pr
         for d in decodings:
             run(i, st, d)
     bar.close()
-    result = summarise(samples, [ft.name for ft in facts], methods, min_fluency, len(prompts))
+    result = summarise(samples, {ft.name: ft.on_topic for ft in facts}, methods, min_fluency, len(prompts))
     result["settings"] = {"prompts": prompts, "coeffs": coeffs, "methods": list(methods), "decodings": decodings,
                           "max_new_tokens": max_new_tokens, "min_fluency": min_fluency,
                           "vector_data": vector_data, "vector_tokens": vector_tokens}
     result["skipped"] = [{"feature": name, "why": why} for name, why in skipped]
-    result["facts"] = [{"feature": ft.name, "peak": ft.peak, "n_strong": ft.n_strong,
+    result["facts"] = [{"feature": ft.name, "peak": ft.peak, "n_strong": ft.n_strong, "on_topic": ft.on_topic,
                         "top_window": tok.decode(ft.top_window), "off_window": tok.decode(ft.off_window)}
                        for ft in facts]
     result["samples"] = samples
@@ -172,7 +176,7 @@ def harmonic(c: float, f: float) -> float:
     return 2 * c * f / (c + f) if c + f > 0 else 0.0
 
 
-def _stats(samples: list[dict], feature: str, prompts: set[int]) -> tuple[dict, list[dict]]:
+def _stats(samples: list[dict], feature: str, prompts: set[int], on_topic: float) -> tuple[dict, list[dict]]:
     """The unsteered means and the per (method, coefficient) rows of one feature over some prompts,
     with C, F and H as the module docstring defines them."""
     def key(s):
@@ -195,9 +199,9 @@ def _stats(samples: list[dict], feature: str, prompts: set[int]) -> tuple[dict, 
                      "logprob": lp, "rep": rep, "kl": _mean(s["kl"] for s in ss),
                      "wrong_way": _mean(float(s["concept"] < base[key(s)]["concept"]) for s in ss),
                      "F": fluency(lp, rep, b["logprob"], b["rep"])})
-    top = max([r["concept"] for r in rows] + [b["concept"]])
+    span = on_topic - b["concept"]
     for r in rows:
-        r["C"] = min(1.0, max(0.0, (r["concept"] - b["concept"]) / (top - b["concept"]))) if top > b["concept"] else 0.0
+        r["C"] = min(1.0, max(0.0, (r["concept"] - b["concept"]) / span)) if span > 0 else 0.0
         r["H"] = harmonic(r["C"], r["F"])
     return b, rows
 
@@ -210,15 +214,16 @@ def split_prompts(n: int) -> tuple[set[int], set[int]]:
     return set(range(0, n, 2)), set(range(1, n, 2))
 
 
-def summarise(samples: list[dict], features: list[str], methods, min_fluency: float, n_prompts: int) -> dict:
+def summarise(samples: list[dict], on_topic: dict[str, float], methods, min_fluency: float, n_prompts: int) -> dict:
     """Per (feature, method, coefficient) means on the scoring prompts; per (feature, method) the
     coefficient chosen on the choosing prompts (matched cost) and its scores on the scoring prompts; per
     method the means over features at that choice, ranked by H."""
     choose, score = split_prompts(n_prompts)
+    features = list(on_topic)
     table, chosen = [], []
     for f in features:
-        _, pick_rows = _stats(samples, f, choose)
-        base, rows = _stats(samples, f, score)
+        _, pick_rows = _stats(samples, f, choose, on_topic[f])
+        base, rows = _stats(samples, f, score, on_topic[f])
         table += rows
         at = {(r["method"], r["coeff"]): r for r in rows}
         for m in methods:
@@ -227,6 +232,7 @@ def summarise(samples: list[dict], features: list[str], methods, min_fluency: fl
             got = at[(m, best["coeff"])] if best else None
             chosen.append({"feature": f, "method": m, "within": best is not None,
                            "baseline_concept": base["concept"], "baseline_logprob": base["logprob"],
+                           "on_topic": on_topic[f],
                            **({k: got[k] for k in ("coeff", "concept", "concept_lens", "logprob", "rep", "kl",
                                                      "wrong_way", "C", "F", "H")} if got else
                               {"coeff": None, "C": 0.0, "F": float("nan"), "H": 0.0})})

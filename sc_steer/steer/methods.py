@@ -37,6 +37,7 @@ METHODS = ("add", "clamp", "actadd", "mean_diff", "prompt")
 STRONG = 0.5          # "fires strongly": at least this share of the feature's peak on the data
 PROMPT_TOKENS = 16    # text put before the prompt by the prompting baseline
 ACTADD_TOKENS = 4     # the contrast pair's length (ActAdd's sequences are a few tokens)
+REFERENCE_WINDOWS = 16   # the stretches of real text whose mean activation is a concept score's 1
 
 
 @dataclass
@@ -50,6 +51,7 @@ class FeatureFacts:
     top_window: list[int] = field(default_factory=list)   # text tokens ending at its peak
     off_window: list[int] = field(default_factory=list)   # ACTADD_TOKENS tokens over which it is silent
     mean_diff: torch.Tensor | None = None                 # unit vector [d]
+    on_topic: float = 0.0    # its mean over the REFERENCE_WINDOWS text windows where it is highest
     actadd: torch.Tensor | None = None                    # [1 + ACTADD_TOKENS, d], BOS row 0
 
     @property
@@ -69,10 +71,13 @@ class Setting:
 
 @torch.no_grad()
 def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]], data: str = "demo", *,
-                  max_tokens: int = 20_000, ctx: int = 64, batch_size: int = 32,
+                  max_tokens: int = 20_000, ctx: int = 64, batch_size: int = 32, window: int = 24,
                   progress: bool = True) -> tuple[list[FeatureFacts], list[tuple[str, str]]]:
     """Read ``max_tokens`` of ``data`` once and gather, for each (site, feature), its peak and the window
-    ending there, a window where it is silent, and its mean-difference and ActAdd vectors. Returns the
+    ending there, a window where it is silent, its mean-difference and ActAdd vectors, and ``on_topic``:
+    its mean activation over the ``REFERENCE_WINDOWS`` stretches of ``window`` text tokens (continuation
+    length) where that mean is highest, one per row at most (how much of the concept on-topic text
+    holds, the 1 of a normalised concept score). Returns the
     features with all of these, and (name, why) for those without (never firing, or never silent)."""
     follow_model(saes, lm)
     sites = sorted({Site.parse(s, lm.n_layers) for s, _ in features}, key=lambda s: s.order)
@@ -84,6 +89,7 @@ def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]],
     count = 0
     fired: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in features]   # (values, vectors) where > 0
     where_peak = [(-1, -1)] * len(features)
+    best_windows: list[torch.Tensor] = [torch.zeros(0) for _ in features]
     pad = pad_token_id(lm.tokenizer)
     for start in tqdm(range(0, len(rows), batch_size), desc="feature facts", disable=not progress):
         batch = collate(rows[start:start + batch_size], start, ctx, pad)
@@ -101,6 +107,8 @@ def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]],
                 on = fi > 0
                 if on.any():
                     fired[i].append((fi[on].cpu(), h[on].cpu()))
+                best_windows[i] = (torch.cat([best_windows[i], _best_window_means(fi, keep, window).cpu()])
+                                   .topk(min(REFERENCE_WINDOWS, len(best_windows[i]) + fi.shape[0])).values)
                 best = float(fi.max())
                 if best > facts[i].peak:
                     b, p = divmod(int(fi.argmax()), fi.shape[1])
@@ -116,6 +124,7 @@ def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]],
             why = f"fires in every {ACTADD_TOKENS}-token window of {data!r}: no silent text to contrast it with"
             skipped.append((ft.name, why))
             continue
+        ft.on_topic = float(best_windows[i].mean())
         r, p = where_peak[i]
         row = rows[r]
         first = next(j for j, k in enumerate(row.keep) if k)
@@ -133,6 +142,16 @@ def feature_facts(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]],
         ft.actadd = contrast_vector(lm, ft.site, bos + ft.top_window[-ACTADD_TOKENS:], bos + ft.off_window)
         usable.append(ft)
     return usable, skipped
+
+
+def _best_window_means(f: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B]``: each row's highest mean of ``f [B, T]`` over ``n`` consecutive text tokens (over all its
+    text where it holds fewer)."""
+    c = torch.nn.functional.pad((f * keep).cumsum(1), (1, 0))
+    k = torch.nn.functional.pad(keep.long().cumsum(1), (1, 0))
+    span = min(n, f.shape[1])
+    sums, counts = c[:, span:] - c[:, :-span], k[:, span:] - k[:, :-span]
+    return (sums / counts.clamp_min(1)).masked_fill(counts < torch.clamp(keep.sum(1, keepdim=True), max=n), 0).amax(1)
 
 
 def _silent_window(rows, start: int, silent: torch.Tensor) -> list[int]:
