@@ -33,6 +33,11 @@ from sc_steer.interpret.probe import sparse_probe, unit_means
 from sc_steer.interpret import interpret
 from sc_steer.evaluate import evaluate_saes
 from sc_steer.steer import Intervention, Recipe, decompose, generate, generate_ids, measure_effects
+from sc_steer.steer.compare import steer_eval
+from sc_steer.steer.generate import generate_batch, left_pad
+from sc_steer.steer.methods import feature_facts
+from sc_steer.steer.scores import Concept, score_continuations
+from sc_steer.steer.steerability import output_scores
 from helpers import firing_sae, sc_steer_exe
 
 TEXT = "In the beginning God created the heaven and the earth. To be, or not to be: 1 2 3 4 5. " * 6
@@ -81,9 +86,16 @@ def test_lazy_sae_really_is_on_another_device(setup, elsewhere):
                                saes["resid_post.1"].encode(torch.randn(3, 32, generator=torch.Generator().manual_seed(0))))
 
 
-def _calls(lm, text, batches, tmp_path):
-    """name -> a call taking SAEs (dict) and returning something comparable."""
+def _calls(lm, text, batches, tmp_path, saes):
+    """name -> a call taking SAEs (dict) and returning something comparable (``saes``, on the CPU, choose
+    features that the steering methods can be built for)."""
     rec = Recipe([Intervention("resid_post.1", 3, "add", 6.0), Intervention("resid_post.2", 5, "remove")])
+    rows = [[lm.tokenizer.bos_token_id] + lm.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    cont = torch.tensor([[5, 9, 11, 2], [7, 7, 8, 9]])
+    candidates = [("resid_post.1", i) for i in range(saes["resid_post.1"].cfg.d_sae)]
+    usable = [(f.site, f.feature) for f in feature_facts(lm, saes, candidates, text, max_tokens=400, ctx=32,
+                                                            progress=False)[0]][:2]
+    assert usable
     return {
         "evaluate_saes": lambda s: {k: {m: v[m] for m in ("l0", "fvu", "ce_spliced", "kl")}
                                     for k, v in evaluate_saes(lm, s, text, ctx=32, max_tokens=200,
@@ -111,6 +123,16 @@ def _calls(lm, text, batches, tmp_path):
                                                progress=False),
         "decompose": lambda s: decompose(torch.randn(32, generator=torch.Generator().manual_seed(1)),
                                          s["resid_post.1"]),
+        "generate_batch": lambda s: generate_batch(lm, left_pad(lm, rows), rec, s, max_new_tokens=5)[0],
+        "score_continuations": lambda s: score_continuations(
+            lm, s, Concept.of_feature(lm, s, "resid_post.1", 3), rows, cont, items=rec.interventions),
+        "output_scores": lambda s: output_scores(lm, s["resid_post.1"], "resid_post.1", PROMPTS, features=[1, 2, 3],
+                                                 progress=False)["scores"],
+        "feature_facts": lambda s: [(f.peak, f.on_topic, f.mean_diff, f.actadd, f.top_window) for f in feature_facts(
+            lm, s, usable, text, max_tokens=400, ctx=32, progress=False)[0]],
+        "steer_eval": lambda s: steer_eval(lm, s, usable[:1], PROMPTS, methods=("add", "actadd"), coeffs=[3.0],
+                                           max_new_tokens=3, seeds=(), vector_data=text, vector_tokens=400,
+                                           progress=False)["table"],
     }
 
 
@@ -133,7 +155,7 @@ def _same(a, b):
 
 def test_every_function_taking_a_model_and_saes_moves_them_to_the_model(setup, elsewhere, tmp_path):
     lm, saes, text, batches = setup
-    for name, call in _calls(lm, text, batches, tmp_path).items():
+    for name, call in _calls(lm, text, batches, tmp_path, saes).items():
         want = call(saes)
         parked = elsewhere(saes)
         got = call(parked)
@@ -148,8 +170,8 @@ EXEMPT = {"check_pair", "check_sae_fits", "_check", "unit_sets", "unit_direction
 
 def test_the_contract_test_covers_every_such_function(setup, tmp_path):
     """A new public function taking ``lm`` and SAEs must be added to the contract test above."""
-    lm, _, text, batches = setup
-    covered = set(_calls(lm, text, batches, tmp_path)) - {"decompose"}  # takes a vector and an SAE, no model
+    lm, saes, text, batches = setup
+    covered = set(_calls(lm, text, batches, tmp_path, saes)) - {"decompose"}  # takes a vector and an SAE, no model
     found = set()
     for m in pkgutil.walk_packages(sc_steer.__path__, "sc_steer."):
         if m.name.startswith("sc_steer.demo"):

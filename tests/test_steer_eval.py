@@ -4,15 +4,20 @@ import math
 
 import pytest
 import torch
-
 from helpers import firing_sae
+
 from sc_steer import ScSteerError, open_model
+from sc_steer.sites import Site
 from sc_steer.steer import Intervention
 from sc_steer.steer.compare import fluency, harmonic, steer_eval, summarise
 from sc_steer.steer.generate import generate_batch, left_pad
 from sc_steer.steer.recipe import Recipe
-from sc_steer.steer.scores import Concept, continuation_mask, repeated_share, score_continuations
-from sc_steer.sites import Site
+from sc_steer.steer.scores import (
+    Concept,
+    continuation_mask,
+    repeated_share,
+    score_continuations,
+)
 from sc_steer.steer.steerability import output_scores
 
 SITE = "resid_post.1"
@@ -252,7 +257,7 @@ def test_bad_input_to_steer_eval(setup):
 
 
 def test_a_feature_that_never_fires_is_skipped_with_its_reason(setup):
-    lm, saes = setup
+    lm, _ = setup
     sae = firing_sae()
     good = _firing_feature(lm, sae)
     dead = (good + 1) % sae.cfg.d_sae
@@ -295,3 +300,20 @@ def test_feature_facts_by_brute_force(setup):
     r = max(range(len(rows)), key=lambda i: float(acts[i].max()))
     p = int(acts[r].argmax()) + 1                              # position in the row, BOS at 0
     assert ft.top_window == rows[r].ids[max(1, p - 15):p + 1]
+
+
+def test_measure_effects_reports_the_scores_of_both_continuations(setup):
+    from sc_steer.steer import generate_ids, measure_effects
+
+    lm, saes = setup
+    recipe = Recipe([Intervention(SITE, 7, "add", 6.0, "all")])
+    rep = measure_effects(lm, PROMPTS[:1], recipe, saes, max_new_tokens=6, concept=(SITE, 7))["prompts"][0]
+    s_ids, n = generate_ids(lm, PROMPTS[:1], recipe, saes, max_new_tokens=6)
+    b_ids, _ = generate_ids(lm, PROMPTS[:1], None, saes, max_new_tokens=6)
+    want = reference_scores(lm, saes[SITE], 7, s_ids[0, :n].tolist(), s_ids[0, n:].tolist(),
+                            add=lambda h: torch.cat([torch.zeros_like(h[:, :1]), 0 * h[:, 1:] + 6.0 * saes[SITE].W_dec[7]], 1))
+    base = reference_scores(lm, saes[SITE], 7, b_ids[0, :n].tolist(), b_ids[0, n:].tolist())
+    for k in ("concept", "logprob", "kl", "rep2"):
+        assert rep["scores"][k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+        assert rep["scores_baseline"][k] == pytest.approx(base[k], rel=1e-4, abs=1e-5), k
+    assert rep["scores_baseline"]["kl"] == 0.0 and rep["scores"]["kl"] == pytest.approx(sum(rep["kl_per_step"]) / len(rep["kl_per_step"]), rel=1e-4)

@@ -1,5 +1,6 @@
 """What a recipe does to the model's predictions along its own steered continuation: KL to the
-unsteered run, target-token log-probabilities, watched features and perplexity."""
+unsteered run, target-token log-probabilities, watched features, perplexity and (given a concept) the
+judge-free scores of ``scores.py``."""
 from __future__ import annotations
 
 import json
@@ -11,54 +12,10 @@ from ..errors import ScSteerError
 from ..models import LM
 from ..sae import SAE
 from ..sites import Site
-from .generate import bos_positions, edit_hidden, generate_ids
+from .forced import teacher_forced
+from .generate import generate_ids
 from .recipe import Intervention, Recipe
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions of a left-padded batch as ``generate`` numbers them: from 0 at each row's first real token."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def teacher_forced(lm: LM, inputs: dict, n_prompt: int, items: list[Intervention], saes: dict[str, SAE],
-                   read: list[Site] = ()) -> tuple[torch.Tensor, dict[Site, torch.Tensor]]:
-    """One forward pass over whole sequences ``[B, T]`` (left-padded prompts of ``n_prompt`` columns, then
-    their continuations) with the interventions applied where generation applied them, step by step:
-    ``prompt`` below column ``n_prompt``, ``generated`` from it on, ``last`` from ``n_prompt - 1`` on,
-    the BOS left alone unless asked, an ActAdd sequence from each row's first real token.
-
-    Returns the logits ``[B, T, vocab]`` (fp32) and the hidden state at each ``read`` site, after any edit
-    there."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    T = ids.shape[1]
-    by_site: dict[Site, list[Intervention]] = {}
-    for it in items:
-        by_site.setdefault(Site.parse(it.site, lm.n_layers), []).append(it)
-    sites = sorted(set(by_site) | set(read), key=lambda s: s.order)
-    pos = torch.arange(T, device=ids.device)[None].expand_as(ids)
-    real = mask.bool()
-    region = {"all": real, "prompt": real & (pos < n_prompt), "generated": real & (pos >= n_prompt),
-              "last": real & (pos >= n_prompt - 1)}
-    not_bos = ~(bos_positions(lm, ids) & (pos < n_prompt))
-    start = (1 - mask).sum(1)
-
-    def where(it: Intervention) -> torch.Tensor:
-        return region[it.positions] if it.include_bos else region[it.positions] & not_bos
-
-    seen: dict[Site, torch.Tensor] = {}
-
-    def edit(site: Site, h: torch.Tensor, _call: int) -> torch.Tensor | None:
-        new = None
-        if site in by_site:
-            its = by_site[site]
-            new = edit_hidden(h, its, saes, [where(it) for it in its], start)
-        if site in read:
-            seen[site] = h if new is None else new
-        return new
-
-    with torch.no_grad(), lm.edited(edit, sites):
-        logits = lm.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    return logits.float(), seen
+from .scores import Concept, score_continuations
 
 
 def _one(lm: LM, ids: torch.Tensor, n: int, items: list[Intervention], saes: dict[str, SAE],
@@ -73,7 +30,7 @@ def _one(lm: LM, ids: torch.Tensor, n: int, items: list[Intervention], saes: dic
 
 
 def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, SAE], *, max_new_tokens: int = 30,
-                    target_tokens: list[str] = (), watch: list[tuple[str, int]] = ()) -> dict:
+                    target_tokens: list[str] = (), watch: list[tuple[str, int]] = (), concept=None) -> dict:
     """What a recipe does, per prompt, along its own (greedy) steered continuation:
 
     * ``kl_per_step``: KL(steered || baseline) of the next-token distribution at each generated step;
@@ -81,8 +38,12 @@ def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, 
     * ``watch``: mean activation of chosen (site, feature) pairs over the generated tokens: the steered
       model on its continuation vs the unsteered model on its own (baseline) continuation;
     * ``perplexity``: the unsteered model's perplexity of the steered continuation (a fluency proxy),
-      next to that of the baseline continuation.
+      next to that of the baseline continuation;
+    * ``scores`` (with ``concept``: a ``(site, feature)`` or a ``scores.Concept``, e.g. a probe direction
+      for a raw vector): the judge-free scores of ``scores.py`` for the steered continuation, and
+      ``scores_baseline`` for the unsteered one.
     """
+
     follow_model(saes, lm)
     for it in recipe.interventions:
         it.check(lm, saes)
@@ -96,6 +57,8 @@ def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, 
         if len(ids) != 1:
             raise ScSteerError(f"target token {t!r} is {len(ids)} tokens; give single tokens")
         target_ids[t] = ids[0]
+    if concept is not None and not isinstance(concept, Concept):
+        concept = Concept.of_feature(lm, saes, *concept)
     report = []
     for prompt in prompts:
         # the generated ids themselves: decoding and re-tokenising is not the identity for SentencePiece
@@ -119,5 +82,10 @@ def measure_effects(lm: LM, prompts: list[str], recipe: Recipe, saes: dict[str, 
         row["watch"] = {f"{s}:{f}": {"steered": float(st_seen[(s, f)][n:].mean()) if s_ids.shape[1] > n else 0.0,
                                      "baseline": float(base_seen[(s, f)][n:].mean()) if b_ids.shape[1] > n else 0.0}
                         for s, f in watch}
+        if concept is not None:
+            prompt_row = [s_ids[0, :n].tolist()]
+            row["scores"] = score_continuations(lm, saes, concept, prompt_row, s_ids[:, n:],
+                                                items=recipe.interventions)[0]
+            row["scores_baseline"] = score_continuations(lm, saes, concept, prompt_row, b_ids[:, n:])[0]
         report.append(row)
     return {"recipe": json.loads(recipe.to_json()), "prompts": report}

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import follow_model
 from ..errors import ScSteerError
 from ..interpret.lens import lens_topk
 from ..models import LM
 from ..sae import SAE
 from ..sites import Site
-from .effects import teacher_forced
+from .forced import teacher_forced
 from .generate import left_pad
 from .recipe import Intervention
 
@@ -101,6 +102,7 @@ def score_continuations(lm: LM, saes: dict[str, SAE], concept: Concept, prompt_r
 
     ``steered_rows`` differ from ``prompt_rows`` where a method put text before the prompt (prompting):
     the steered pass sees that text, the unsteered reading does not."""
+    follow_model(saes, lm)
     cont = cont.to(lm.device)
     B, N = cont.shape
     keep = continuation_mask(cont, lm.tokenizer.eos_token_id)

@@ -27,7 +27,7 @@ from ..interpret.lens import lens_topk
 from ..models import LM
 from ..sae import SAE
 from ..sites import Site
-from .effects import position_ids
+from .forced import position_ids
 from .generate import bos_positions, left_pad
 from .scores import LENS_K
 
