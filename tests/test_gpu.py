@@ -162,6 +162,27 @@ def test_playground_steer_on_cuda(runs, models):
     assert pg.heatmap("HAMLET.\nTo be, or not", "resid_post.1", 7)
 
 
+def test_steering_scores_and_steerability_on_cuda_match_cpu(runs, models):
+    """steer-eval's table and the output scores on the GPU, against the CPU, with the same SAEs (greedy:
+    the same tokens)."""
+    import copy
+
+    from sc_steer.steer import output_scores, steer_eval
+
+    got = {}
+    for dev, lm in models.items():
+        saes = copy.deepcopy(runs["cpu"]["saes"])
+        res = steer_eval(lm, saes, [("resid_post.1", 7), ("resid_post.2", 3)], ["In the beginning", "HAMLET.\nTo be"],
+                         coeffs=[4.0, 12.0], max_new_tokens=8, seeds=(), vector_tokens=5000, progress=False)
+        got[dev] = (res["table"], output_scores(lm, saes["resid_post.1"], "resid_post.1", ["In the beginning"],
+                                                features=list(range(64)), progress=False)["scores"])
+    for a, b in zip(got["cpu"][0], got["cuda"][0]):
+        assert (a["method"], a["coeff"]) == (b["method"], b["coeff"])
+        for k in ("concept", "logprob", "kl", "C", "F"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-4), (a["method"], a["coeff"], k)
+    assert got["cpu"][1] == pytest.approx(got["cuda"][1], rel=1e-3, abs=1e-5)
+
+
 def test_cli_on_cuda(runs, tmp_path):
     """The commands as users type them, with --device cuda (and the demo in bf16)."""
     cli = [sys.executable, "-m", "sc_steer.cli"]
