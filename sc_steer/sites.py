@@ -73,3 +73,46 @@ def parse_sites(spec: str | list[str] | tuple[str, ...], n_layers: int | None = 
                 raise ScSteerError(f"unknown site '{m['kind']}.{i}': the model has layers 0-{n_layers - 1}")
             out.add(Site(m["kind"], i))
     return sorted(out, key=lambda s: s.order)
+
+
+# Other tools' names for hook points: TransformerLens (SAELens, Gemma/Llama Scope), module paths
+# (sparsify's hookpoints, sc-steer's own), dictionary_learning's submodule names.
+_TL_HOOKS = {"hook_resid_post": "resid_post", "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out",
+             "mlp.hook_post": "mlp_act"}
+_MODULE_PATH = re.compile(r"^(?:.*\.)?(?:layers|h|blocks)\.(?P<layer>\d+)(?:\.(?P<sub>[A-Za-z_]+))?$")
+_SUBMODULES = {None: "resid_post", "mlp": "mlp_out", "self_attn": "attn_out", "attn": "attn_out",
+               "attention": "attn_out"}
+_DL_NAMES = re.compile(r"^(?P<kind>resid_post|resid|mlp_out|mlp|attn_out|attn)(?:_layer)?_?(?P<layer>\d+)?$")
+
+
+def site_from_hook(hook: str, n_layers: int | None = None, layer: int | None = None) -> Site:
+    """The sc-steer site another tool's hook name means, e.g. ``blocks.8.hook_resid_pre`` (the residual
+    stream entering block 8) is ``resid_post.7``; ``layers.12`` (sparsify) is ``resid_post.12``;
+    ``resid_post_layer_3`` (dictionary_learning) is ``resid_post.3``. ``layer`` completes a name that
+    carries none. A name that maps to no site is a one-line error."""
+    name = hook.strip()
+    site = None
+    if m := re.fullmatch(r"blocks\.(\d+)\.(.+)", name):
+        i, rest = int(m[1]), m[2]
+        if rest == "hook_resid_pre":
+            if i == 0:
+                raise ScSteerError(f"hook {hook!r} is the embeddings (before block 0): sc-steer has no site there")
+            site = Site("resid_post", i - 1)
+        elif rest in _TL_HOOKS:
+            site = Site(_TL_HOOKS[rest], i)
+        else:
+            raise ScSteerError(f"hook {hook!r} maps to no sc-steer site (known: hook_resid_pre, hook_resid_post, "
+                               "hook_mlp_out, hook_attn_out, mlp.hook_post); give --site SITE=PATH")
+    elif (m := _MODULE_PATH.match(name)) and m["sub"] in _SUBMODULES:
+        site = Site(_SUBMODULES[m["sub"]], int(m["layer"]))
+    elif (m := _DL_NAMES.match(name)) and (m["layer"] is not None or layer is not None):
+        kind = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}.get(m["kind"], m["kind"])
+        site = Site(kind, int(m["layer"]) if m["layer"] is not None else int(layer))
+    else:
+        try:
+            site = Site.parse(name)
+        except ScSteerError:
+            raise ScSteerError(f"hook {hook!r} maps to no sc-steer site; give --site SITE=PATH") from None
+    if n_layers is not None and not 0 <= site.layer < n_layers:
+        raise ScSteerError(f"hook {hook!r} is {site}, but the model has layers 0-{n_layers - 1}")
+    return site

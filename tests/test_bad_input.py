@@ -10,6 +10,7 @@ import math
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -405,6 +406,19 @@ def sae_file_cases():
         if tensors is not None:
             save_file(tensors, str(d / "sae_weights.safetensors"))
 
+    def sparsify(d, cfg):
+        d.mkdir()
+        (d / "cfg.json").write_text(json.dumps(cfg))
+        save_file({"encoder.weight": torch.zeros(6, 4), "encoder.bias": torch.zeros(6), "W_dec": torch.zeros(6, 4),
+                   "b_dec": torch.zeros(4)}, str(d / "sae.safetensors"))
+
+    def llama(d, hp):
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "hyperparams.json").write_text(json.dumps(hp))
+        save_file({"encoder.weight": torch.zeros(6, 4), "encoder.bias": torch.zeros(6),
+                   "decoder.weight": torch.zeros(4, 6), "decoder.bias": torch.zeros(4)},
+                  str(d / "checkpoints" / "final.safetensors"))
+
     W = {"W_enc": torch.zeros(4, 6), "b_enc": torch.zeros(6), "W_dec": torch.zeros(6, 4), "b_dec": torch.zeros(4)}
     ok = {"architecture": "standard", "d_in": 4, "d_sae": 6}
     dl_state = {"encoder.weight": torch.zeros(6, 4), "encoder.bias": torch.zeros(6), "decoder.weight": torch.zeros(4, 6),
@@ -416,8 +430,25 @@ def sae_file_cases():
         "no weights file": (lambda d: saelens(d, ok, None), "no sae_weights"),
         "missing d_in": (lambda d: saelens(d, {"architecture": "standard", "d_sae": 6}, W), "d_in None"),
         "d_sae a string": (lambda d: saelens(d, {**ok, "d_sae": "6"}, W), "d_sae '6'"),
-        "unknown arch": (lambda d: saelens(d, {**ok, "architecture": "gated"}, W), "'gated' is not supported"),
-        "topk without k": (lambda d: saelens(d, {**ok, "architecture": "topk"}, W), "needs an integer k"),
+        "unknown arch": (lambda d: saelens(d, {**ok, "architecture": "matching_pursuit"}, W),
+                         "'matching_pursuit' is not supported"),
+        "gated without r_mag": (lambda d: saelens(d, {**ok, "architecture": "gated"}, W), "'r_mag'"),
+        "layer_norm inputs": (lambda d: saelens(d, {**ok, "normalize_activations": "layer_norm"}, W),
+                              "rescales each token"),
+        "hook_z": (lambda d: saelens(d, {**ok, "reshape_activations": "hook_z"}, W), "hook_z"),
+        "sparsify transcoder": (lambda d: sparsify(d, {"d_in": 4, "k": 2, "transcode": True}), "transcoder"),
+        "sparsify groupmax": (lambda d: sparsify(d, {"d_in": 4, "k": 2, "activation": "groupmax"}), "'groupmax'"),
+        "sparsify skip without W_skip": (lambda d: sparsify(d, {"d_in": 4, "k": 2, "skip_connection": True}), "W_skip"),
+        "sparsify no k": (lambda d: sparsify(d, {"d_in": 4}), "integer 'k'"),
+        "npz a pickle": (lambda d: (d.mkdir(), np.savez(d / "params.npz", W_enc=np.array([object()], dtype=object))),
+                         "could not be read"),
+        "npz no threshold": (lambda d: (d.mkdir(), np.savez(d / "params.npz", **{k: v.numpy() for k, v in W.items()})),
+                             "'threshold'"),
+        "llama scope transcoder": (lambda d: llama(d, {"hook_point_in": "blocks.1.hook_resid_mid",
+                                                        "hook_point_out": "blocks.1.hook_mlp_out"}), "transcoder"),
+        "llama scope no norm": (lambda d: llama(d, {"d_model": 4, "d_sae": 6, "jump_relu_threshold": 0.1}),
+                                "dataset_average_activation_norm"),
+        "topk without k": (lambda d: saelens(d, {**ok, "architecture": "topk"}, W), "needs an integer 'k'"),
         "wrong shape": (lambda d: saelens(d, ok, {**W, "W_enc": torch.zeros(5, 6)}), "W_enc has shape"),
         "missing tensor": (lambda d: saelens(d, ok, {k: v for k, v in W.items() if k != "b_dec"}), "'b_dec'"),
         "jumprelu no threshold": (lambda d: saelens(d, {**ok, "architecture": "jumprelu"}, W), "threshold"),
@@ -431,13 +462,16 @@ def sae_file_cases():
                               torch.zeros(6), "decoder.weight": torch.zeros(4, 6), "bias": torch.zeros(4)},
                               d / "ae.pt")), "expected a matrix"),
         "ae.pt no bias": (lambda d: (d.mkdir(), torch.save({"encoder.weight": torch.zeros(6, 4), "encoder.bias":
-                          torch.zeros(6), "decoder.weight": torch.zeros(4, 6)}, d / "ae.pt")), "b_dec"),
+                          torch.zeros(6), "decoder.weight": torch.zeros(4, 6)}, d / "ae.pt")), "no tensor 'bias'"),
         "ae.pt wrong decoder": (lambda d: (d.mkdir(), torch.save({"encoder.weight": torch.zeros(6, 4), "encoder.bias":
                                 torch.zeros(6), "decoder.weight": torch.zeros(5, 6), "bias": torch.zeros(4)},
                                 d / "ae.pt")), "W_dec has shape"),
         "ae.pt unknown class": (lambda d: (d.mkdir(), torch.save({"encoder.weight": torch.zeros(6, 4)}, d / "ae.pt"),
                                 (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "Gated"}}))),
                                 "'Gated' is not supported"),
+        "ae.pt topk without k": (lambda d: (d.mkdir(), torch.save({**dl_state, "b_dec": torch.zeros(4)}, d / "ae.pt"),
+                                 (d / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK"}}))),
+                                 "needs k"),
         "ae.pt not a dict": (lambda d: (d.mkdir(), torch.save([torch.zeros(2)], d / "ae.pt")), "state dict"),
         "ae.pt config a list": (lambda d: (d.mkdir(), torch.save(dl_state, d / "ae.pt"),
                                 (d / "config.json").write_text("[1, 2]")), "expected a JSON object"),

@@ -1,5 +1,5 @@
 """Sparse autoencoders: one file per architecture, a shared base, file formats, training, metrics."""
-from . import batchtopk, jumprelu, relu, topk  # noqa: F401  (registers the architectures)
+from . import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (registers the architectures)
 from .base import ARCHITECTURES, SAE, SAEConfig, make_sae
 from .formats import load_sae
 

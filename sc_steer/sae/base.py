@@ -109,6 +109,7 @@ class SAE(nn.Module):
     uses_auxk: ClassVar[bool] = False    # dead latents trained by AuxK
     has_threshold: ClassVar[bool] = False  # a ``threshold`` tensor in its files
     calibrates: ClassVar[bool] = False   # wants end-of-run batches (``calibrate``)
+    trainable: ClassVar[bool] = True     # sc-steer trains it (else: loaded from other tools' files only)
     resamples: ClassVar[bool] = True     # dead and duplicated latents re-initialised by default (sae/resample.py)
 
     def __init_subclass__(cls, **kw):
@@ -126,6 +127,7 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(w.T.clone().contiguous())
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("W_skip", None)     # [d_in, d_in]: a linear skip connection (sparsify)
 
     # -- the maps ------------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,8 +149,17 @@ class SAE(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
 
+    def reconstruct(self, x: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+        """``x_hat``: the decoded features (``f``, or encoded from ``x``), plus ``x W_skip^T`` where the
+        SAE has a skip connection. Feature edits act on ``f`` and ``W_dec`` alone; the skip term is
+        part of the reconstruction, not of any feature."""
+        x_hat = self.decode(self.encode(x) if f is None else f)
+        if self.W_skip is not None:
+            x_hat = x_hat + x.to(self.W_skip.dtype) @ self.W_skip.T
+        return x_hat
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.reconstruct(x)
 
     # -- training hooks (overridden per architecture) --------------------------------------------
     def train_encode(self, pre: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
@@ -216,7 +227,8 @@ class SAE(nn.Module):
 
     # -- files -----------------------------------------------------------------------------------
     def state_for_saving(self) -> dict[str, torch.Tensor]:
-        return {k: self._save_tensor(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        keys = ("W_enc", "b_enc", "W_dec", "b_dec") + (("W_skip",) if self.W_skip is not None else ())
+        return {k: self._save_tensor(k) for k in keys}
 
     def _save_tensor(self, key: str) -> torch.Tensor:
         return getattr(self, key).detach().float().contiguous().cpu()
@@ -225,6 +237,8 @@ class SAE(nn.Module):
         with torch.no_grad():
             for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(self, k).copy_(tensors[k])
+        if "W_skip" in tensors:
+            self.W_skip = tensors["W_skip"].detach().float().to(self.W_dec.device).contiguous()
 
     def saelens_cfg(self) -> dict:
         c = self.cfg

@@ -49,7 +49,7 @@ class SAETrainConfig:
 
     def check(self, where: str = "sae") -> None:
         v = validate
-        v.choice(f"{where}.architecture", self.architecture, sorted(ARCHITECTURES))
+        v.choice(f"{where}.architecture", self.architecture, sorted(a for a, c in ARCHITECTURES.items() if c.trainable))
         v.integer(f"{where}.expansion", self.expansion, 1)
         if self.d_sae is not None:
             v.integer(f"{where}.d_sae", self.d_sae, 1)
