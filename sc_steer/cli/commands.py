@@ -229,6 +229,22 @@ def cmd_steerability(args) -> None:
               + ", ".join(f"{i} ({r['scores'][i]:+.3f})" for i in top) + f" -> {steerability_path(args.run, s)}")
 
 
+def cmd_import(args) -> None:
+    from ..import_run import import_saes, parse_site_args
+    from ..models import open_model
+
+    if not args.model:
+        raise ScSteerError("import: name the model the SAEs read (--model, a local folder or 'demo')")
+    sites = parse_site_args(args.site)
+    remote = {"ndif": True, "local": "local", None: False}[args.remote]
+    model = str(Path(args.model).resolve()) if Path(args.model).is_dir() else args.model
+    lm = open_model(model, device=args.device, dtype=args.dtype, remote=remote)
+    done = import_saes(lm, args.out, args.paths, sites, model=model, force=args.force)
+    for site, rec in done.items():
+        print(f"{site:<14} <- {rec['path']} ({rec['format']} {rec['class']}, hook {rec.get('hook')})")
+    print(f"{len(done)} SAEs converted and copied into {args.out}/saes/; next: sc-steer eval --run {args.out}")
+
+
 def cmd_app(args) -> None:
     from sc_steer_apps.playground import launch
     from sc_steer_apps.serving import Limits

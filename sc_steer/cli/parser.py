@@ -9,6 +9,7 @@ from .commands import (
     cmd_demo,
     cmd_eval,
     cmd_graph,
+    cmd_import,
     cmd_interpret,
     cmd_probe,
     cmd_steer,
@@ -155,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attribution", action="store_true")
     p.add_argument("--force", action="store_true", help="replace another graph in --out")
     p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("import", help="make a run folder from published SAEs (SAELens, dictionary_learning, "
+                       "sparsify, Gemma Scope, Llama Scope) so every command serves them")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="SAE folders, or folders of them (each placed at the "
+                   "site its own files name)")
+    p.add_argument("--site", action="append", default=[], metavar="SITE=PATH",
+                   help="place the SAE at PATH at SITE (repeat; for files that name no hook point)")
+    p.add_argument("--out", required=True, help="the run folder to make")
+    _add_model_args(p, default=None)
+    p.add_argument("--force", action="store_true", help="replace another run in --out")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("steer", help="generate with SAE features added / removed; baseline and steered side by side")
     p.add_argument("--run", required=True, help="a run folder with saes/")
