@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_peer_formats import FIXTURES, gemma_scope, llama_scope
 
 from sc_steer.cli import main
 from sc_steer.rundir import load_run_saes
 from sc_steer.sae import load_sae
-from test_peer_formats import FIXTURES, gemma_scope, llama_scope
 
 TEXT = "In the beginning God created the heaven and the earth. To be, or not to be: that is the question. " * 12
 

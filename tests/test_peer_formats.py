@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from sc_steer import ScSteerError
 from sc_steer.sae import load_sae
-from sc_steer.sae.jumprelu import JumpReLUSAE
 from sc_steer.sae.base import SAEConfig
+from sc_steer.sae.jumprelu import JumpReLUSAE
 from sc_steer.sites import Site, site_from_hook
 
 FIXTURES = Path(__file__).parent / "fixtures" / "peer_saes"
@@ -111,7 +111,7 @@ def llama_scope(root: Path, hook_in="blocks.2.hook_resid_post", hook_out=None, s
 def test_llama_scope_layout(tmp_path):
     """Llama Scope as SAELens's Llama Scope loader reads it: inputs scaled by s = sqrt(d) / norm_in,
     no b_dec subtracted, a scalar threshold (x s), outputs back in raw units."""
-    folder, w, hp = llama_scope(tmp_path)
+    folder, w, _ = llama_scope(tmp_path)
     s = math.sqrt(32) / 12.0
     x = torch.randn(20, 32) * 3 + 1
     pre = (x * s) @ w["encoder.weight"].T + w["encoder.bias"]

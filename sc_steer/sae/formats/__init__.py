@@ -24,7 +24,7 @@ import torch
 
 from ...devices import resolve_device
 from ...errors import ScSteerError
-from ..base import CFG_FILE, WEIGHTS_FILE, SAE
+from ..base import CFG_FILE, SAE, WEIGHTS_FILE
 from . import dictionary_learning, saelens, scope, sparsify
 
 LAYOUTS = ("cfg.json + sae_weights.safetensors (sc-steer, SAELens)", "ae.pt + config.json (dictionary_learning)",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ...errors import ScSteerError
 from ...files import read_json
-from ..base import CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, SAE, SAEConfig
+from ..base import CFG_FILE, SAE, SPARSITY_FILE, WEIGHTS_FILE, SAEConfig
 from .common import build, fold_decoder_norm, fold_input_bias, read_safetensors, source
 
 ARCHS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
