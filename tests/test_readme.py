@@ -121,7 +121,10 @@ def test_every_readme_command_runs_as_written(tmp_path):
                                timeout=900)
             assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd, r.stdout[-2000:], r.stderr[-4000:])
             ran.append(words[1] if words[0] == "sc-steer" else words[0])
-    assert {"demo", "collect", "train", "eval", "interpret", "graph", "steer", "steerability", "steer-eval"} <= set(ran), ran
+    assert {"demo", "collect", "train", "eval", "interpret", "graph", "steer", "steerability", "steer-eval",
+            "import"} <= set(ran), ran
+    imported = json.loads((tmp_path / "runs" / "imported" / "run.json").read_text())
+    assert imported["sites"] == [f"resid_post.{i}" for i in range(4)] and (tmp_path / "runs/imported/eval.json").exists()
     assert ran.count("train") == 3 and ran.count("torchrun") >= 3, ran
 
     demo = tmp_path / "runs" / "demo"
