@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRAPH, STEER, INTERP = ["tests/test_graph.py"], ["tests/test_steer.py"], ["tests/test_interpret.py"]
 EXPLAIN = ["tests/test_explain.py", "tests/test_interpret.py"]
 STEER_EVAL = ["tests/test_steer_eval.py"]
+FORMATS = ["tests/test_peer_formats.py"]
 SAE = ["tests/test_sparse_step.py", "tests/test_resample.py", "tests/test_sae.py", "tests/test_train.py"]
 
 # (file, exact text, replacement, tests that should notice)
@@ -78,6 +79,19 @@ MUTANTS = [
      "text = inputs[\"attention_mask\"].bool() | bos_positions", STEER_EVAL),
     ("steer/steerability.py", "push = (coeff * W[chunk]).repeat_interleave(P, 0)", "push = (coeff * W[chunk]).repeat(P, 1)",
      STEER_EVAL),
+    ("sae/formats/common.py", "t[\"b_enc\"] = t[\"b_enc\"] + shift", "t[\"b_enc\"] = t[\"b_enc\"] - shift", FORMATS),
+    ("sae/formats/common.py", "t[\"b_mag\"] = t[\"b_mag\"] + shift * t[\"r_mag\"].exp()",
+     "t[\"b_mag\"] = t[\"b_mag\"] + shift", FORMATS),
+    ("sae/formats/common.py", "t[\"b_enc\"] * n, t[\"W_dec\"] / n[:, None]", "t[\"b_enc\"], t[\"W_dec\"] / n[:, None]",
+     FORMATS),
+    ("sae/formats/dictionary_learning.py", "        fold_input_bias(t)\n        return t", "        return t", FORMATS),
+    ("sae/formats/sparsify.py", "t[\"W_skip\"] = s[\"W_skip\"]", "t[\"W_skip\"] = s[\"W_skip\"].T", FORMATS),
+    ("sae/formats/scope.py", "\"threshold\": torch.full((d_sae,), thr * scale)", "\"threshold\": torch.full((d_sae,), thr)",
+     FORMATS),
+    ("sae/formats/saelens.py", "        if not raw.get(\"apply_b_dec_to_input\", True):",
+     "        if raw.get(\"apply_b_dec_to_input\", True):", FORMATS),
+    ("sae/gated.py", "torch.relu(pi * self.r_mag.exp() + self.b_mag)", "torch.relu(pi + self.b_mag)", FORMATS),
+    ("sites.py", "            site = Site(\"resid_post\", i - 1)", "            site = Site(\"resid_post\", i)", FORMATS),
     ("interpret/stats.py", "self.fires += pos.sum(0)", "self.fires += (acts >= 0).sum(0)", INTERP),
     ("interpret/stats.py", "(j < ends[ct][..., None])", "(j <= ends[ct][..., None])", INTERP),
     ("interpret/stats.py", "torch.sort(all_val, dim=1, descending=True, stable=True)",
