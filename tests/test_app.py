@@ -17,7 +17,7 @@ def test_the_app_builds_with_the_library_s_modes_and_a_steer_endpoint(tiny_model
     """In process, without a server (the tests below start it as users do): the UI builds over a run, its
     mode and position choices are the library's, and its recipe table and snippet round-trip a recipe."""
     from sc_steer.steer import MODES, POSITIONS
-    from sc_steer_apps.playground import build, python_snippet, recipe_from_rows
+    from sc_steer_apps.playground import build, python_snippet, recipe_of, recipe_name
     from sc_steer_apps.serving import Playground
 
     firing_sae().save(tmp_path / "saes" / "resid_post.1")
@@ -26,10 +26,14 @@ def test_the_app_builds_with_the_library_s_modes_and_a_steer_endpoint(tiny_model
     radios = [c for c in blocks.blocks.values() if type(c).__name__ == "Radio"]
     assert sorted(tuple(ch[0] for ch in r.choices) for r in radios) == sorted([MODES, POSITIONS])
     assert "steer" in {d.api_name for d in blocks.fns.values()}
-    rec = recipe_from_rows([["resid_post.1", 3, "clamp", 2.5, "prompt"], ["", None, None, None, None]])
+    items = [{"site": "resid_post.1", "feature": 3, "mode": "clamp", "coeff": 2.5, "positions": "prompt"}]
+    rec = recipe_of(items)
     assert rec.interventions == [Intervention("resid_post.1", 3, "clamp", 2.5, "prompt")]
-    snippet = python_snippet(rec, Playground(tmp_path))
+    assert recipe_name(items) == "resid_post.1-3-clamp2.5" and recipe_name([]) == "empty"
+    snippet = python_snippet(rec, Playground(tmp_path), "Once upon", 12, True, 0.7, 5)
     assert "Intervention('resid_post.1', 3, 'clamp', 2.5, 'prompt')" in snippet and str(tmp_path) in snippet
+    assert Playground(tmp_path).limits.max_prompt_tokens == 511     # the tiny model has 512 positions
+    assert "prompt = 'Once upon'" in snippet and "max_new_tokens=12, do_sample=True, temperature=0.7, seed=5" in snippet
 
 
 @pytest.fixture(scope="module")
