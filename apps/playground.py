@@ -151,13 +151,16 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
                                        label="sort by", elem_id="sort")
                 query = gr.Textbox(label="search features (token, label, context text or id)", elem_id="query")
                 search_btn = gr.Button("Search", elem_id="search")
-                results = gr.Dataframe(headers=["site", "feature", "label", "density", "score", "steerability"],
+                results = gr.Dataframe(headers=["site", "feature", "density", "score", "steerability", "label"],
                                        interactive=False, elem_id="results", max_height=300)
                 with gr.Row():
                     site = gr.Dropdown(sites, value=sites[0], label="site", elem_id="site")
                     feature = gr.Number(label="feature id", value=None, elem_id="feature")
                     inspect_btn = gr.Button("Inspect", elem_id="inspect")
                 details = gr.Markdown(elem_id="details")
+                neighbours = gr.Dataframe(headers=["site", "feature", "label", "weight", "edge"], interactive=False,
+                                          label="graph neighbours (click to inspect)", elem_id="neighbours",
+                                          max_height=240)
                 mode = gr.Radio(list(MODES), value="add", label="mode", info=MODE_HELP, elem_id="mode")
                 coeff = gr.Number(value=10.0, label=f"coefficient (|c| <= {MAX_COEFF:g}; add: try 0.5-2x the feature's "
                                   "max activation)", elem_id="coeff")
@@ -171,7 +174,8 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
                 prompt = gr.Textbox(label="prompt", value="Ge1:1 In the beginning", lines=2, elem_id="prompt")
                 with gr.Row():
                     preset = gr.Dropdown(presets(str(first.run)), value=None, label="presets", elem_id="preset")
-                    download = gr.DownloadButton("Download recipe", elem_id="download")
+                    download = gr.DownloadButton("Download recipe", value=render(str(first.run), [])[2],
+                                                 elem_id="download")
                 recipe_table = gr.Dataframe(headers=COLUMNS, interactive=False, label="recipe (click a row to edit "
                                             "it with the controls on the left)", elem_id="recipe")
                 recipe_json = gr.Textbox(label="recipe JSON (edit or paste, then Load)", lines=4, elem_id="recipe_json")
@@ -205,13 +209,14 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
                 s, f = pgs[r].check_feature(s, f)
             except ScSteerError as e:
                 refuse(str(e))
-                return None, f"**{e}**"
-            return [s, f], pgs[r].describe(s, f)
+                return None, f"**{e}**", []
+            return [s, f], pgs[r].describe(s, f), pgs[r].neighbour_rows(s, f)
 
         def do_select(r, evt: gr.SelectData, table):
+            """A clicked row (search results, graph neighbours) is inspected at its own site."""
             row = table.values.tolist()[evt.index[0]] if hasattr(table, "values") else table[evt.index[0]]
-            cur, text = show(r, str(row[0]), row[1])
-            return cur, text, gr.update(value=row[0]), row[1]
+            cur, text, near = show(r, str(row[0]), row[1])
+            return cur, text, near, gr.update(value=row[0]), row[1]
 
         def item_from(r, cur, m, c, p) -> dict | None:
             if cur is None:
@@ -236,8 +241,8 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
             i = evt.index[0]
             it = items[i]
             return (i, [it["site"], it["feature"]], pgs[r].describe(it["site"], it["feature"]),
-                    gr.update(value=it["site"]), it["feature"], it["mode"], it["coeff"], it["positions"],
-                    _note(items, i))
+                    pgs[r].neighbour_rows(it["site"], it["feature"]), gr.update(value=it["site"]), it["feature"],
+                    it["mode"], it["coeff"], it["positions"], _note(items, i))
 
         def do_edit(r, items, i, cur, m, c, p):
             """The controls edit the selected row in place (one source of truth: the recipe)."""
@@ -328,13 +333,14 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
         search_btn.click(do_search, [run_box, query, scope, sort], results)
         query.submit(do_search, [run_box, query, scope, sort], results)
         sort.change(do_search, [run_box, query, scope, sort], results)
-        results.select(do_select, [run_box, results], [current, details, site, feature])
-        inspect_btn.click(show, [run_box, site, feature], [current, details])
-        feature.submit(show, [run_box, site, feature], [current, details])
+        results.select(do_select, [run_box, results], [current, details, neighbours, site, feature])
+        neighbours.select(do_select, [run_box, neighbours], [current, details, neighbours, site, feature])
+        inspect_btn.click(show, [run_box, site, feature], [current, details, neighbours])
+        feature.submit(show, [run_box, site, feature], [current, details, neighbours])
         add_btn.click(do_add, [run_box, items_state, current, mode, coeff, positions],
                       [items_state, editing, editing_note, *drawn])
         recipe_table.select(do_pick_row, [run_box, items_state],
-                            [editing, current, details, site, feature, mode, coeff, positions, editing_note])
+                            [editing, current, details, neighbours, site, feature, mode, coeff, positions, editing_note])
         for ctl in (mode, coeff, positions):
             ctl.change(do_edit, [run_box, items_state, editing, current, mode, coeff, positions],
                        [items_state, editing_note, *drawn])
@@ -350,7 +356,6 @@ def build(runs: str | Path | list, *, device: str | torch.device = "cpu",
         api_out = [gr.Textbox(visible=False), gr.Textbox(visible=False)]
         api_btn = gr.Button(visible=False)
         api_btn.click(api_steer, api_in, api_out, api_name="steer")
-        demo.load(lambda r: render(r, []), [run_box], drawn)
     demo.queue(default_concurrency_limit=4)
     return demo
 

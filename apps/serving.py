@@ -166,8 +166,9 @@ class Playground:
                 "score": lambda t: -(t[2].get("explain_score") or 0.0),
                 "steerability": lambda t: -self._steer(t[1], t[2]["id"])}
         found.sort(key=keys.get(sort, keys["match"]))
-        return [[s, rec["id"], rec["label"], round(rec["density"], 5), _round(rec.get("explain_score")),
-                 _round(self._steer(s, rec["id"]) if s in self.steerability else None)] for _, s, rec in found[:limit]]
+        return [[s, rec["id"], round(rec["density"], 5), _round(rec.get("explain_score")),
+                 _round(self._steer(s, rec["id"]) if s in self.steerability else None), rec["label"]]
+                for _, s, rec in found[:limit]]
 
     def _steer(self, site: str, feature: int) -> float:
         return self.steerability.get(site, [0.0] * (feature + 1))[feature]
@@ -204,6 +205,11 @@ class Playground:
         for c in rec["contexts"][:6]:
             toks = [f"⟦{t}⟧" if i == c["max_index"] else t for i, t in enumerate(c["tokens"])]
             lines.append("- `" + _md("".join(toks)) + f"` ({c['max']:.2f})")
+        if rec.get("hist"):
+            bars = "▁▂▃▄▅▆▇█"
+            top = max(rec["hist"]) or 1
+            lines += ["", "**Activation histogram** (log scale, left to right): `" +
+                      "".join(bars[min(7, int(8 * c / top))] if c else " " for c in rec["hist"]) + "`"]
         lens = rec.get("logit_lens") or {}
         if lens:
             lines += ["", "**Logit lens**: promotes " + ", ".join(f"`{_md(t)}`" for t, _ in lens["promoted"][:8]) +
@@ -212,20 +218,30 @@ class Playground:
         return "\n".join(lines)
 
     def neighbours(self, site: str, feature: int) -> list[str]:
+        """A line saying whether the feature is in the run's graph (its edges: ``neighbour_rows``)."""
         if not self.graph:
             return ["*This run has no feature graph (sc-steer graph).*"]
         s = Site.parse(site)
         if s.kind != "resid_post":
             return [f"*{site} is not in this run's graph (it holds residual-stream features).*"]
-        nid = node_id(s.layer, feature)
-        edges = [e for e in self.graph["links"] if nid in (e["source"], e["target"])]
-        if not edges:
-            n = len(self.graph.get("nodes", []))
-            return [f"*{site} #{feature} is not in this run's graph (its {n} nodes are the features the graph "
-                    "ablated or measured).*"]
-        out = ["**Ablation-graph neighbours** (click an id to inspect it)"]
-        for e in sorted(edges, key=lambda e: -abs(e["weight"]))[:12]:
-            out.append(f"- {self._node(e['source'])} → {self._node(e['target'])}: weight {e['weight']:.3g}")
+        rows = self.neighbour_rows(site, feature)
+        if not rows:
+            return [f"*{site} #{feature} is not in this run's graph (its {len(self.graph.get('nodes', []))} nodes "
+                    "are the features the graph ablated or measured).*"]
+        return [f"**Ablation-graph neighbours**: {len(rows)} edges, in the table below (click one to inspect it)"]
+
+    def neighbour_rows(self, site: str, feature: int) -> list[list]:
+        """``[site, feature, label, weight, "source of" / "target of"]`` per graph edge of the feature."""
+        if not self.graph or Site.parse(site).kind != "resid_post":
+            return []
+        nid = node_id(Site.parse(site).layer, feature)
+        out = []
+        for e in sorted((e for e in self.graph["links"] if nid in (e["source"], e["target"])),
+                        key=lambda e: -abs(e["weight"]))[:20]:
+            other, role = (e["target"], "it feeds") if e["source"] == nid else (e["source"], "feeds it")
+            layer, f = _parse_node(other)
+            rec = self.record(f"resid_post.{layer}", f)
+            out.append([f"resid_post.{layer}", f, rec["label"] if rec else "?", round(e["weight"], 4), role])
         return out
 
     def _node(self, nid: str) -> str:

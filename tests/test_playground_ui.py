@@ -9,11 +9,11 @@ import pytest
 
 from helpers import firing_sae, launch_chromium, serve_app
 from sc_steer import open_model
-from sc_steer.interpret import interpret
+from sc_steer.cli import main
 from sc_steer.steer import Intervention, Recipe, generate
 
 pytestmark = pytest.mark.slow
-TEXT = "In the beginning God created the heaven and the earth. To be, or not to be. Exeunt all. " * 20
+TEXT = "In the beginning God created the heaven and the earth.\nTo be, or not to be.\nExeunt all.\n" * 20
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,11 @@ def served(tiny_model_dirs, tmp_path_factory):
     (run / "run.json").write_text(json.dumps({"model": str(tiny_model_dirs["llama"])}))
     (run / "t.txt").write_text(TEXT)
     lm = open_model(str(tiny_model_dirs["llama"]))
-    interpret(lm, saes, str(run / "t.txt"), run, ctx=32, top_n=10, min_count=1, neurons=False, progress=False)
+    # as users make them: the interpretation (records, browser) and the graph (layer 1 -> 2), through the CLI
+    assert main(["interpret", "--run", str(run), "--data", str(run / "t.txt"), "--max-tokens", "1500",
+                 "--min-count", "1", "--no-neurons"]) == 0
+    assert main(["graph", "--run", str(run), "--prompts", str(run / "t.txt"), "--out", str(run / "graph"),
+                 "--ctx", "32", "--max-prompts", "8", "--sources", "top:6", "--layers", "1"]) == 0
     cwd = tmp_path_factory.mktemp("uicwd")
     with serve_app(["--run", str(run)], cwd=cwd) as url:
         log = next(cwd.glob("app-*.log"))
@@ -162,3 +166,58 @@ def test_a_pasted_recipe_loads_and_a_bad_one_is_one_line(page, served):
     page.click("#load")
     toast(page, "feature id 'exit'")
     assert "Traceback" not in served["log"].read_text()
+
+
+def test_search_covers_every_site_ranked_sorted_with_a_full_dashboard_and_clickable_neighbours(page, served):
+    """Item 8: a context-text match is found at both sites; sorting by density orders the rows; the
+    dashboard has the top-token table, logit lens and histogram; graph neighbours are labelled, and a
+    click on one inspects it; a feature outside the graph says so."""
+    page.fill("#query textarea, #query input", "heaven")
+    page.click("#search")
+    page.wait_for_function("document.querySelectorAll('#results [role=row]').length > 1")
+    text = page.inner_text("#results")
+    assert "resid_post.1" in text and "resid_post.2" in text
+    page.locator("#sort input").fill("density")
+    page.locator("#sort input").press("Enter")
+    page.wait_for_timeout(1500)
+    rows = page.locator("#results [role=row]")
+    dens = [float(rows.nth(i).locator("[role=gridcell]").nth(2).inner_text()) for i in range(1, min(6, rows.count()))]
+    assert dens == sorted(dens, reverse=True)
+    graph = json.loads((served["run"] / "graph" / "graph.json").read_text())
+    src = next(e["source"] for e in graph["links"])
+    layer, feat = src.lstrip("L").split("/F")
+    inspect(page, f"resid_post.{layer}", feat)
+    page.wait_for_function("document.querySelector('#details').innerText.includes('top token')")
+    details = page.inner_text("#details")
+    assert "Logit lens" in details and "Activation histogram" in details and "Ablation-graph neighbours" in details
+    page.wait_for_function("document.querySelectorAll('#neighbours [role=row]').length > 1")
+    nb = page.locator("#neighbours [role=row]").nth(1)
+    nb_site, nb_id = (nb.locator("[role=gridcell]").nth(i).inner_text().strip() for i in (0, 1))
+    nb.locator("[role=gridcell]").nth(2).click()
+    page.wait_for_function(f"document.querySelector('#details').innerText.includes('{nb_site} #{nb_id}')")
+    in_graph = {n["id"] for n in graph["nodes"]}
+    outside = next(f for f in range(40) if f"L1/F{f}" not in in_graph)
+    inspect(page, "resid_post.1", outside)
+    page.wait_for_function("document.querySelector('#details').innerText.includes(\"not in this run's graph\")")
+
+
+def test_static_browser_pages_links_and_keeps_line_breaks_and_graph_view_reads_well(page, served):
+    """Item 9: every unit reachable (paging), the count honest, a deep link opens its unit and clicking
+    sets the link, contexts keep their line breaks; the graph view has layer headers and rounded numbers."""
+    index = (served["run"] / "browser" / "index.html").as_uri()
+    page.goto(index)
+    page.wait_for_selector("#list .item")
+    assert "showing 40 of 40 matching (40 units)" in page.inner_text("#count")
+    page.goto(index + "#resid_post.2/7")
+    page.wait_for_function("document.querySelector('#main h2') && document.querySelector('#main h2').innerText.startsWith('#7:')")
+    assert page.input_value("#set") == "sae/resid_post.2"
+    page.locator("#list .item").nth(3).click()
+    assert re.search(r"#resid_post\.2/\d+$", page.evaluate("location.hash"))
+    ctx = page.inner_text("#main .ctx")
+    assert "↵" in page.inner_html("#main") and "\n" in ctx
+    page.goto((served["run"] / "graph" / "graph.html").as_uri())
+    page.wait_for_selector("text.layer")
+    assert page.locator("text.layer").first.text_content().startswith("layer ")
+    page.locator(".node").first.click()
+    info = page.inner_text("#info")
+    assert "weight" in info and not re.search(r"\d\.\d{7,}", info)

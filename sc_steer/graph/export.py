@@ -69,6 +69,7 @@ _HTML = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</ti
 body{font-family:system-ui,sans-serif;margin:0;display:flex}#g{flex:1;overflow:auto}#info{width:320px;padding:10px;
 border-left:1px solid #ccc;font-size:13px;height:100vh;overflow:auto;box-sizing:border-box}
 .node rect{fill:#fff8e6;stroke:#999}.node text{font-size:10px;pointer-events:none}.node{cursor:pointer}
+.layer{font-size:13px;font-weight:bold;fill:#444}td,th{border:1px solid #ddd;padding:2px 5px}table{border-collapse:collapse}
 .edge{fill:none;opacity:.7}.dim{opacity:.08}.hl rect{stroke:#000;stroke-width:2}</style></head><body>
 <div id="g">__SVG__</div><div id="info"><h3>__TITLE__</h3><p>Click a feature to see its edges.
 Red: the source supports the target (ablating it lowers the target); blue: it suppresses it.</p></div>
@@ -82,31 +83,39 @@ document.querySelectorAll('.node').forEach(el => el.addEventListener('click', ()
   const near = new Set([id, ...links.map(e => e.source), ...links.map(e => e.target)]);
   document.querySelectorAll('.node').forEach(x => { x.classList.toggle('dim', !near.has(x.dataset.id)); x.classList.toggle('hl', x.dataset.id === id); });
   document.querySelectorAll('.edge').forEach(x => x.classList.toggle('dim', !(x.dataset.s === id || x.dataset.t === id)));
-  info.innerHTML = `<h3>${esc(id)}</h3><p>${esc(n.label)}<br>density ${n.density}, max ${n.max_act}</p><table>` +
-    links.map(e => `<tr><td>${esc(e.source)} → ${esc(e.target)}</td><td>${e.weight.toExponential(2)}</td><td>through ${e.through.toExponential(2)}</td></tr>`).join('') + '</table>';
+  const r = (v, d) => v == null ? '–' : Number(v).toPrecision(d);
+  info.innerHTML = `<h3>${esc(id)}</h3><p>${esc(n.label)}<br>density ${(100 * n.density).toFixed(3)}%, max activation ${r(n.max_act, 3)}</p>` +
+    '<table><tr><th>edge</th><th>weight</th><th>through the next block</th></tr>' +
+    links.map(e => `<tr><td>${esc(e.source)} → ${esc(e.target)}</td><td>${r(e.weight, 3)}</td><td>${r(e.through, 3)}</td></tr>`).join('') + '</table>';
 }));
 </script></body></html>"""
+
+
+BOX = 150   # a node's box width in the HTML view: room for "F1234: " and 22 characters of label
 
 
 def html_view(g: nx.DiGraph, title: str) -> str:
     pos = layered_positions(g)
     xs = {n: 40 + 260 * (x - min(p[0] for p in pos.values())) for n, (x, _) in pos.items()}
     ymax = max([y for _, y in pos.values()] or [0])
-    ys = {n: 30 + 34 * (ymax - y) for n, (_, y) in pos.items()}
+    ys = {n: 44 + 34 * (ymax - y) for n, (_, y) in pos.items()}
     wmax = max([abs(d["weight"]) for *_, d in g.edges(data=True)] or [1.0])
     parts = []
     for u, v, d in g.edges(data=True):
         color = "#c0392b" if d["weight"] > 0 else "#2e6fd0"
         parts.append(f'<path class="edge" data-s="{html.escape(u)}" data-t="{html.escape(v)}" '
-                     f'd="M{xs[u] + 90},{ys[u]} C{xs[u] + 170},{ys[u]} {xs[v] - 80},{ys[v]} {xs[v]},{ys[v]}" '
+                     f'd="M{xs[u] + BOX},{ys[u]} C{xs[u] + BOX + 70},{ys[u]} {xs[v] - 70},{ys[v]} {xs[v]},{ys[v]}" '
                      f'stroke="{color}" stroke-width="{0.5 + 3.5 * abs(d["weight"]) / wmax:.2f}">'
                      f'<title>{html.escape(u)} → {html.escape(v)}: weight {d["weight"]:.3g}</title></path>')
+    layers = {}
     for n, d in g.nodes(data=True):
-        label = html.escape(f"F{d['feature']}: {_short(str(d['label']), 16)}")
+        layers.setdefault(d.get("layer"), xs[n])
+        label = html.escape(f"F{d['feature']}: {_short(str(d['label']), 22)}")
         parts.append(f'<g class="node" data-id="{html.escape(n)}" transform="translate({xs[n]},{ys[n] - 11})">'
-                     f'<rect width="90" height="22" rx="4"/><text x="5" y="15">{label}</text>'
+                     f'<rect width="{BOX}" height="22" rx="4"/><text x="5" y="15">{label}</text>'
                      f'<title>{html.escape(n)}: {html.escape(str(d["label"]))}</title></g>')
-    width = max(xs.values() or [0]) + 140
+    parts += [f'<text class="layer" x="{x}" y="16">layer {layer}</text>' for layer, x in layers.items()]
+    width = max(xs.values() or [0]) + BOX + 50
     height = max(ys.values() or [0]) + 40
     svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}">{"".join(parts)}</svg>'
     data = json.dumps(nx.node_link_data(g, edges="links"), default=float).replace("</", "<\\/")

@@ -34,7 +34,7 @@ select,input{width:100%;margin:3px 0;box-sizing:border-box}
 </style></head><body>
 <div id="side"><header>
 <select id="set"></select>
-<input id="q" placeholder="search: token, label or id">
+<input id="q" placeholder="search: token, label, context text or id">
 <div id="count" style="font-size:12px;color:#666"></div>
 </header><div id="list"></div></div>
 <div id="main"><p>Choose a unit on the left.</p></div>
@@ -66,7 +66,7 @@ function show(u) {
        u.top_tokens.map(t => `<tr><td>${esc(JSON.stringify(t.token))}</td><td>${t.mean.toFixed(3)}</td><td>${t.count}</td></tr>`).join('') + '</table>';
   h += '<h3>Top contexts</h3>' + u.contexts.map(c => '<div class="ctx">' + c.tokens.map((t, i) => {
         const a = Math.max(0, c.acts[i]) / maxc, b = i === c.max_index ? 'outline:1px solid #c00;' : '';
-        return `<span class="tok" title="${c.acts[i]}" style="${b}background:rgba(255,120,0,${a.toFixed(3)})">${esc(t)}</span>`;
+        return `<span class="tok" title="${c.acts[i]}" style="${b}background:rgba(255,120,0,${a.toFixed(3)})">${esc(t).replace(/\n/g, '↵\n')}</span>`;
       }).join('') + `  <small>(${c.max.toFixed(3)})</small></div>`).join('');
   const hm = Math.max(1, ...u.hist);
   h += '<h3>Activation histogram (log10 of positive activations)</h3><div class="bars">' +
@@ -75,22 +75,57 @@ function show(u) {
        u.logit_lens.promoted.map((p, i) => `<tr><td>${esc(JSON.stringify(p[0]))} ${p[1]}</td><td>${esc(JSON.stringify(u.logit_lens.suppressed[i][0]))} ${u.logit_lens.suppressed[i][1]}</td></tr>`).join('') + '</table>';
   main.innerHTML = h;
 }
-function render() {
+// the playground's search rules: an id or an exact top token first (by its place in the list), then
+// the label, then the top contexts' text
+function rank(u, term) {
+  if (!term) return 3;
+  if (String(u.id) === term) return 0;
+  const i = u.top_tokens.findIndex(t => t.token.trim().toLowerCase() === term);
+  if (i >= 0) return 1 + i / 100;
+  if (u.label.toLowerCase().includes(term)) return 2;
+  if (u.contexts.some(c => c.tokens.join('').toLowerCase().includes(term))) return 2.5;
+  return null;
+}
+const PAGE = 200;
+let hits = [], shown = 0;
+function more() {
+  hits.slice(shown, shown + PAGE).forEach(u => {
+    const d = document.createElement('div'); d.className = 'item'; d.id = 'u' + u.id;
+    d.innerHTML = `<span class="dens">${(100*u.density).toFixed(2)}%</span>#${u.id} ${esc(u.label)}`;
+    d.onclick = () => pick(u);
+    list.insertBefore(d, document.getElementById('more'));
+  });
+  shown = Math.min(hits.length, shown + PAGE);
+  document.getElementById('count').textContent = `showing ${shown} of ${hits.length} matching (${window.SC_DATA[sel.value].length} units)`;
+  document.getElementById('more').style.display = shown < hits.length ? '' : 'none';
+}
+function pick(u) {
+  document.querySelectorAll('.item.sel').forEach(x => x.classList.remove('sel'));
+  const el = document.getElementById('u' + u.id); if (el) el.classList.add('sel');
+  history.replaceState(null, '', '#' + sel.value.replace(/^sae\//, '') + '/' + u.id);   // a link to this unit
+  show(u);
+}
+function render(then) {
   load(sel.value, data => {
     const term = q.value.trim().toLowerCase();
-    const hits = data.filter(u => !term || String(u.id) === term || u.label.toLowerCase().includes(term) ||
-                                  u.top_tokens.some(t => t.token.trim().toLowerCase() === term || t.token.toLowerCase().includes(term)));
-    document.getElementById('count').textContent = `${hits.length} of ${data.length} units`;
-    list.innerHTML = '';
-    hits.slice(0, 500).forEach(u => {
-      const d = document.createElement('div'); d.className = 'item';
-      d.innerHTML = `<span class="dens">${(100*u.density).toFixed(2)}%</span>#${u.id} ${esc(u.label)}`;
-      d.onclick = () => { document.querySelectorAll('.item.sel').forEach(x => x.classList.remove('sel')); d.classList.add('sel'); show(u); };
-      list.appendChild(d);
-    });
+    hits = data.map(u => [rank(u, term), u]).filter(x => x[0] !== null)
+               .sort((a, b) => a[0] - b[0] || b[1].density - a[1].density).map(x => x[1]);
+    shown = 0;
+    list.innerHTML = '<button id="more" style="margin:6px 8px">show more</button>';
+    document.getElementById('more').onclick = more;
+    more();
+    if (then) then(data);
   });
 }
-sel.onchange = render; q.oninput = render; render();
+function fromHash() {   // #resid_post.1/1781 (SAE features) or #resid/resid_post.1/5 (other unit sets)
+  const m = decodeURIComponent(location.hash.slice(1)).match(/^(.*)\/(\d+)$/);
+  if (!m) return render();
+  const key = SETS.some(s => s.key === m[1]) ? m[1] : 'sae/' + m[1];
+  if (!SETS.some(s => s.key === key)) return render();
+  sel.value = key;
+  render(data => { const u = data.find(x => x.id === Number(m[2])); if (u) pick(u); });
+}
+sel.onchange = () => render(); q.oninput = () => render(); window.onhashchange = fromHash; fromHash();
 </script></body></html>
 """
 

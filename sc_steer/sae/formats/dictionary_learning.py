@@ -88,11 +88,15 @@ def _tensors(dict_class: str, s: dict, where: Path) -> dict[str, torch.Tensor]:
         fold_input_bias(t)
         return t
     if dict_class == "GatedAutoEncoder":
-        W = s["encoder.weight"].float().T
-        return {"W_enc": W, "b_enc": s["gate_bias"], "W_dec": s["decoder.weight"].float().T,
+        return {"W_enc": _t(s["encoder.weight"]), "b_enc": s["gate_bias"], "W_dec": _t(s["decoder.weight"]),
                 "b_dec": s["decoder_bias"], "r_mag": s["r_mag"], "b_mag": s["mag_bias"]}
-    t = {"W_enc": s["encoder.weight"].float().T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].float().T,
+    t = {"W_enc": _t(s["encoder.weight"]), "b_enc": s["encoder.bias"], "W_dec": _t(s["decoder.weight"]),
          "b_dec": s["bias"] if dict_class == "AutoEncoder" else s["b_dec"]}
     if dict_class == "BatchTopKSAE":
         t["threshold"] = s["threshold"]
     return t
+
+
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """An ``nn.Linear`` weight as ``[in, out]`` (a tensor that is not a matrix is left for the shape check)."""
+    return w.float().T if w.dim() == 2 else w.float()
