@@ -23,7 +23,7 @@ from . import rundir, validate
 from .data import iter_batches, iter_documents, iter_rows, pad_token_id
 from .devices import check_fits, follow_model
 from .errors import ScSteerError
-from .files import atomic_write_text, make_dir
+from .files import atomic_write_text, make_dir, to_json
 from .models import LM, rewrap, unwrap
 from .sae import SAE
 
@@ -141,7 +141,7 @@ def write_results(results: dict[str, dict], out: str | Path, meta: dict | None =
     out = Path(out)
     make_dir(out)
     paths = (out / rundir.EVAL_JSON, out / rundir.EVAL_MD)
-    texts = (json.dumps({"meta": meta or {}, "sites": results}, indent=1),
+    texts = (to_json({"meta": meta or {}, "sites": results}, indent=1),
              f"# SAE evaluation\n\n{json.dumps(meta or {})}\n\n" + markdown_table(results))
     for p, t in zip(paths, texts):
         atomic_write_text(p, t)

@@ -64,6 +64,29 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
 
 
+def _finite(obj):
+    """``obj`` with every non-finite float (NaN, +-inf) as None, and numbers of numpy / torch as plain ones."""
+    import math
+
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):      # a numpy or torch scalar
+        return _finite(obj.item())
+    return obj
+
+
+def to_json(obj, **kw) -> str:
+    """Strict JSON (``json.dumps`` with ``allow_nan=False``): a missing or undefined number is ``null``,
+    never a bare ``NaN`` that JavaScript's ``JSON.parse``, jq and every strict reader reject."""
+    return json.dumps(_finite(obj), allow_nan=False, **kw)
+
+
 def parse_json(text: str, where: str, expect: type | None = dict, what: str = ""):
     """JSON text as ``expect`` (a dict unless told; None: any JSON), with one-line errors that say
     ``where`` it came from and ``what`` it should be."""

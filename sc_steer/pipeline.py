@@ -7,7 +7,6 @@ stages.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from .devices import resolve_device
 from .distributed import LOCAL, Dist, share
 from .errors import ScSteerError
 from .evaluate import evaluate_saes, write_results
-from .files import atomic_write_text, file_sha256, read_json
+from .files import atomic_write_text, file_sha256, read_json, to_json
 from .graph.run import check_options, feature_graph, source_layers
 from .interpret import interpret, write_browser, write_plots
 from .interpret.probe import labelled_texts, sparse_probe
@@ -155,7 +154,7 @@ def probe_run(run: str | Path, data: str = "demo:heldout", label: str = "source"
         counts[lab] = counts.get(lab, 0) + 1
     probes[label] = {"data": data, "field": field, "n_texts": len(items), "labels": dict(sorted(counts.items())),
                      "sets": sets}
-    atomic_write_text(path, json.dumps(probes, indent=1))
+    atomic_write_text(path, to_json(probes, indent=1))
     atomic_write_text(Path(run) / rundir.PROBE_MD, probe_markdown(probes))
     return probes[label]
 
@@ -189,5 +188,5 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
                                    where=where, prune=prune, amount=amount, rank_by=rank_by, attribute=attribute,
                                    ctx=ctx, max_prompts=max_prompts, name=name, labels=labels,
                                    provenance={"sae_sha256": hashes}, progress=progress, **options)
-    atomic_write_text(out / rundir.GRAPH_RECIPE, json.dumps({**recipe, "layers": layers}, indent=1))
+    atomic_write_text(out / rundir.GRAPH_RECIPE, to_json({**recipe, "layers": layers}, indent=1))
     return g, paths, corr

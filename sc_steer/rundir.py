@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from .errors import ScSteerError
-from .files import atomic_write_text, check_folder, make_dir, parse_json, read_json
+from .files import (
+    atomic_write_text,
+    check_folder,
+    make_dir,
+    parse_json,
+    read_json,
+    to_json,
+)
 from .models import LM, open_model
 from .sae.base import SAE
 from .sae.config import stored_config
@@ -114,7 +121,7 @@ def start_run(run: str | Path, info: dict, *, force: bool = False) -> None:
             (run / name).unlink(missing_ok=True)
         shutil.rmtree(run / SAES, ignore_errors=True)
     make_dir(run)
-    atomic_write_text(run / RUN_JSON, json.dumps(info, indent=1))
+    atomic_write_text(run / RUN_JSON, to_json(info, indent=1))
 
 
 def check_run(run: str | Path, info: dict, *, force: bool = False) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from .data import TokenBatch
 from .devices import host_buffer
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, to_json
 
 FORMAT = "sc-steer.activations/1"
 MANIFEST = "manifest.json"
@@ -34,7 +34,7 @@ def shard_prefix(manifest: dict) -> str:
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    atomic_write_text(out / manifest_name(manifest), json.dumps(manifest, indent=1))
+    atomic_write_text(out / manifest_name(manifest), to_json(manifest, indent=1))
 
 
 def shard_capacity(shard_tokens: int, shard_bytes: int, widths: dict[str, int], dtype: torch.dtype) -> int:

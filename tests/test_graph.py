@@ -1,4 +1,6 @@
 """Ablation effects layer n -> n+1 against full forwards with plain transformers hooks."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -271,3 +273,36 @@ def test_scripted_ablation_agrees_with_the_graph_measurement(setup):
         ablation_experiment(lm, {"resid_post.0": sae0}, prompts, [Ablation(0, 999)])
     with pytest.raises(ScSteerError, match="no SAE for resid_post.2"):
         ablation_experiment(lm, {"resid_post.0": sae0}, prompts, [Ablation(0, 1)], targets=[(2, 0)])
+
+
+def test_every_json_a_graph_and_its_run_hold_parses_strictly(tiny_graph_run, tmp_path):
+    """Edges without an attribution (it is computed for the strongest targets only) are null, not a
+    bare NaN that JSON.parse, jq and every strict reader reject (the repro: clamp at 3, top:24)."""
+    import json as _json
+
+    import networkx as nx
+
+    from sc_steer.pipeline import graph_run
+
+    lm, run, prompts = tiny_graph_run
+    graph_run(run, str(prompts), tmp_path / "c", lm=lm, mode="clamp", value=3.0, sources="top:24", progress=False)
+
+    def bad(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    files = [*(tmp_path / "c").rglob("*.json"), *Path(run).rglob("*.json")]
+    assert len(files) >= 3
+    for f in files:
+        _json.loads(f.read_text(), parse_constant=bad)
+    # an edge whose attribution was not computed (NaN in the graph object): null in the JSON and the HTML
+    from sc_steer.graph.export import export_graph
+
+    g = nx.DiGraph()
+    g.add_node("L0/F1", layer=0, feature=1, label="a", density=0.1, max_act=2.0)
+    g.add_node("L1/F2", layer=1, feature=2, label="b", density=float("nan"), max_act=1.0)
+    g.add_edge("L0/F1", "L1/F2", weight=0.5, through=0.25, attribution=float("nan"))
+    paths = export_graph(g, tmp_path / "nan", formats=("json", "html"))
+    link = _json.loads(paths["json"].read_text(), parse_constant=bad)["links"][0]
+    assert link["attribution"] is None and link["weight"] == 0.5
+    data = paths["html"].read_text().split("const G = ")[1].split(";\n")[0]
+    assert _json.loads(data, parse_constant=bad)["nodes"][1]["density"] is None

@@ -19,7 +19,7 @@ from .. import rundir, validate
 from ..devices import host_memory_returned, release_host_memory
 from ..errors import ScSteerError
 from ..evaluate import markdown_table
-from ..files import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json, to_json
 from ..models import open_model
 from ..pipeline import eval_run, graph_run, interpret_run, train_from_model
 from ..sae.config import config_from_dict
@@ -99,7 +99,7 @@ def demo(out: str | Path = "runs/demo", *, full: bool = False, train_tokens: int
         release_host_memory(collect=True)
         record["stages"][name] = {"settings": settings[name], "seconds": round(s.seconds, 1), "peak_rss": s.peak,
                                   "peak_exact": s.peak_exact}
-        atomic_write_text(out / DEMO_JSON, json.dumps(record, indent=1))
+        atomic_write_text(out / DEMO_JSON, to_json(record, indent=1))
         if name == "train":
             (out / rundir.CHECKPOINT).unlink(missing_ok=True)   # finished: nothing left to resume
     return record

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from ..files import atomic_write, make_dir
+from ..files import atomic_write, make_dir, to_json
 
 FORMATS = ("graphml", "gexf", "json", "dot", "svg", "png", "html")
 
@@ -118,7 +118,7 @@ def html_view(g: nx.DiGraph, title: str) -> str:
     width = max(xs.values() or [0]) + BOX + 50
     height = max(ys.values() or [0]) + 40
     svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}">{"".join(parts)}</svg>'
-    data = json.dumps(nx.node_link_data(g, edges="links"), default=float).replace("</", "<\\/")
+    data = to_json(nx.node_link_data(g, edges="links"), default=float).replace("</", "<\\/")
     return _HTML.replace("__SVG__", svg).replace("__DATA__", data).replace("__TITLE__", html.escape(title))
 
 
@@ -135,7 +135,7 @@ def export_graph(g: nx.DiGraph, out: str | Path, name: str = "graph", formats: t
         elif fmt == "gexf":
             atomic_write(path, lambda p: nx.write_gexf(g, p))
         elif fmt == "json":
-            atomic_write(path, lambda p: p.write_text(json.dumps(nx.node_link_data(g, edges="links"), indent=1)))
+            atomic_write(path, lambda p: p.write_text(to_json(nx.node_link_data(g, edges="links"), indent=1)))
         elif fmt == "dot":
             atomic_write(path, lambda p: nx.nx_pydot.write_dot(_quoted(g), p))
         elif fmt in ("svg", "png"):
@@ -149,7 +149,7 @@ def export_graph(g: nx.DiGraph, out: str | Path, name: str = "graph", formats: t
 def _quoted(g: nx.DiGraph) -> nx.DiGraph:
     """DOT needs ids and string values quoted (ids contain '/')."""
     h = nx.DiGraph()
-    q = lambda s: json.dumps(str(s))  # noqa: E731
+    q = lambda s: json.dumps(str(s))
     for k, v in g.graph.items():
         h.graph[k] = q(v)
     for n, d in g.nodes(data=True):
@@ -162,7 +162,7 @@ def _quoted(g: nx.DiGraph) -> nx.DiGraph:
 def read_dot(path: str | Path) -> nx.DiGraph:
     """Load a DOT export back (ids and string attributes unquoted; numbers parsed)."""
     raw = nx.DiGraph(nx.nx_pydot.read_dot(str(path)))
-    un = lambda s: json.loads(s) if isinstance(s, str) and s.startswith('"') else s  # noqa: E731
+    un = lambda s: json.loads(s) if isinstance(s, str) and s.startswith('"') else s
 
     def val(v):
         if isinstance(v, str) and v.startswith('"'):

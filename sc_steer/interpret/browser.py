@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .. import rundir
-from ..files import atomic_write, atomic_write_text, make_dir
+from ..files import atomic_write, atomic_write_text, make_dir, to_json
 from .explain import HEADLINE_K, K_VALUES
 from .report import KIND_TITLES
 
@@ -143,7 +143,7 @@ def write_browser(out: str | Path, summary: dict) -> Path:
     for key, info in summary["sets"].items():
         records = rundir.read_records(out, info["site"], info["kind"])
         script = f"data/{_safe(key)}.js"
-        payload = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")
+        payload = to_json(records, separators=(",", ":")).replace("</", "<\\/")
         atomic_write_text(out / rundir.BROWSER / script,
                           f"window.SC_DATA = window.SC_DATA || {{}}; window.SC_DATA[{json.dumps(key)}] = {payload};\n")
         sim = info["explain"]["tokens"][str(HEADLINE_K)]

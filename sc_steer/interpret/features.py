@@ -12,7 +12,6 @@ against is known when it arrives.
 """
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ from ..activations import kept, run_sites, text_rows
 from ..data import Row, collate, iter_documents, iter_rows, pad_token_id
 from ..devices import check_fits, follow_model, release_host_memory
 from ..errors import ScSteerError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, to_json
 from ..models import LM
 from ..sae import SAE
 from ..sites import Site
@@ -143,7 +142,7 @@ def interpret(lm: LM, saes: dict[str, SAE], data: str, out: str | Path, *, max_t
     bar.close()
     summary["sets"] = {us.key: summary["sets"][us.key] for us in sets}   # the order of unit_sets
     summary["hist_edges_log10"] = HIST_EDGES.tolist()
-    atomic_write_text(out / rundir.INTERPRET_JSON, json.dumps(summary, indent=1))
+    atomic_write_text(out / rundir.INTERPRET_JSON, to_json(summary, indent=1))
     atomic_write_text(out / rundir.INTERPRET_MD, summary_markdown(summary))
     return summary
 
@@ -189,7 +188,7 @@ def _read(lm: LM, group: list[UnitSet], rows: list[Row], halves: list, pair_keys
 def _write_set(out: Path, us: UnitSet, recs: list[dict], rng: random.Random, sample: int) -> dict:
     """A unit set's JSONL records and sampled Markdown table; returns its summary entry."""
     path = rundir.records_path(out, str(us.site), us.kind)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    atomic_write_text(path, "".join(to_json(r) + "\n" for r in recs))
     live = [r for r in recs if r["density"] > 0]
     picked = sorted(rng.sample(live, min(sample, len(live))), key=lambda r: r["id"])
     atomic_write_text(path.with_suffix(".md"), markdown_table(us.kind, us.site, picked))

@@ -9,7 +9,6 @@ activations: the normalisation used while training is folded into the weights (s
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ScSteerError
-from ..files import atomic_write, atomic_write_text, make_dir
+from ..files import atomic_write, atomic_write_text, make_dir, to_json
 from .batch import WHOLE, WholeBatch
 
 ARCHITECTURES: dict[str, type[SAE]] = {}
@@ -261,7 +260,7 @@ class SAE(nn.Module):
         atomic_write(path / WEIGHTS_FILE, lambda p: save_file(self.state_for_saving(), str(p)))
         if log_firing_freq is not None:
             atomic_write(path / SPARSITY_FILE, lambda p: save_file({"sparsity": log_firing_freq.float().cpu()}, str(p)))
-        atomic_write_text(path / CFG_FILE, json.dumps(self.saelens_cfg(), indent=1))
+        atomic_write_text(path / CFG_FILE, to_json(self.saelens_cfg(), indent=1))
         return path
 
     def extra_repr(self) -> str:

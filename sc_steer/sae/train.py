@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import shutil
@@ -36,15 +35,21 @@ from tqdm import tqdm
 from ..devices import host_memory_returned, resolve_device
 from ..distributed import LOCAL, Dist, row_range, share, wait_for_ranks
 from ..errors import ScSteerError
-from ..files import atomic_write_text, make_dir
+from ..files import atomic_write_text, make_dir, to_json
 from ..rundir import CURVES, SAES, TRAIN_LOG
 from .base import ARCHITECTURES, SAE, SAEConfig, StepInputs, make_sae
 from .batch import WHOLE, ShardedBatch
 from .config import SAETrainConfig, TrainConfig
+from .optim import clip_gradients, lr_factor, make_optimizer
 from .resample import duplicates, resample
 from .sources import BatchSource, tensor_source
-from .optim import clip_gradients, lr_factor, make_optimizer
-from .state import SiteState, checkpoint_name, load_checkpoint, record_firing, save_checkpoint
+from .state import (
+    SiteState,
+    checkpoint_name,
+    load_checkpoint,
+    record_firing,
+    save_checkpoint,
+)
 from .trainlog import merge_logs, plot_training_curves, rank_log_name, trim_log
 
 
@@ -271,8 +276,7 @@ class Trainer:
                             or self.step % self.cfg.checkpoint_every == 0 or stop):
                         stats = self._read_stats(stats)
                     if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                        for site, s in stats.items():
-                            log.write(json.dumps({"step": self.step, "site": site, **s}) + "\n")
+                        log.writelines(to_json({"step": self.step, "site": site, **s}) + "\n" for site, s in stats.items())
                         log.flush()
                         mean = {k: sum(s[k] for s in stats.values()) / len(stats) for k in ("loss", "l0", "fvu")}
                         bar.set_postfix(loss=f"{mean['loss']:.4f}", L0=f"{mean['l0']:.1f}", FVU=f"{mean['fvu']:.3f}")

@@ -2,13 +2,12 @@
 and where the results go."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from .. import rundir
 from ..errors import ScSteerError
-from ..files import atomic_write_text, make_dir
+from ..files import atomic_write_text, make_dir, to_json
 from ..models import LM
 from .compare import neutral_prompts, read_prompts, steer_eval
 from .recipe import Recipe
@@ -115,7 +114,7 @@ def steer_eval_run(run: str | Path, features: list[tuple[str, int]], prompts: li
             "spearman_H": spearman(xs, [add[f]["H"] for f in names]),
             "spearman_gain": spearman(xs, [sum(gain[f]) / len(gain[f]) for f in names])}
     out = make_dir(out, "--out")
-    atomic_write_text(out / STEER_EVAL_JSON, json.dumps(result, indent=1, default=float))
+    atomic_write_text(out / STEER_EVAL_JSON, to_json(result, indent=1, default=float))
     atomic_write_text(out / STEER_EVAL_MD, markdown(result, labels))
     plot(result, out / STEER_EVAL_PNG)
     return result

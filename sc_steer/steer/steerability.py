@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import rundir
 from ..devices import follow_model
 from ..errors import ScSteerError
-from ..files import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json, to_json
 from ..interpret.lens import lens_topk
 from ..models import LM
 from ..sae import SAE
@@ -97,11 +97,10 @@ def steerability_path(run: str | Path, site: str) -> Path:
 
 
 def write_steerability(run: str | Path, result: dict) -> Path:
-    import json
 
     path = steerability_path(run, result["site"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, json.dumps(result))
+    return atomic_write_text(path, to_json(result))
 
 
 def read_steerability(run: str | Path, site: str) -> dict | None:
