@@ -10,35 +10,43 @@ Also: a bf16 model with fp32 SAEs (the SAE computes in fp32, the model gets its 
 and the one-line errors for devices and dtypes this machine does not have.
 """
 import copy
-import inspect
 import importlib
+import inspect
 import json
 import pkgutil
 import subprocess
 
 import pytest
 import torch
+from helpers import firing_sae, sc_steer_exe
 
 import sc_steer
 from sc_steer import ScSteerError, open_model
 from sc_steer.cli import main
 from sc_steer.data import iter_batches, iter_rows, pad_token_id
 from sc_steer.devices import follow_model, resolve_device, resolve_dtype
+from sc_steer.evaluate import evaluate_saes
 from sc_steer.graph.attribution import attribution
 from sc_steer.graph.experiments import Ablation, ablation_experiment
+from sc_steer.graph.faithfulness import circuit_scores
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
 from sc_steer.graph.run import choose_sources, feature_graph
-from sc_steer.interpret.probe import sparse_probe, unit_means
 from sc_steer.interpret import interpret
-from sc_steer.evaluate import evaluate_saes
-from sc_steer.steer import Intervention, Recipe, decompose, generate, generate_ids, measure_effects
+from sc_steer.interpret.probe import sparse_probe, unit_means
+from sc_steer.steer import (
+    Intervention,
+    Recipe,
+    decompose,
+    generate,
+    generate_ids,
+    measure_effects,
+)
 from sc_steer.steer.compare import steer_eval
 from sc_steer.steer.generate import generate_batch, left_pad
 from sc_steer.steer.methods import feature_facts
 from sc_steer.steer.scores import Concept, score_continuations
 from sc_steer.steer.steerability import output_scores
-from helpers import firing_sae, sc_steer_exe
 
 TEXT = "In the beginning God created the heaven and the earth. To be, or not to be: 1 2 3 4 5. " * 6
 PROMPTS = ["In the beginning God created", "To be, or not to be: that is"]
@@ -123,6 +131,7 @@ def _calls(lm, text, batches, tmp_path, saes):
                                                progress=False),
         "decompose": lambda s: decompose(torch.randn(32, generator=torch.Generator().manual_seed(1)),
                                          s["resid_post.1"]),
+        "circuit_scores": lambda s: circuit_scores(lm, s, batches, {0: [1, 2], 1: [3, 4]}),
         "generate_batch": lambda s: generate_batch(lm, left_pad(lm, rows), rec, s, max_new_tokens=5)[0],
         "score_continuations": lambda s: score_continuations(
             lm, s, Concept.of_feature(lm, s, "resid_post.1", 3), rows, cont, items=rec.interventions),
@@ -165,7 +174,7 @@ def test_every_function_taking_a_model_and_saes_moves_them_to_the_model(setup, e
 # functions with a model and an SAE argument that never compute with both: shape checks, or directions
 # taken to the CPU for the logit lens
 EXEMPT = {"check_pair", "check_sae_fits", "_check", "unit_sets", "unit_directions", "unit_records", "follow_model",
-          "_one", "teacher_forced"}  # only called by measure_effects and the steering scores, which move the SAEs first
+          "_one", "teacher_forced", "_metric_values"}  # only called by functions that move the SAEs first
 
 
 def test_the_contract_test_covers_every_such_function(setup, tmp_path):

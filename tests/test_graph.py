@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import firing_sae
 
 from sc_steer import ScSteerError, open_model
 from sc_steer.data import iter_batches, iter_rows, pad_token_id
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
 from sc_steer.sae import SAEConfig, make_sae
-from helpers import firing_sae
 
 
 def random_sae(arch, d_in, d_sae, seed, k=None):
@@ -306,3 +306,69 @@ def test_every_json_a_graph_and_its_run_hold_parses_strictly(tiny_graph_run, tmp
     assert link["attribution"] is None and link["weight"] == 0.5
     data = paths["html"].read_text().split("const G = ")[1].split(";\n")[0]
     assert _json.loads(data, parse_constant=bad)["nodes"][1]["density"] is None
+
+
+def _reference_metric(lm, saes, batches, ablate, own=None):
+    """Plain forward hooks on each block: h -= (f * mask) W_dec at text positions, f by the SAE formula
+    (ReLU, or ReLU of the k largest), then the mean log-prob of the clean model's own next tokens."""
+    total, count, tokens = 0.0, 0, []
+    for bi, b in enumerate(batches):
+        handles = []
+        for n, mask in ablate.items():
+            sae = saes[f"resid_post.{n}"]
+
+            def hook(_m, _i, out, sae=sae, mask=mask, keep=b.keep):
+                h = out[0] if isinstance(out, tuple) else out
+                pre = (h - sae.b_dec) @ sae.W_enc + sae.b_enc
+                if sae.cfg.k:
+                    kth = pre.topk(sae.cfg.k, dim=-1).values[..., -1:]
+                    f = torch.where(pre >= kth, pre.clamp_min(0), torch.zeros_like(pre))
+                else:
+                    f = pre.clamp_min(0)
+                h = h - ((f * mask) @ sae.W_dec) * keep[..., None]
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+            handles.append(lm.hf.model.layers[n].register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                logits = lm.hf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        finally:
+            for h in handles:
+                h.remove()
+        t = logits.argmax(-1) if own is None else own[bi]
+        tokens.append(t)
+        lp = torch.log_softmax(logits, -1).gather(-1, t[..., None])[..., 0]
+        total += float(lp[b.keep].sum())
+        count += int(b.keep.sum())
+    return total / count, tokens
+
+
+def test_faithfulness_and_completeness_equal_a_plain_hook_computation(tiny_graph_run, tmp_path):
+    from sc_steer.graph.faithfulness import circuit_features, circuit_scores
+    from sc_steer.graph.run import prompt_batches
+    from sc_steer.pipeline import graph_run
+    from sc_steer.rundir import load_run_saes
+
+    lm, run, prompts = tiny_graph_run
+    g, _, _ = graph_run(run, str(prompts), tmp_path / "f", lm=lm, prune="top_k", amount=2, formats=("json",),
+                        progress=False)
+    saes = load_run_saes(run)
+    batches, _ = prompt_batches(lm, str(prompts), ctx=64)
+    feats = circuit_features(g)
+    got = circuit_scores(lm, saes, batches, feats)
+    masks = {}
+    for n, ids in feats.items():
+        m = torch.zeros(40)
+        m[ids] = 1.0
+        masks[n] = m
+    full, own = _reference_metric(lm, saes, batches, {n: 0 * m for n, m in masks.items()})
+    none, _ = _reference_metric(lm, saes, batches, {n: torch.ones(40) for n in masks}, own)
+    only, _ = _reference_metric(lm, saes, batches, {n: 1 - m for n, m in masks.items()}, own)
+    without, _ = _reference_metric(lm, saes, batches, masks, own)
+    for k, want in (("full", full), ("none", none), ("circuit_only", only), ("circuit_ablated", without)):
+        assert got[k] == pytest.approx(want, rel=1e-5, abs=1e-5), k
+    assert got["faithfulness"] == pytest.approx((only - none) / (full - none), rel=1e-4)
+    assert got["completeness"] == pytest.approx((full - without) / (full - none), rel=1e-4)
+    assert abs(full - none) > 1e-3                       # ablating the features matters on this model
+    every = circuit_scores(lm, saes, batches, {n: list(range(40)) for n in feats})
+    assert every["faithfulness"] == pytest.approx(1.0) and every["completeness"] == pytest.approx(1.0)
+    assert g.graph["faithfulness"] == pytest.approx(got["faithfulness"], rel=1e-6)

@@ -18,7 +18,13 @@ from ..data import TokenBatch
 from ..devices import follow_model
 from ..models import LM
 from ..sae import SAE
-from .measure import ablation_scale, capture_block_inputs, check_mode, run_block, source_means
+from .measure import (
+    ablation_scale,
+    capture_block_inputs,
+    check_mode,
+    run_block,
+    source_means,
+)
 
 
 def attribution(lm: LM, layer: int, sae_n: SAE, sae_next: SAE, batches: list[TokenBatch],

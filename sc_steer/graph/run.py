@@ -19,6 +19,7 @@ from ..sae import SAE
 from .attribution import attribution, pearson
 from .build import build_graph
 from .export import FORMATS, export_graph
+from .faithfulness import circuit_features, circuit_scores
 from .measure import PairEffects, measure_pair, source_means
 
 
@@ -123,6 +124,12 @@ def feature_graph(lm: LM, saes: dict[str, SAE], prompts: str, out: str | Path, *
                   "attribution_pearson": corr, "seconds_per_layer": timings}
     g = build_graph(pairs, prune=prune, amount=amount, rank_by=rank_by, nodes=labels, provenance=provenance,
                     attribution=attrs or None)
+    if g.number_of_nodes():   # how much of the model's next-token behaviour the graph's features carry
+        sc = circuit_scores(lm, saes, batches, circuit_features(g))
+        g.graph.update(faithfulness=sc["faithfulness"], completeness=sc["completeness"])
+        if progress:
+            print(f"faithfulness {sc['faithfulness']:.3f}, completeness {sc['completeness']:.3f} "
+                  f"({sc['n_features']} features; metric: log-prob of the model's own next token)")
     paths = export_graph(g, out, name, formats, title=f"{lm.name}: feature graph, layers {layers[0]}-{layers[-1] + 1}")
     return g, paths, corr
 
