@@ -372,3 +372,36 @@ def test_faithfulness_and_completeness_equal_a_plain_hook_computation(tiny_graph
     every = circuit_scores(lm, saes, batches, {n: list(range(40)) for n in feats})
     assert every["faithfulness"] == pytest.approx(1.0) and every["completeness"] == pytest.approx(1.0)
     assert g.graph["faithfulness"] == pytest.approx(got["faithfulness"], rel=1e-6)
+
+
+def test_the_frontend_layout_has_every_field_with_its_type_and_reads_back(tiny_graph_run, tmp_path):
+    """The attribution-graph frontend's JSON (circuit-tracer's viewer, Neuronpedia): field by field."""
+    import json as _json
+
+    from sc_steer.graph.frontend import read_frontend
+    from sc_steer.pipeline import graph_run
+
+    lm, run, prompts = tiny_graph_run
+    g, paths, _ = graph_run(run, str(prompts), tmp_path / "fe", lm=lm, prune="top_k", amount=2, progress=False)
+    data = _json.loads(paths["frontend"].read_text())
+    meta = data["metadata"]
+    want_meta = {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str,
+                 "schema_version": int}
+    assert all(isinstance(meta[k], t) for k, t in want_meta.items()) and "node_threshold" in meta
+    assert set(data["qParams"]) == {"pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"}
+    types = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str, "token_prob": float,
+             "is_target_logit": bool, "jsNodeId": str, "clerp": str, "influence": float, "activation": float}
+    assert len(data["nodes"]) == g.number_of_nodes() and len(data["links"]) == g.number_of_edges()
+    for n in data["nodes"]:
+        assert all(isinstance(n[k], t) for k, t in types.items()), n
+        assert n["node_id"] == f"{n['layer']}_{n['feature']}_{n['ctx_idx']}"
+    ids = {n["node_id"] for n in data["nodes"]}
+    for e in data["links"]:
+        assert e["source"] in ids and e["target"] in ids and isinstance(e["weight"], float)
+    index = _json.loads((tmp_path / "fe" / "graph-metadata.json").read_text())
+    assert [x["slug"] for x in index["graphs"]] == ["graph-frontend"]
+    back = read_frontend(paths["frontend"])
+    assert back.number_of_nodes() == g.number_of_nodes() and back.number_of_edges() == g.number_of_edges()
+    u, v, d = next(iter(g.edges(data=True)))
+    fu, fv = (f"{g.nodes[x]['layer']}_{g.nodes[x]['feature']}_0" for x in (u, v))
+    assert back.edges[fu, fv]["weight"] == pytest.approx(d["weight"]) and back.nodes[fu]["label"] == g.nodes[u]["label"]

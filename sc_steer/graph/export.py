@@ -10,7 +10,7 @@ import networkx as nx
 
 from ..files import atomic_write, make_dir, to_json
 
-FORMATS = ("graphml", "gexf", "json", "dot", "svg", "png", "html")
+FORMATS = ("graphml", "gexf", "json", "dot", "svg", "png", "html", "frontend")
 
 
 def layered_positions(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
@@ -124,7 +124,8 @@ def html_view(g: nx.DiGraph, title: str) -> str:
 
 def export_graph(g: nx.DiGraph, out: str | Path, name: str = "graph", formats: tuple[str, ...] = FORMATS,
                  title: str = "") -> dict[str, Path]:
-    """Write ``out/name.{graphml,gexf,json,dot,svg,png,html}``; returns the paths by format."""
+    """Write ``out/name.{graphml,gexf,json,dot,svg,png,html}`` and ``out/name-frontend.json`` (+ its
+    ``graph-metadata.json``); returns the paths by format."""
     out = Path(out)
     make_dir(out)
     paths = {}
@@ -142,6 +143,10 @@ def export_graph(g: nx.DiGraph, out: str | Path, name: str = "graph", formats: t
             draw(g, path, title)
         elif fmt == "html":
             atomic_write(path, lambda p: p.write_text(html_view(g, title or name)))
+        elif fmt == "frontend":   # the attribution-graph frontend's layout, beside its graph-metadata.json
+            from .frontend import write_frontend
+
+            path = write_frontend(g, out, f"{name}-frontend", str(g.graph.get("model", "")), title or name)
         paths[fmt] = path
     return paths
 
