@@ -28,7 +28,7 @@ from sc_steer.devices import follow_model, resolve_device, resolve_dtype
 from sc_steer.evaluate import evaluate_saes
 from sc_steer.graph.attribution import attribution
 from sc_steer.graph.experiments import Ablation, ablation_experiment
-from sc_steer.graph.faithfulness import circuit_scores
+from sc_steer.graph.faithfulness import circuit_scores, faithfulness_curve
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
 from sc_steer.graph.run import choose_sources, feature_graph
@@ -132,6 +132,7 @@ def _calls(lm, text, batches, tmp_path, saes):
         "decompose": lambda s: decompose(torch.randn(32, generator=torch.Generator().manual_seed(1)),
                                          s["resid_post.1"]),
         "circuit_scores": lambda s: circuit_scores(lm, s, batches, {0: [1, 2], 1: [3, 4]}),
+        "faithfulness_curve": lambda s: faithfulness_curve(lm, s, batches, {1.0: _two_node_graph()}),
         "generate_batch": lambda s: generate_batch(lm, left_pad(lm, rows), rec, s, max_new_tokens=5)[0],
         "score_continuations": lambda s: score_continuations(
             lm, s, Concept.of_feature(lm, s, "resid_post.1", 3), rows, cont, items=rec.interventions),
@@ -143,6 +144,16 @@ def _calls(lm, text, batches, tmp_path, saes):
                                            max_new_tokens=3, seeds=(), vector_data=text, vector_tokens=400,
                                            progress=False)["table"],
     }
+
+
+def _two_node_graph():
+    import networkx as nx
+
+    g = nx.DiGraph()
+    g.add_node("L0/F1", layer=0, feature=1)
+    g.add_node("L1/F3", layer=1, feature=3)
+    g.add_edge("L0/F1", "L1/F3", weight=0.5)
+    return g
 
 
 def _same(a, b):

@@ -405,3 +405,24 @@ def test_the_frontend_layout_has_every_field_with_its_type_and_reads_back(tiny_g
     u, v, d = next(iter(g.edges(data=True)))
     fu, fv = (f"{g.nodes[x]['layer']}_{g.nodes[x]['feature']}_0" for x in (u, v))
     assert back.edges[fu, fv]["weight"] == pytest.approx(d["weight"]) and back.nodes[fu]["label"] == g.nodes[u]["label"]
+
+
+def test_the_faithfulness_curve_is_the_same_measurement_pruned_at_each_amount(tiny_graph_run, tmp_path):
+    import json as _json
+
+    from sc_steer.cli import main
+
+    lm, run, prompts = tiny_graph_run
+    out = tmp_path / "curve"
+    assert main(["graph", "--run", str(run), "--prompts", str(prompts), "--out", str(out), "--amount", "2",
+                 "--curve", "1,2,5", "--no-attribution"]) == 0
+    g = _json.loads((out / "graph.json").read_text())["graph"]
+    curve = _json.loads(g["faithfulness_curve"])
+    assert [c["amount"] for c in curve] == [1.0, 2.0, 5.0]
+    at2 = next(c for c in curve if c["amount"] == 2.0)
+    assert at2["faithfulness"] == pytest.approx(g["faithfulness"], rel=1e-9)
+    assert [c["features"] for c in curve] == sorted(c["features"] for c in curve)     # more kept, more features
+    assert [c["edges"] for c in curve] == sorted(c["edges"] for c in curve)
+    assert (out / "faithfulness.png").stat().st_size > 5000
+    assert main(["graph", "--run", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "bad"),
+                 "--curve", "1,nan"]) == 2

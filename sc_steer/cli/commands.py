@@ -127,10 +127,14 @@ def cmd_graph(args) -> None:
         except ValueError:
             raise ScSteerError(f"--sources {args.sources!r}: expected active, top:N, attr:N or feature ids "
                                "like 3,17,42") from None
+    curve = tuple(_numbers("--curve", args.curve)) if args.curve else ()
+    for a in curve:
+        validate.number("--curve amount", a, 0, lo_open=True)
     g, paths, corr = graph_run(args.run, args.prompts, args.out, lm=lm, layers=layers, sources=sources,
                                mode=args.mode, value=args.value, where=args.where, prune=args.prune,
                                amount=args.amount, rank_by=args.rank_by, attribute=not args.no_attribution,
-                               ctx=args.ctx, max_prompts=args.max_prompts, name=args.name, force=args.force)
+                               ctx=args.ctx, max_prompts=args.max_prompts, name=args.name, force=args.force,
+                               curve=curve)
     print(f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges; attribution vs exact (Pearson): "
           + ", ".join(f"{k} {v:.3f}" for k, v in corr.items()))
     print("-> " + ", ".join(str(p) for p in paths.values()))

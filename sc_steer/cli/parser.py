@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amount", type=float, default=5, help="k for top_k; a fraction for relative/cumulative")
     p.add_argument("--rank-by", default="weight", choices=RANK_BY)
     p.add_argument("--no-attribution", action="store_true")
+    p.add_argument("--curve", help="also score the graph pruned at these amounts (comma-separated, e.g. 1,2,5,10): "
+                   "faithfulness.png, faithfulness and completeness against the edges kept")
     p.add_argument("--force", action="store_true", help="replace another graph in --out")
     p.set_defaults(func=cmd_graph)
 

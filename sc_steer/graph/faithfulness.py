@@ -97,3 +97,43 @@ def circuit_scores(lm: LM, saes: dict[str, SAE], batches: list[TokenBatch], feat
             "faithfulness": (only - empty) / span if span else float("nan"),
             "completeness": (full - without) / span if span else float("nan"),
             "n_features": sum(len(v) for v in features.values())}
+
+
+def faithfulness_curve(lm: LM, saes: dict[str, SAE], batches: list[TokenBatch], graphs: dict[float, nx.DiGraph],
+                       metric="next_token") -> list[dict]:
+    """``circuit_scores`` of the same measurement pruned at several amounts (``graphs``: amount -> graph),
+    with each graph's size: how many features and edges it takes to explain how much."""
+    out = []
+    for amount, g in sorted(graphs.items()):
+        if not g.number_of_nodes():
+            continue
+        sc = circuit_scores(lm, saes, batches, circuit_features(g), metric)
+        out.append({"amount": amount, "edges": g.number_of_edges(), "features": sc["n_features"],
+                    "faithfulness": sc["faithfulness"], "completeness": sc["completeness"]})
+    return out
+
+
+def plot_curve(curve: list[dict], path, prune: str) -> None:
+    """Faithfulness and completeness against the number of edges kept (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..files import atomic_write
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    edges = [c["edges"] for c in curve]
+    ax.plot(edges, [c["faithfulness"] for c in curve], "-o", label="faithfulness")
+    ax.plot(edges, [c["completeness"] for c in curve], "-s", label="completeness")
+    for c in curve:
+        ax.annotate(f"{prune} {c['amount']:g}", (c["edges"], c["faithfulness"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("edges kept")
+    ax.set_ylabel("share of next-token log-prob")
+    ax.set_ylim(min(0.0, *(c[k] for c in curve for k in ("faithfulness", "completeness"))) - 0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)

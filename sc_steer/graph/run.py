@@ -13,13 +13,18 @@ from safetensors.torch import save_file
 from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
-from ..files import atomic_write
+from ..files import atomic_write, make_dir, to_json
 from ..models import LM
 from ..sae import SAE
 from .attribution import attribution, pearson
 from .build import build_graph
 from .export import FORMATS, export_graph
-from .faithfulness import circuit_features, circuit_scores
+from .faithfulness import (
+    circuit_features,
+    circuit_scores,
+    faithfulness_curve,
+    plot_curve,
+)
 from .measure import PairEffects, measure_pair, source_means
 
 
@@ -78,11 +83,13 @@ def feature_graph(lm: LM, saes: dict[str, SAE], prompts: str, out: str | Path, *
                   where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
                   attribute: bool = True, ctx: int = 64, max_prompts: int = 64, chunk: int = 16,
                   formats: tuple[str, ...] = FORMATS, name: str = "graph", labels: dict[int, list[dict] | None] = None,
-                  provenance: dict | None = None, progress: bool = True):
+                  provenance: dict | None = None, progress: bool = True, curve: tuple[float, ...] = ()):
     """Measure, prune and export the feature graph of ``saes`` (``resid_post.{n}`` for each source layer n
     and n + 1) into ``out``: the exports and ``effects_L{n}.safetensors``. ``labels[n]`` are layer n's
-    interpretation records, ``provenance`` goes into the graph's attributes. Returns the graph, the export
-    paths and the attribution-vs-exact Pearson correlation per layer."""
+    interpretation records, ``provenance`` goes into the graph's attributes; ``curve`` (pruning amounts)
+    adds ``faithfulness.png`` and the graph attribute ``faithfulness_curve``: the circuit scores of the
+    same measurement pruned at each amount. Returns the graph, the export paths and the
+    attribution-vs-exact Pearson correlation per layer."""
     layers = source_layers(lm, layers)
     for s, sae in saes.items():
         if sae.cfg.model_name and sae.cfg.model_name != lm.name:
@@ -130,6 +137,11 @@ def feature_graph(lm: LM, saes: dict[str, SAE], prompts: str, out: str | Path, *
         if progress:
             print(f"faithfulness {sc['faithfulness']:.3f}, completeness {sc['completeness']:.3f} "
                   f"({sc['n_features']} features; metric: log-prob of the model's own next token)")
+    if curve:
+        graphs = {float(a): build_graph(pairs, prune=prune, amount=float(a), rank_by=rank_by) for a in curve}
+        points = faithfulness_curve(lm, saes, batches, graphs)
+        g.graph["faithfulness_curve"] = to_json(points)
+        plot_curve(points, make_dir(out) / "faithfulness.png", prune)
     paths = export_graph(g, out, name, formats, title=f"{lm.name}: feature graph, layers {layers[0]}-{layers[-1] + 1}")
     return g, paths, corr
 
