@@ -256,9 +256,7 @@ class Playground:
 
         if not prompt:
             return []
-        if site not in self.saes:
-            raise ScSteerError(f"site {site!r}: this run has SAEs for {', '.join(self.saes)}")
-        feature = validate.integer("feature id", as_int("feature id", feature), 0, self.saes[site].cfg.d_sae - 1)
+        site, feature = self.check_feature(site, feature)
         self.check_request(prompt, None, 1, False, 1.0, 0)
         with self.lock, torch.no_grad():
             ids = self.lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.lm.device)
@@ -291,16 +289,14 @@ class Playground:
                features: list[tuple[str, int]]) -> dict:
         """The judge-free steering scores (``sc_steer.steer.scores``) of one continuation: fluency and KL,
         and each feature's concept score."""
-        from sc_steer.steer.scores import Concept, score_continuations
+        from sc_steer.steer.scores import Concept, score_concepts
 
-        rows = [prompt_ids.tolist()]
+        concepts = [Concept.of_feature(self.lm, self.saes, s, f) for s, f in features]
         with self.lock, torch.no_grad():
-            out = {}
-            for s, f in features:
-                sc = score_continuations(self.lm, self.saes, Concept.of_feature(self.lm, self.saes, s, f), rows,
-                                         cont[None], items=recipe.interventions if recipe else [])[0]
-                out.setdefault("fluency", {k: sc[k] for k in ("logprob", "rep2", "rep3", "kl", "n_tokens")})
-                out[f"{s}:{f}"] = sc["concept"]
+            per_concept = score_concepts(self.lm, self.saes, concepts, [prompt_ids.tolist()], cont[None],
+                                         items=recipe.interventions if recipe else [])
+        out = {"fluency": {k: per_concept[0][0][k] for k in ("logprob", "rep2", "rep3", "kl", "n_tokens")}}
+        out.update({f"{s}:{f}": sc[0]["concept"] for (s, f), sc in zip(features, per_concept)})
         return out
 
     def check_request(self, prompt, recipe: Recipe | None, max_new_tokens, sample, temperature, seed) -> dict:

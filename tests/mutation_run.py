@@ -63,7 +63,7 @@ MUTANTS = [
      "edit_hidden(h, by_site[site], saes, masks, None)", STEER),
     ("models.py", '                if site.kind == "mlp_act":', '                if site.kind == "mlp_out":', STEER),
     ("steer/scores.py", "torch.logsumexp(lp_u[:, 1:, concept", "torch.logsumexp(lp_u[:, :-1, concept", STEER_EVAL),
-    ("steer/scores.py", "c = concept.read(h_u[:, -N:], saes)", "c = concept.read(h_u[:, -N - 1:-1], saes)", STEER_EVAL),
+    ("steer/scores.py", "c = concept.read(h[:, -N:], saes)", "c = concept.read(h[:, -N - 1:-1], saes)", STEER_EVAL),
     ("steer/scores.py", "token_lp = lp_u[:, :-1].gather", "token_lp = lp_u[:, 1:].gather", STEER_EVAL),
     ("steer/scores.py", "kl = (lp_s.exp() * (lp_s - lp_u[:, :-1])).sum(-1)",
      "kl = (lp_u[:, :-1].exp() * (lp_u[:, :-1] - lp_s)).sum(-1)", STEER_EVAL),

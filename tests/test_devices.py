@@ -45,7 +45,7 @@ from sc_steer.steer import (
 from sc_steer.steer.compare import steer_eval
 from sc_steer.steer.generate import generate_batch, left_pad
 from sc_steer.steer.methods import feature_facts
-from sc_steer.steer.scores import Concept, score_continuations
+from sc_steer.steer.scores import Concept, score_concepts, score_continuations
 from sc_steer.steer.steerability import output_scores
 
 TEXT = "In the beginning God created the heaven and the earth. To be, or not to be: 1 2 3 4 5. " * 6
@@ -136,6 +136,9 @@ def _calls(lm, text, batches, tmp_path, saes):
         "generate_batch": lambda s: generate_batch(lm, left_pad(lm, rows), rec, s, max_new_tokens=5)[0],
         "score_continuations": lambda s: score_continuations(
             lm, s, Concept.of_feature(lm, s, "resid_post.1", 3), rows, cont, items=rec.interventions),
+        "score_concepts": lambda s: score_concepts(
+            lm, s, [Concept.of_feature(lm, s, "resid_post.1", 3), Concept.of_feature(lm, s, "resid_post.2", 5)], rows,
+            cont, items=rec.interventions),
         "output_scores": lambda s: output_scores(lm, s["resid_post.1"], "resid_post.1", PROMPTS, features=[1, 2, 3],
                                                  progress=False)["scores"],
         "feature_facts": lambda s: [(f.peak, f.on_topic, f.mean_diff, f.actadd, f.top_window) for f in feature_facts(

@@ -317,3 +317,19 @@ def test_measure_effects_reports_the_scores_of_both_continuations(setup):
         assert rep["scores"][k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
         assert rep["scores_baseline"][k] == pytest.approx(base[k], rel=1e-4, abs=1e-5), k
     assert rep["scores_baseline"]["kl"] == 0.0 and rep["scores"]["kl"] == pytest.approx(sum(rep["kl_per_step"]) / len(rep["kl_per_step"]), rel=1e-4)
+
+
+def test_scoring_several_concepts_at_once_equals_scoring_each(setup):
+    """One unsteered and one steered pass for every concept: the same numbers as one call per concept."""
+    from sc_steer.steer.scores import score_concepts
+
+    lm, saes = setup
+    rows = rows_of(lm, PROMPTS)
+    items = [Intervention(SITE, 7, "add", 6.0, "all")]
+    ids, n = generate_batch(lm, left_pad(lm, rows), Recipe(items), saes, max_new_tokens=6)
+    torch.manual_seed(1)
+    concepts = [Concept.of_feature(lm, saes, SITE, 7), Concept.of_direction(lm, "resid_post.2", torch.randn(lm.d_model)),
+                Concept.of_feature(lm, saes, SITE, 11)]
+    together = score_concepts(lm, saes, concepts, rows, ids[:, n:], items=items)
+    for c, got in zip(concepts, together):
+        assert got == score_continuations(lm, saes, c, rows, ids[:, n:], items=items)

@@ -34,7 +34,7 @@ from ..models import LM
 from ..sae import SAE
 from .generate import generate_batch, left_pad
 from .methods import METHODS, feature_facts, settings
-from .scores import Concept, score_continuations
+from .scores import Concept, score_concepts
 
 DEFAULT_COEFFS = (2.0, 4.0, 8.0, 12.0, 16.0, 24.0)
 MIN_FLUENCY = 0.7
@@ -127,10 +127,11 @@ def steer_eval(lm: LM, saes: dict[str, SAE], features: list[tuple[str, int]], pr
                                 max_new_tokens=max_new_tokens, do_sample=kind == "sample", seed=seed or 0)
         cont = ids[:, n:]
         texts = [tok.decode(c, skip_special_tokens=True) for c in cont]
-        for i in ([feature_index] if feature_index is not None else range(len(features))):
-            scores = score_continuations(lm, saes, concepts[i], rows, cont,
-                                         steered_rows=gen_rows if st and st.prefix else None,
-                                         items=st.items if st else [])
+        which = [feature_index] if feature_index is not None else list(range(len(features)))
+        per_concept = score_concepts(lm, saes, [concepts[i] for i in which], rows, cont,
+                                     steered_rows=gen_rows if st and st.prefix else None,
+                                     items=st.items if st else [])
+        for i, scores in zip(which, per_concept):
             for p, (sc, text) in enumerate(zip(scores, texts)):
                 samples.append({"feature": facts[i].name, "method": st.method if st else "none",
                                 "coeff": st.coeff if st else 0.0, "decoding": kind, "seed": seed, "prompt": p,

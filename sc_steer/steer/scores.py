@@ -102,11 +102,19 @@ def score_continuations(lm: LM, saes: dict[str, SAE], concept: Concept, prompt_r
 
     ``steered_rows`` differ from ``prompt_rows`` where a method put text before the prompt (prompting):
     the steered pass sees that text, the unsteered reading does not."""
+    return score_concepts(lm, saes, [concept], prompt_rows, cont, steered_rows=steered_rows, items=items)[0]
+
+
+def score_concepts(lm: LM, saes: dict[str, SAE], concepts: list[Concept], prompt_rows: list[list[int]],
+                   cont: torch.Tensor, *, steered_rows: list[list[int]] | None = None,
+                   items: list[Intervention] = ()) -> list[list[dict]]:
+    """``score_continuations`` for several concepts at once (one list of rows per concept): the
+    unsteered and the steered pass run once, whatever the number of concepts."""
     follow_model(saes, lm)
     cont = cont.to(lm.device)
     B, N = cont.shape
     keep = continuation_mask(cont, lm.tokenizer.eos_token_id)
-    site = Site.parse(concept.site, lm.n_layers)
+    sites = sorted({Site.parse(c.site, lm.n_layers) for c in concepts}, key=lambda s: s.order)
 
     def run(rows, its, read):
         prompts = left_pad(lm, rows)
@@ -114,26 +122,30 @@ def score_continuations(lm: LM, saes: dict[str, SAE], concept: Concept, prompt_r
         inputs = {"input_ids": torch.cat([prompts["input_ids"], cont], 1),
                   "attention_mask": torch.cat([prompts["attention_mask"], torch.ones_like(cont)], 1)}
         logits, h = teacher_forced(lm, inputs, n, list(its), saes, read)
-        return logits[:, n - 1:], h.get(site, None)   # [B, N + 1, V]: before each token, and after the last
+        return logits[:, n - 1:], h   # [B, N + 1, V]: before each token, and after the last
 
     with torch.no_grad():
-        logits_u, h_u = run(prompt_rows, [], [site])
+        logits_u, h_u = run(prompt_rows, [], sites)
         lp_u = torch.log_softmax(logits_u, -1)
-        c = concept.read(h_u[:, -N:], saes)                                        # [B, N]
         token_lp = lp_u[:, :-1].gather(-1, cont[..., None])[..., 0]               # [B, N]
-        lens = (torch.logsumexp(lp_u[:, 1:, concept.lens_ids.to(lp_u.device)], -1)
-                if concept.lens_ids is not None else torch.full_like(token_lp, float("nan")))
         if steered_rows is None and not items:
             kl = torch.zeros_like(token_lp)
         else:
             logits_s, _ = run(prompt_rows if steered_rows is None else steered_rows, items, [])
             lp_s = torch.log_softmax(logits_s[:, :-1], -1)
             kl = (lp_s.exp() * (lp_s - lp_u[:, :-1])).sum(-1)
-    out = []
-    for b in range(B):
-        k = keep[b]
-        toks = cont[b][k].tolist()
-        out.append({"concept": float(c[b][k].mean()), "concept_lens": float(lens[b][k].mean()),
-                    "logprob": float(token_lp[b][k].mean()), "rep2": repeated_share(toks, 2),
-                    "rep3": repeated_share(toks, 3), "kl": float(kl[b][k].mean()), "n_tokens": len(toks)})
+        shared = []
+        for b in range(B):
+            k = keep[b]
+            toks = cont[b][k].tolist()
+            shared.append({"logprob": float(token_lp[b][k].mean()), "rep2": repeated_share(toks, 2),
+                           "rep3": repeated_share(toks, 3), "kl": float(kl[b][k].mean()), "n_tokens": len(toks)})
+        out = []
+        for concept in concepts:
+            h = h_u[Site.parse(concept.site, lm.n_layers)]
+            c = concept.read(h[:, -N:], saes)                                      # [B, N]
+            lens = (torch.logsumexp(lp_u[:, 1:, concept.lens_ids.to(lp_u.device)], -1)
+                    if concept.lens_ids is not None else torch.full_like(token_lp, float("nan")))
+            out.append([{"concept": float(c[b][keep[b]].mean()), "concept_lens": float(lens[b][keep[b]].mean()),
+                         **shared[b]} for b in range(B)])
     return out
