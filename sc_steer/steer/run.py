@@ -26,9 +26,10 @@ def prompts_from(spec: str | None, n: int = 8) -> list[str]:
 
 
 def _alive(run, site: str) -> list[int]:
-    recs = rundir.read_records(run, site)
-    n = rundir.load_run_saes(run, [site])[site].cfg.d_sae
-    return [i for i in range(n) if recs is None or (recs[i].get("density") or 0) > 0]
+    recs = rundir.read_records(run, site)    # one record per feature, in id order
+    if recs is not None:
+        return [i for i, r in enumerate(recs) if (r.get("density") or 0) > 0]
+    return list(range(rundir.load_run_saes(run, [site])[site].cfg.d_sae))
 
 
 def parse_features(run: str | Path, spec: str | None, recipe: str | None, seed: int = 0) -> list[tuple[str, int]]:
@@ -90,16 +91,11 @@ def steer_eval_run(run: str | Path, features: list[tuple[str, int]], prompts: li
     """``steer_eval`` on a run's SAEs; writes ``steer_eval.json``, ``.md`` and ``.png`` into ``out``."""
     saes = rundir.load_run_saes(run, sorted({s for s, _ in features}), device=lm.device)
     result = steer_eval(lm, saes, features, prompts, **kw)
-    labels = {}
-    for s in {s for s, _ in features}:
-        recs = rundir.read_records(run, s)
-        st = read_steerability(run, s)
-        for site, f in features:
-            if site == s and recs is not None:
-                labels[f"{s}:{f}"] = recs[f].get("label", "")
-            if site == s and st is not None and st.get("features") is None:
-                result.setdefault("_steer", {})[f"{s}:{f}"] = st["scores"][f]
-    scored = result.pop("_steer", {})
+    records = {s: rundir.read_records(run, s) for s, _ in features}
+    steer = {s: read_steerability(run, s) for s in records}
+    labels = {f"{s}:{f}": records[s][f].get("label", "") for s, f in features if records[s] is not None}
+    scored = {f"{s}:{f}": steer[s]["scores"][f] for s, f in features
+              if steer[s] is not None and steer[s].get("features") is None}
     if len(scored) >= 3:
         add = {c["feature"]: c for c in result["chosen"] if c["method"] == "add"}
         gain = {}
