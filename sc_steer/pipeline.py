@@ -19,6 +19,8 @@ from .distributed import LOCAL, Dist, share
 from .errors import ScSteerError
 from .evaluate import evaluate_saes, write_results
 from .files import atomic_write_text, file_sha256, read_json, to_json
+from .graph.faithfulness import metric_of
+from .graph.prompt_run import prompt_feature_graph
 from .graph.run import check_options, feature_graph, source_layers
 from .interpret import interpret, write_browser, write_plots
 from .interpret.probe import labelled_texts, sparse_probe
@@ -161,32 +163,55 @@ def probe_run(run: str | Path, data: str = "demo:heldout", label: str = "source"
 
 def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None = None, layers: list[int] | None = None,
               sources: str | list[int] = "active", mode: str = "zero", value: float | None = None,
-              where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
+              where: str = "all", prune: str | None = None, amount: float | None = None, rank_by: str = "weight",
               attribute: bool = True, ctx: int = 64, max_prompts: int = 64, name: str = "graph",
               device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", force: bool = False,
-              progress: bool = True, **options):
+              progress: bool = True, prompt: str | None = None, edge_amount: float = 0.98, n_logits: int = 10,
+              logit_diff: tuple[str, str] | None = None, **options):
     """The feature graph of a run's resid_post SAEs over ``layers`` (``graph/run.py``), labelled with the
-    run's interpretation records, written to ``out`` with its recipe.
+    run's interpretation records, written to ``out`` with its recipe. With ``prompt`` it is that one
+    prompt's graph instead (``graph/prompt_run.py``: positions kept, down to the logits; ``layers`` are
+    then the graph's layers, default all; ``prompts`` and the ablation options are not used).
 
-    The model is ``lm``, or the run's own opened on ``device`` in ``dtype``. ``out`` must be new, empty,
-    or hold the graph of this same recipe; ``force=True`` replaces another graph there."""
+    ``prune``/``amount`` default to top_k 5 (averaged) or influence 0.8 (per prompt). The model is
+    ``lm``, or the run's own opened on ``device`` in ``dtype``. ``out`` must be new, empty, or hold the
+    graph of this same recipe; ``force=True`` replaces another graph there."""
     run, out = Path(run), Path(out)
+    prune = prune or ("influence" if prompt is not None else "top_k")
+    amount = amount if amount is not None else (0.8 if prompt is not None else 5)
     check_options(layers=layers, sources=sources, mode=mode, value=value, where=where, prune=prune, amount=amount,
-                  rank_by=rank_by, ctx=ctx, max_prompts=max_prompts, name=name)
-    recipe = {"run": str(run), "layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
-              "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx, "max_prompts": max_prompts,
-              "prompts": prompts, "name": name}
+                  rank_by=rank_by, ctx=ctx, max_prompts=max_prompts, name=name, prompt=prompt,
+                  edge_amount=edge_amount, n_logits=n_logits)
+    if prompt is not None:
+        recipe = {"run": str(run), "prompt": prompt, "layers": layers, "prune": prune, "amount": amount,
+                  "edge_amount": edge_amount, "n_logits": n_logits, "ctx": ctx, "name": name, "logit_diff": logit_diff}
+    else:
+        recipe = {"run": str(run), "layers": layers, "sources": sources, "mode": mode, "value": value, "where": where,
+                  "prune": prune, "amount": amount, "rank_by": rank_by, "ctx": ctx, "max_prompts": max_prompts,
+                  "prompts": prompts, "name": name, **({"logit_diff": logit_diff} if logit_diff else {})}
     identity = {k: v for k, v in recipe.items() if not (k == "layers" and v is None)}   # None: whatever it had
     rundir.claim_folder(out, rundir.GRAPH_RECIPE, identity, kind="graph", force=force)
     lm = open_run_model(run, lm, device=device, dtype=dtype)
-    layers = source_layers(lm, layers)
-    needed = sorted({n for n in layers} | {n + 1 for n in layers})
+    metric = metric_of(lm, logit_diff)
+    if prompt is not None:
+        if layers is None:
+            layers = [int(s.split(".")[1]) for s in rundir.sae_sites(run) if s.startswith("resid_post.")]
+        needed = sorted(layers)
+    else:
+        layers = source_layers(lm, layers)
+        needed = sorted({n for n in layers} | {n + 1 for n in layers})
     saes = load_run_saes(run, [f"resid_post.{n}" for n in needed], device=lm.device)
     hashes = {s: file_sha256(rundir.sae_dir(run, s) / WEIGHTS_FILE) for s in saes}
     labels = {n: rundir.read_records(run, f"resid_post.{n}") for n in needed}
-    g, paths, corr = feature_graph(lm, saes, prompts, out, layers=layers, sources=sources, mode=mode, value=value,
-                                   where=where, prune=prune, amount=amount, rank_by=rank_by, attribute=attribute,
-                                   ctx=ctx, max_prompts=max_prompts, name=name, labels=labels,
-                                   provenance={"sae_sha256": hashes}, progress=progress, **options)
+    if prompt is not None:
+        corr = {}
+        g, paths = prompt_feature_graph(lm, saes, prompt, out, layers=needed, prune=prune, amount=amount,
+                                        edge_amount=edge_amount, n_logits=n_logits, ctx=ctx, metric=metric, name=name,
+                                        labels=labels, provenance={"sae_sha256": hashes}, progress=progress, **options)
+    else:
+        g, paths, corr = feature_graph(lm, saes, prompts, out, layers=layers, sources=sources, mode=mode, value=value,
+                                       where=where, prune=prune, amount=amount, rank_by=rank_by, attribute=attribute,
+                                       ctx=ctx, max_prompts=max_prompts, name=name, labels=labels, metric=metric,
+                                       provenance={"sae_sha256": hashes}, progress=progress, **options)
     atomic_write_text(out / rundir.GRAPH_RECIPE, to_json({**recipe, "layers": layers}, indent=1))
     return g, paths, corr

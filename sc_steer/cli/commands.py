@@ -134,9 +134,10 @@ def cmd_graph(args) -> None:
                                mode=args.mode, value=args.value, where=args.where, prune=args.prune,
                                amount=args.amount, rank_by=args.rank_by, attribute=not args.no_attribution,
                                ctx=args.ctx, max_prompts=args.max_prompts, name=args.name, force=args.force,
-                               curve=curve)
-    print(f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges; attribution vs exact (Pearson): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in corr.items()))
+                               curve=curve, prompt=args.prompt, edge_amount=args.edge_amount, n_logits=args.logits,
+                               logit_diff=args.logit_diff)
+    print(f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges"
+          + ("; attribution vs exact (Pearson): " + ", ".join(f"{k} {v:.3f}" for k, v in corr.items()) if corr else ""))
     print("-> " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -150,8 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value", type=float, help="the clamp value")
     p.add_argument("--where", default="all", choices=WHERE, help="ablate at all text positions or "
                    "only where the source fires")
-    p.add_argument("--prune", default="top_k", choices=PRUNE)
-    p.add_argument("--amount", type=float, default=5, help="k for top_k; a fraction for relative/cumulative")
+    p.add_argument("--prompt", help="one prompt's graph instead: (feature, position) nodes down to the logits, "
+                   "edges from one removal each, pruned by influence on the logits (--prompts and the ablation "
+                   "options are then unused)")
+    p.add_argument("--prune", choices=PRUNE + ("influence",), help="top_k, relative or cumulative per source "
+                   "(default top_k); influence (per-prompt graphs' default): the nodes carrying --amount of the "
+                   "influence on the logits")
+    p.add_argument("--amount", type=float, help="k for top_k; a fraction for relative/cumulative/influence "
+                   "(defaults: 5, or 0.8 for influence)")
+    p.add_argument("--edge-amount", type=float, default=0.98, help="influence pruning: the share of edge "
+                   "influence kept among the kept nodes (default 0.98)")
+    p.add_argument("--logits", type=int, default=10, help="per-prompt graphs: at most this many logit nodes, "
+                   "the most likely next tokens until 0.95 of the probability (default 10)")
+    p.add_argument("--logit-diff", nargs=2, metavar=("TOKEN_A", "TOKEN_B"), help="score faithfulness on the "
+                   "logit difference of two single tokens instead of the model's own next token's log-prob")
     p.add_argument("--rank-by", default="weight", choices=RANK_BY)
     p.add_argument("--no-attribution", action="store_true")
     p.add_argument("--curve", help="also score the graph pruned at these amounts (comma-separated, e.g. 1,2,5,10): "

@@ -13,6 +13,10 @@ from ..files import atomic_write, make_dir, to_json
 FORMATS = ("graphml", "gexf", "json", "dot", "svg", "png", "html", "frontend")
 
 
+def is_prompt_graph(g: nx.DiGraph) -> bool:
+    return g.graph.get("kind") == "prompt"
+
+
 def layered_positions(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
     """x = layer; within a layer, nodes ordered by total |weight| (strongest at the top)."""
     by_layer: dict[int, list[str]] = {}
@@ -28,6 +32,42 @@ def layered_positions(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
     return pos
 
 
+def grid_positions(g: nx.DiGraph) -> tuple[dict[str, tuple[float, float]], list[tuple[float, str]], list[tuple[float, str]]]:
+    """A per-prompt graph on a grid: x = token position (only positions with nodes get a column), y =
+    layer (embeddings at the bottom, logits at the top), a cell's nodes stacked by influence. Returns the
+    positions and the column and row headers as (coordinate, text)."""
+    tokens = json.loads(g.graph.get("prompt_tokens", "[]"))
+    cols = sorted({int(d["position"]) for _, d in g.nodes(data=True)})
+    col_of = {t: i for i, t in enumerate(cols)}
+    cells: dict[tuple[int, int], list[str]] = {}
+    for n, d in g.nodes(data=True):
+        cells.setdefault((int(d["layer"]), int(d["position"])), []).append(n)
+    layers = sorted({layer for layer, _ in cells})
+    pos, rows, y = {}, [], 0.0
+    for layer in layers:
+        height = max(len(v) for (lay, _), v in cells.items() if lay == layer)
+        for (lay, t), ns in cells.items():
+            if lay != layer:
+                continue
+            ns.sort(key=lambda n: -float(g.nodes[n].get("influence") or 0.0))
+            for r, n in enumerate(ns):
+                pos[n] = (float(col_of[t]), y + height - 1 - r)
+        kind = next(g.nodes[n]["kind"] for (lay, _), v in cells.items() if lay == layer for n in v)
+        rows.append((y + (height - 1) / 2, {"embedding": "embeddings", "logit": "logits"}.get(kind, f"layer {layer}")))
+        y += height + 0.6
+    heads = [(float(i), f"{t}: {tokens[t]!r}" if t < len(tokens) else str(t)) for t, i in col_of.items()]
+    return pos, heads, rows
+
+
+def _box_text(d: dict, n: int) -> str:
+    """A node's short text: feature id and label, or the token of an embedding or logit node."""
+    if d.get("kind") == "embedding":
+        return _short(f"emb {d['token']!r}", n + 6)
+    if d.get("kind") == "logit":
+        return _short(f"→ {d['token']!r} {100 * float(d['activation']):.0f}%", n + 6)
+    return f"F{d['feature']}: {_short(str(d['label']), n)}"
+
+
 def _short(label: str, n: int = 18) -> str:
     return label if len(label) <= n else label[: n - 1] + "…"
 
@@ -38,11 +78,18 @@ def draw(g: nx.DiGraph, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pos = layered_positions(g)
-    layers = sorted({d["layer"] for _, d in g.nodes(data=True)})
-    height = max([sum(1 for _, d in g.nodes(data=True) if d["layer"] == layer) for layer in layers] or [1])
-    fig, ax = plt.subplots(figsize=(3.2 * max(2, len(layers)), max(4, 0.42 * height)))
-    wmax = max([abs(d["weight"]) for *_, d in g.edges(data=True)] or [1.0])
+    if is_prompt_graph(g):
+        pos, cols, rows = grid_positions(g)
+        xs = [x for x, _ in cols] or [0.0]
+        height = max([y for _, y in pos.values()] or [0]) + 1
+        fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(cols)), max(4, 0.42 * height)))
+    else:
+        pos = layered_positions(g)
+        layers = sorted({d["layer"] for _, d in g.nodes(data=True)})
+        cols, rows, xs = [(float(x), f"layer {x}") for x in layers], [], [float(x) for x in layers] or [0.0]
+        height = max([sum(1 for _, d in g.nodes(data=True) if d["layer"] == layer) for layer in layers] or [1])
+        fig, ax = plt.subplots(figsize=(3.2 * max(2, len(layers)), max(4, 0.42 * height)))
+    wmax = max([abs(d["weight"]) for *_, d in g.edges(data=True)] or [1.0]) or 1.0
     for u, v, d in g.edges(data=True):
         (x0, y0), (x1, y1) = pos[u], pos[v]
         ax.annotate("", (x1 - 0.06, y1), (x0 + 0.06, y0),
@@ -50,11 +97,11 @@ def draw(g: nx.DiGraph, path: Path, title: str = "") -> None:
                                 "color": "#c0392b" if d["weight"] > 0 else "#2e6fd0", "alpha": 0.75})
     for n, d in g.nodes(data=True):
         x, y = pos[n]
-        ax.text(x, y, f"F{d['feature']}: {_short(str(d['label']))}", ha="center", va="center", fontsize=7,
+        ax.text(x, y, _box_text(d, 18), ha="center", va="center", fontsize=7,
                 bbox={"boxstyle": "round,pad=0.25", "fc": "#fff8e6", "ec": "#999", "lw": 0.5})
-    ax.set_xticks(layers, [f"layer {layer}" for layer in layers])
-    ax.set_yticks([])
-    ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)
+    ax.set_xticks([x for x, _ in cols], [t for _, t in cols], fontsize=8, rotation=30 if rows else 0)
+    ax.set_yticks([y for y, _ in rows], [t for _, t in rows])
+    ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
     ys = [y for _, y in pos.values()] or [0]
     ax.set_ylim(min(ys) - 1, max(ys) + 1)
     for s in ("top", "right", "left"):
@@ -84,7 +131,11 @@ document.querySelectorAll('.node').forEach(el => el.addEventListener('click', ()
   document.querySelectorAll('.node').forEach(x => { x.classList.toggle('dim', !near.has(x.dataset.id)); x.classList.toggle('hl', x.dataset.id === id); });
   document.querySelectorAll('.edge').forEach(x => x.classList.toggle('dim', !(x.dataset.s === id || x.dataset.t === id)));
   const r = (v, d) => v == null ? '–' : Number(v).toPrecision(d);
-  info.innerHTML = `<h3>${esc(id)}</h3><p>${esc(n.label)}<br>density ${(100 * n.density).toFixed(3)}%, max activation ${r(n.max_act, 3)}</p>` +
+  const facts = [['position', n.position], ['token', n.token == null ? null : JSON.stringify(n.token)],
+    ['activation', r(n.activation, 3)], ['influence', r(n.influence, 3)],
+    ['density', n.density == null ? null : (100 * n.density).toFixed(3) + '%'], ['max activation', r(n.max_act, 3)]]
+    .filter(([, v]) => v != null && v !== '–').map(([k, v]) => `${k} ${esc(v)}`).join('<br>');
+  info.innerHTML = `<h3>${esc(id)}</h3><p>${esc(n.label)}<br>${facts}</p>` +
     '<table><tr><th>edge</th><th>weight</th><th>through the next block</th></tr>' +
     links.map(e => `<tr><td>${esc(e.source)} → ${esc(e.target)}</td><td>${r(e.weight, 3)}</td><td>${r(e.through, 3)}</td></tr>`).join('') + '</table>';
 }));
@@ -95,28 +146,42 @@ BOX = 150   # a node's box width in the HTML view: room for "F1234: " and 22 cha
 
 
 def html_view(g: nx.DiGraph, title: str) -> str:
-    pos = layered_positions(g)
-    xs = {n: 40 + 260 * (x - min(p[0] for p in pos.values())) for n, (x, _) in pos.items()}
-    ymax = max([y for _, y in pos.values()] or [0])
-    ys = {n: 44 + 34 * (ymax - y) for n, (_, y) in pos.items()}
-    wmax = max([abs(d["weight"]) for *_, d in g.edges(data=True)] or [1.0])
+    """An SVG of the graph (averaged: layer columns; per prompt: token columns and layer rows, each with
+    its header) and a panel with the clicked node's data and edge table."""
+    prompt = is_prompt_graph(g)
+    if prompt:
+        pos, cols, rows = grid_positions(g)
+        ytop = max([y for _, y in pos.values()] or [0])
+        xs = {n: 110 + (BOX + 40) * x for n, (x, _) in pos.items()}
+        ys = {n: 50 + 30 * (ytop - y) for n, (_, y) in pos.items()}
+        heads = [(110 + (BOX + 40) * x, 18, t) for x, t in cols]
+        heads += [(8, 54 + 30 * (ytop - y), t) for y, t in rows]
+    else:
+        pos = layered_positions(g)
+        x0 = min([p[0] for p in pos.values()] or [0])
+        xs = {n: 40 + 260 * (x - x0) for n, (x, _) in pos.items()}
+        ymax = max([y for _, y in pos.values()] or [0])
+        ys = {n: 44 + 34 * (ymax - y) for n, (_, y) in pos.items()}
+        heads = sorted({(40 + 260 * (int(d["layer"]) - x0), 16, f"layer {d['layer']}") for _, d in g.nodes(data=True)})
+    wmax = max([abs(d["weight"]) for *_, d in g.edges(data=True)] or [1.0]) or 1.0
     parts = []
     for u, v, d in g.edges(data=True):
         color = "#c0392b" if d["weight"] > 0 else "#2e6fd0"
-        parts.append(f'<path class="edge" data-s="{html.escape(u)}" data-t="{html.escape(v)}" '
-                     f'd="M{xs[u] + BOX},{ys[u]} C{xs[u] + BOX + 70},{ys[u]} {xs[v] - 70},{ys[v]} {xs[v]},{ys[v]}" '
+        if prompt:   # from the source's top edge up to the target's bottom edge
+            a, b, c, e = xs[u] + BOX / 2, ys[u] - 11, xs[v] + BOX / 2, ys[v] + 11
+            path = f"M{a},{b} C{a},{b - 25} {c},{e + 25} {c},{e}"
+        else:
+            path = (f"M{xs[u] + BOX},{ys[u]} C{xs[u] + BOX + 70},{ys[u]} {xs[v] - 70},{ys[v]} {xs[v]},{ys[v]}")
+        parts.append(f'<path class="edge" data-s="{html.escape(u)}" data-t="{html.escape(v)}" d="{path}" '
                      f'stroke="{color}" stroke-width="{0.5 + 3.5 * abs(d["weight"]) / wmax:.2f}">'
                      f'<title>{html.escape(u)} → {html.escape(v)}: weight {d["weight"]:.3g}</title></path>')
-    layers = {}
     for n, d in g.nodes(data=True):
-        layers.setdefault(d.get("layer"), xs[n])
-        label = html.escape(f"F{d['feature']}: {_short(str(d['label']), 22)}")
         parts.append(f'<g class="node" data-id="{html.escape(n)}" transform="translate({xs[n]},{ys[n] - 11})">'
-                     f'<rect width="{BOX}" height="22" rx="4"/><text x="5" y="15">{label}</text>'
+                     f'<rect width="{BOX}" height="22" rx="4"/><text x="5" y="15">{html.escape(_box_text(d, 22))}</text>'
                      f'<title>{html.escape(n)}: {html.escape(str(d["label"]))}</title></g>')
-    parts += [f'<text class="layer" x="{x}" y="16">layer {layer}</text>' for layer, x in layers.items()]
-    width = max(xs.values() or [0]) + BOX + 50
-    height = max(ys.values() or [0]) + 40
+    parts += [f'<text class="layer" x="{x}" y="{y}">{html.escape(t)}</text>' for x, y, t in heads]
+    width = max(list(xs.values()) + [0]) + BOX + 50
+    height = max(list(ys.values()) + [0]) + 40
     svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}">{"".join(parts)}</svg>'
     data = to_json(nx.node_link_data(g, edges="links"), default=float).replace("</", "<\\/")
     return _HTML.replace("__SVG__", svg).replace("__DATA__", data).replace("__TITLE__", html.escape(title))

@@ -13,18 +13,13 @@ from safetensors.torch import save_file
 from .. import validate
 from ..data import iter_batches, iter_documents, iter_rows, pad_token_id
 from ..errors import ScSteerError
-from ..files import atomic_write, make_dir, to_json
+from ..files import atomic_write
 from ..models import LM
 from ..sae import SAE
 from .attribution import attribution, pearson
 from .build import build_graph
 from .export import FORMATS, export_graph
-from .faithfulness import (
-    circuit_features,
-    circuit_scores,
-    faithfulness_curve,
-    plot_curve,
-)
+from .faithfulness import attach_scores
 from .measure import PairEffects, measure_pair, source_means
 
 
@@ -83,12 +78,14 @@ def feature_graph(lm: LM, saes: dict[str, SAE], prompts: str, out: str | Path, *
                   where: str = "all", prune: str = "top_k", amount: float = 5, rank_by: str = "weight",
                   attribute: bool = True, ctx: int = 64, max_prompts: int = 64, chunk: int = 16,
                   formats: tuple[str, ...] = FORMATS, name: str = "graph", labels: dict[int, list[dict] | None] = None,
-                  provenance: dict | None = None, progress: bool = True, curve: tuple[float, ...] = ()):
+                  provenance: dict | None = None, progress: bool = True, curve: tuple[float, ...] = (),
+                  metric="next_token"):
     """Measure, prune and export the feature graph of ``saes`` (``resid_post.{n}`` for each source layer n
     and n + 1) into ``out``: the exports and ``effects_L{n}.safetensors``. ``labels[n]`` are layer n's
     interpretation records, ``provenance`` goes into the graph's attributes; ``curve`` (pruning amounts)
     adds ``faithfulness.png`` and the graph attribute ``faithfulness_curve``: the circuit scores of the
-    same measurement pruned at each amount. Returns the graph, the export paths and the
+    same measurement pruned at each amount; ``metric`` is what they score ("next_token", or
+    ``faithfulness.metric_of``'s logit difference). Returns the graph, the export paths and the
     attribution-vs-exact Pearson correlation per layer."""
     layers = source_layers(lm, layers)
     for s, sae in saes.items():
@@ -131,25 +128,18 @@ def feature_graph(lm: LM, saes: dict[str, SAE], prompts: str, out: str | Path, *
                   "attribution_pearson": corr, "seconds_per_layer": timings}
     g = build_graph(pairs, prune=prune, amount=amount, rank_by=rank_by, nodes=labels, provenance=provenance,
                     attribution=attrs or None)
-    if g.number_of_nodes():   # how much of the model's next-token behaviour the graph's features carry
-        sc = circuit_scores(lm, saes, batches, circuit_features(g))
-        g.graph.update(faithfulness=sc["faithfulness"], completeness=sc["completeness"])
-        if progress:
-            print(f"faithfulness {sc['faithfulness']:.3f}, completeness {sc['completeness']:.3f} "
-                  f"({sc['n_features']} features; metric: log-prob of the model's own next token)")
-    if curve:
-        graphs = {float(a): build_graph(pairs, prune=prune, amount=float(a), rank_by=rank_by) for a in curve}
-        points = faithfulness_curve(lm, saes, batches, graphs)
-        g.graph["faithfulness_curve"] = to_json(points)
-        plot_curve(points, make_dir(out) / "faithfulness.png", prune)
+    curves = {float(a): build_graph(pairs, prune=prune, amount=float(a), rank_by=rank_by) for a in curve}
+    attach_scores(lm, saes, batches, g, metric=metric, curve=curves, out=out, prune=prune, progress=progress)
     paths = export_graph(g, out, name, formats, title=f"{lm.name}: feature graph, layers {layers[0]}-{layers[-1] + 1}")
     return g, paths, corr
 
 
-def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by, ctx, max_prompts, name) -> None:
+def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by, ctx, max_prompts, name,
+                  prompt=None, edge_amount=0.98, n_logits=10) -> None:
     """The graph options, checked before any work (names as the CLI flags)."""
     from .build import PRUNE, RANK_BY
     from .measure import MODES, WHERE
+    from .prompt_build import PROMPT_PRUNE
 
     if layers is not None:
         if not isinstance(layers, (list, tuple)) or not layers:
@@ -169,7 +159,17 @@ def check_options(*, layers, sources, mode, value, where, prune, amount, rank_by
             raise ScSteerError("--mode clamp needs --value (the value the source feature is clamped to)")
         validate.number("--value", value)
     validate.choice("--where", where, WHERE)
-    validate.choice("--prune", prune, PRUNE)
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ScSteerError("--prompt: expected a non-empty text")
+        validate.choice("--prune", prune, PROMPT_PRUNE)
+        validate.number("--edge-amount", edge_amount, 0, 1, lo_open=True)
+        validate.integer("--logits", n_logits, 1)
+    else:
+        if prune == "influence":
+            raise ScSteerError("--prune influence needs --prompt (influence on the logits is per prompt); "
+                               f"an averaged graph prunes by {', '.join(PRUNE)}")
+        validate.choice("--prune", prune, PRUNE)
     if prune == "top_k":
         validate.number("--amount", amount, 1)
     else:
