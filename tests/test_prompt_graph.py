@@ -317,3 +317,88 @@ def test_positional_faithfulness_and_completeness_equal_plain_hooks(prompt_run, 
             assert got[k] == pytest.approx(want, rel=1e-5, abs=1e-5), (metric, k)
         assert abs(full - none) > 1e-3
     assert g.graph["faithfulness"] == pytest.approx(circuit_scores(lm, saes, [batch], feats, at="last")["faithfulness"])
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_model_dirs, tmp_path_factory):
+    """A 2-layer Llama with one planted path. Attention writes nothing and block 0 is the identity, so
+    resid_post.0 is the embedding: every token carries 3 along e0 plus small noise elsewhere (never
+    along e0 or e1). Block 1's MLP reads e0, writes ~3 along e1 and (nearly) cancels e0; the
+    unembedding reads e1 for token X only. The SAEs are the signed axes (feature k = relu(h_k), feature d + k = relu(-h_k)): exact
+    reconstructions, so feature 0 at layer 0 alone drives feature 1 at layer 1, which alone drives X."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sc_steer.sae import SAEConfig, make_sae
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    d, X = 16, 7
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        emb = 0.1 * torch.randn(len(tok), d)
+        emb[:, :2] = 0
+        emb[:, 0] = 3.0
+        model.model.embed_tokens.weight.copy_(emb)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            for p in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                p.weight.zero_()
+        mlp = model.model.layers[1].mlp
+        mlp.gate_proj.weight[0, 0] = 4.0
+        mlp.up_proj.weight[0, 0] = 1.0
+        mlp.down_proj.weight[1, 0] = 0.05
+        x0 = float((3.0 / emb.pow(2).mean(1).sqrt()).mean())            # what the MLP's unit 0 reads from e0
+        mlp.down_proj.weight[0, 0] = -3.0 / float(torch.nn.functional.silu(torch.tensor(4 * x0)) * x0)
+        head = 0.01 * torch.randn(len(tok), d)
+        head[X] = 0
+        head[X, 1] = 5.0
+        model.lm_head.weight.copy_(head)
+    path = tmp_path_factory.mktemp("planted")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    saes = {}
+    for n in range(2):
+        sae = make_sae(SAEConfig(architecture="relu", d_in=d, d_sae=2 * d))
+        with torch.no_grad():
+            eye = torch.eye(d)
+            sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+            sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+            sae.b_enc.zero_()
+            sae.b_dec.zero_()
+        saes[f"resid_post.{n}"] = sae
+    return open_model(str(path)), saes, X
+
+
+def test_a_planted_path_is_found_and_scores_near_one_and_the_rest_near_zero(planted, tmp_path):
+    from sc_steer.graph.faithfulness import circuit_features, circuit_scores
+    from sc_steer.graph.prompt_measure import prompt_batch
+    from sc_steer.graph.prompt_run import prompt_feature_graph
+
+    lm, saes, X = planted
+    batch = prompt_batch(lm, PROMPT, 64)
+    last = batch.input_ids.shape[1] - 1
+    metric = ("logit_diff", X, 8)
+    # averaged circuits: the path's features against every other feature
+    path = {0: [0], 1: [1]}
+    others = {0: list(range(1, 32)), 1: [0, *range(2, 32)]}
+    for m in ("next_token", metric):
+        on = circuit_scores(lm, saes, [batch], path, m)
+        off = circuit_scores(lm, saes, [batch], others, m)
+        assert on["faithfulness"] == pytest.approx(1.0, abs=0.1) and on["completeness"] == pytest.approx(1.0, abs=0.1), m
+        assert abs(off["faithfulness"]) < 0.1 and abs(off["completeness"]) < 0.1, m
+    # the per-prompt graph finds the path by itself, down to X
+    g, _ = prompt_feature_graph(lm, saes, PROMPT, tmp_path / "p", formats=("json",), metric=metric, progress=False)
+    assert g.nodes[f"logit/{X}"]["activation"] > 0.9                       # the model is sure of X
+    for u, v in ((f"L0/F0@{last}", f"L1/F1@{last}"), (f"L1/F1@{last}", f"logit/{X}")):
+        assert g.has_edge(u, v) and g.edges[u, v]["weight"] > 1.0, (u, v)
+    assert g.graph["faithfulness"] == pytest.approx(1.0, abs=0.1)
+    assert g.graph["completeness"] == pytest.approx(1.0, abs=0.1)
+    assert circuit_features(g) == {0: [(last, 0)], 1: [(last, 1)]}
+    # every other active (position, feature) node, the path's two left out, explains nothing
+    pe = measure_prompt(lm, saes, PROMPT)
+    rest = {n: [tuple(x) for x in pe.nodes[n].tolist() if tuple(x) != (last, (0, 1)[n])] for n in (0, 1)}
+    cut = circuit_scores(lm, saes, [batch], rest, metric, at="last")
+    assert abs(cut["faithfulness"]) < 0.1 and abs(cut["completeness"]) < 0.1
