@@ -402,3 +402,30 @@ def test_a_planted_path_is_found_and_scores_near_one_and_the_rest_near_zero(plan
     rest = {n: [tuple(x) for x in pe.nodes[n].tolist() if tuple(x) != (last, (0, 1)[n])] for n in (0, 1)}
     cut = circuit_scores(lm, saes, [batch], rest, metric, at="last")
     assert abs(cut["faithfulness"]) < 0.1 and abs(cut["completeness"]) < 0.1
+
+
+@pytest.mark.slow
+def test_the_prompt_graph_view_in_a_browser_has_token_columns_layer_rows_and_sorted_edges(prompt_run, tmp_path):
+    import re
+
+    from helpers import launch_chromium
+
+    from sc_steer.cli import main
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = tmp_path / "view"
+    assert main(["graph", "--run", str(prompt_run), "--prompt", PROMPT, "--out", str(out), "--amount", "0.9"]) == 0
+    tokens = json.loads(json.loads((out / "graph.json").read_text())["graph"]["prompt_tokens"])
+    with playwright.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page()
+        page.goto((out / "graph.html").as_uri())
+        heads = page.locator("text.layer").all_text_contents()
+        assert {"embeddings", "layer 0", "layer 1", "layer 2", "logits"} <= set(heads)
+        assert f"{len(tokens) - 1}: {tokens[-1]!r}" in heads
+        page.locator(".node[data-id^='logit/']").first.click()
+        info = page.inner_text("#info")
+        assert f"position {len(tokens) - 1}" in info and "through the next block" not in info
+        weights = [abs(float(x)) for x in re.findall(r"→ logit/\d+\s+(-?[\d.e+-]+)", info)]
+        assert len(weights) >= 2 and weights == sorted(weights, reverse=True)
+        browser.close()

@@ -72,6 +72,10 @@ def _short(label: str, n: int = 18) -> str:
     return label if len(label) <= n else label[: n - 1] + "…"
 
 
+MAX_FIG = (40.0, 30.0)   # inches: the largest picture drawn (bigger graphs get smaller boxes, not bigger files)
+ARROWS = 300             # above this many edges they are drawn as plain lines
+
+
 def draw(g: nx.DiGraph, path: Path, title: str = "") -> None:
     import matplotlib
 
@@ -82,19 +86,27 @@ def draw(g: nx.DiGraph, path: Path, title: str = "") -> None:
         pos, cols, rows = grid_positions(g)
         xs = [x for x, _ in cols] or [0.0]
         height = max([y for _, y in pos.values()] or [0]) + 1
-        fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(cols)), max(4, 0.42 * height)))
+        fig, ax = plt.subplots(figsize=(min(MAX_FIG[0], max(6, 1.9 * len(cols))), min(MAX_FIG[1], max(4, 0.42 * height))))
     else:
         pos = layered_positions(g)
         layers = sorted({d["layer"] for _, d in g.nodes(data=True)})
         cols, rows, xs = [(float(x), f"layer {x}") for x in layers], [], [float(x) for x in layers] or [0.0]
         height = max([sum(1 for _, d in g.nodes(data=True) if d["layer"] == layer) for layer in layers] or [1])
-        fig, ax = plt.subplots(figsize=(3.2 * max(2, len(layers)), max(4, 0.42 * height)))
+        fig, ax = plt.subplots(figsize=(min(MAX_FIG[0], 3.2 * max(2, len(layers))), min(MAX_FIG[1], max(4, 0.42 * height))))
     wmax = max([abs(d["weight"]) for *_, d in g.edges(data=True)] or [1.0]) or 1.0
-    for u, v, d in g.edges(data=True):
-        (x0, y0), (x1, y1) = pos[u], pos[v]
-        ax.annotate("", (x1 - 0.06, y1), (x0 + 0.06, y0),
-                    arrowprops={"arrowstyle": "-|>", "lw": 0.4 + 3 * abs(d["weight"]) / wmax,
-                                "color": "#c0392b" if d["weight"] > 0 else "#2e6fd0", "alpha": 0.75})
+    if g.number_of_edges() <= ARROWS:
+        for u, v, d in g.edges(data=True):
+            (x0, y0), (x1, y1) = pos[u], pos[v]
+            ax.annotate("", (x1 - 0.06, y1), (x0 + 0.06, y0),
+                        arrowprops={"arrowstyle": "-|>", "lw": 0.4 + 3 * abs(d["weight"]) / wmax,
+                                    "color": "#c0392b" if d["weight"] > 0 else "#2e6fd0", "alpha": 0.75})
+    else:   # many edges: plain lines in one collection (annotate costs ~3 ms an arrow)
+        from matplotlib.collections import LineCollection
+
+        es = sorted(g.edges(data=True), key=lambda e: abs(e[2]["weight"]))     # strongest drawn last
+        ax.add_collection(LineCollection([(pos[u], pos[v]) for u, v, _ in es],
+                                         linewidths=[0.2 + 3 * abs(d["weight"]) / wmax for *_, d in es],
+                                         colors=["#c0392b" if d["weight"] > 0 else "#2e6fd0" for *_, d in es], alpha=0.5))
     for n, d in g.nodes(data=True):
         x, y = pos[n]
         ax.text(x, y, _box_text(d, 18), ha="center", va="center", fontsize=7,
@@ -108,7 +120,9 @@ def draw(g: nx.DiGraph, path: Path, title: str = "") -> None:
         ax.spines[s].set_visible(False)
     ax.set_title(title or "feature graph (red: source supports target, blue: suppresses)", fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format=path.suffix[1:], dpi=130))
+    w, h = fig.get_size_inches()
+    dpi = min(130.0, (6e6 / (w * h)) ** 0.5)    # at most ~6 megapixels
+    atomic_write(path, lambda p: fig.savefig(p, format=path.suffix[1:], dpi=dpi))
     plt.close(fig)
 
 
@@ -126,7 +140,8 @@ const info = document.getElementById('info');
 function esc(t){return String(t).replace(/&/g,'&amp;').replace(/</g,'&lt;')}
 document.querySelectorAll('.node').forEach(el => el.addEventListener('click', () => {
   const id = el.dataset.id, n = G.nodes.find(x => x.id === id);
-  const links = G.links.filter(e => e.source === id || e.target === id);
+  const links = G.links.filter(e => e.source === id || e.target === id).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
+  const through = links.some(e => e.through != null);
   const near = new Set([id, ...links.map(e => e.source), ...links.map(e => e.target)]);
   document.querySelectorAll('.node').forEach(x => { x.classList.toggle('dim', !near.has(x.dataset.id)); x.classList.toggle('hl', x.dataset.id === id); });
   document.querySelectorAll('.edge').forEach(x => x.classList.toggle('dim', !(x.dataset.s === id || x.dataset.t === id)));
@@ -136,8 +151,9 @@ document.querySelectorAll('.node').forEach(el => el.addEventListener('click', ()
     ['density', n.density == null ? null : (100 * n.density).toFixed(3) + '%'], ['max activation', r(n.max_act, 3)]]
     .filter(([, v]) => v != null && v !== '–').map(([k, v]) => `${k} ${esc(v)}`).join('<br>');
   info.innerHTML = `<h3>${esc(id)}</h3><p>${esc(n.label)}<br>${facts}</p>` +
-    '<table><tr><th>edge</th><th>weight</th><th>through the next block</th></tr>' +
-    links.map(e => `<tr><td>${esc(e.source)} → ${esc(e.target)}</td><td>${r(e.weight, 3)}</td><td>${r(e.through, 3)}</td></tr>`).join('') + '</table>';
+    '<table><tr><th>edge</th><th>weight</th>' + (through ? '<th>through the next block</th>' : '') + '</tr>' +
+    links.map(e => `<tr><td>${esc(e.source)} → ${esc(e.target)}</td><td>${r(e.weight, 3)}</td>` +
+      (through ? `<td>${r(e.through, 3)}</td>` : '') + '</tr>').join('') + '</table>';
 }));
 </script></body></html>"""
 
