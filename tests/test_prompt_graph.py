@@ -429,3 +429,22 @@ def test_the_prompt_graph_view_in_a_browser_has_token_columns_layer_rows_and_sor
         weights = [abs(float(x)) for x in re.findall(r"→ logit/\d+\s+(-?[\d.e+-]+)", info)]
         assert len(weights) >= 2 and weights == sorted(weights, reverse=True)
         browser.close()
+
+
+def test_every_gallery_graph_parses_strictly_and_its_readme_gives_its_scores():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "graphs"
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    assert {p.name for p in folders} >= {"demo", "demo-through", "demo-prompt"}
+    table = (root / "README.md").read_text()
+    for folder in folders:
+        attrs = strict(folder / "graph.json")["graph"]
+        strict(folder / "graph-frontend.json")
+        recipe = strict(folder / "recipe.json")
+        assert ("prompt" in recipe) == (attrs.get("kind") == "prompt")
+        readme = (folder / "README.md").read_text()
+        for key in ("faithfulness", "completeness"):
+            shown = f"{attrs[key]:.3f}"
+            assert shown in readme and shown in table, (folder.name, key, shown)
+        assert (folder / "faithfulness.png").exists()

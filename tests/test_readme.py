@@ -143,6 +143,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
         assert sorted(p.name for p in (tmp_path / "runs" / run / "saes").iterdir()) == [f"resid_post.{i}" for i in range(4)]
     graph = json.loads((tmp_path / "graphs/my-graph/graph.json").read_text())
     assert graph["links"] and json.loads((tmp_path / "graphs/my-graph/recipe.json").read_text())["prompts"]
+    one = json.loads((tmp_path / "graphs/my-prompt/graph.json").read_text())
+    assert one["graph"]["kind"] == "prompt" and {n["kind"] for n in one["nodes"]} == {"embedding", "feature", "logit"}
     scores = json.loads((demo / "features" / "resid_post.1.steerability.json").read_text())["scores"]
     assert len(scores) == 2048 and all(map(math.isfinite, scores))
     ev_steer = json.loads((demo / "steer_eval" / "steer_eval.json").read_text())
