@@ -28,7 +28,9 @@ from sc_steer.devices import follow_model, resolve_device, resolve_dtype
 from sc_steer.evaluate import evaluate_saes
 from sc_steer.graph.attribution import attribution
 from sc_steer.graph.experiments import Ablation, ablation_experiment
-from sc_steer.graph.faithfulness import circuit_scores, faithfulness_curve
+from sc_steer.graph.faithfulness import attach_scores, circuit_scores, faithfulness_curve
+from sc_steer.graph.prompt_measure import measure_prompt
+from sc_steer.graph.prompt_run import prompt_feature_graph
 from sc_steer.graph.measure import measure_pair, source_means
 from sc_steer.graph.naive import naive_effects
 from sc_steer.graph.run import choose_sources, feature_graph
@@ -133,6 +135,11 @@ def _calls(lm, text, batches, tmp_path, saes):
                                          s["resid_post.1"]),
         "circuit_scores": lambda s: circuit_scores(lm, s, batches, {0: [1, 2], 1: [3, 4]}),
         "faithfulness_curve": lambda s: faithfulness_curve(lm, s, batches, {1.0: _two_node_graph()}),
+        "measure_prompt": lambda s: (lambda pe: (pe.edges, pe.logit_edges, pe.embed_edges))(
+            measure_prompt(lm, s, PROMPTS[0])),
+        "prompt_feature_graph": lambda s: sorted((u, v, d["weight"]) for u, v, d in prompt_feature_graph(
+            lm, s, PROMPTS[0], tmp_path / f"p{id(s)}", formats=("json",), progress=False)[0].edges(data=True)),
+        "attach_scores": lambda s: (lambda g: (attach_scores(lm, s, batches, g), g.graph)[1])(_two_node_graph()),
         "generate_batch": lambda s: generate_batch(lm, left_pad(lm, rows), rec, s, max_new_tokens=5)[0],
         "score_continuations": lambda s: score_continuations(
             lm, s, Concept.of_feature(lm, s, "resid_post.1", 3), rows, cont, items=rec.interventions),

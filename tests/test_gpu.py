@@ -131,6 +131,23 @@ def test_graph_on_cuda_matches_cpu(runs, models, tmp_path):
         assert diff.max() < 0.05, key
 
 
+def test_prompt_graph_on_cuda_matches_cpu(runs, models, tmp_path):
+    """The per-prompt graph's nodes and every edge on CUDA against the CPU, from the same SAEs."""
+    from sc_steer.graph.prompt_measure import measure_prompt
+    from sc_steer.rundir import load_run_saes
+
+    prompt = "And the children of Israel did evil in the sight of the"
+    pe = {dev: measure_prompt(models[dev], load_run_saes(runs["cpu"]["run"], device=models[dev].device), prompt)
+          for dev in ("cpu", "cuda")}
+    assert torch.equal(pe["cpu"].logit_ids, pe["cuda"].logit_ids)
+    for n in pe["cpu"].layers:
+        assert torch.equal(pe["cpu"].nodes[n], pe["cuda"].nodes[n]), n     # a TopK tie flip would show here
+    for cpu, gpu in [(pe["cpu"].edges[n], pe["cuda"].edges[n]) for n in pe["cpu"].layers[:-1]] + \
+            [(pe["cpu"].logit_edges, pe["cuda"].logit_edges), (pe["cpu"].embed_edges, pe["cuda"].embed_edges)]:
+        diff = (gpu - cpu).abs()
+        assert (diff > 1e-3 + 1e-3 * cpu.abs()).float().mean() < 1e-3 and diff.max() < 0.1
+
+
 def test_steering_on_cuda_matches_cpu_and_runs_in_bf16(runs, models):
     from sc_steer import open_model
     from sc_steer.steer import Intervention, Recipe, generate

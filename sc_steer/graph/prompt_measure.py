@@ -171,11 +171,11 @@ def measure_prompt(lm: LM, saes: dict[str, SAE], prompt: str, *, layers: list[in
                          config={"ctx": ctx, "n_logits": n_logits, "logit_prob": logit_prob, "max_rows": max_rows})
 
 
-def _logit_edges(lm: LM, sae: SAE, b: TokenBatch, top: int, src: torch.Tensor, act: torch.Tensor,
+def _logit_edges(lm: LM, top_sae: SAE, b: TokenBatch, top: int, src: torch.Tensor, act: torch.Tensor,
                  logit_ids: torch.Tensor, clean: torch.Tensor, max_rows: int) -> torch.Tensor:
     """``[N_top, K]`` logit changes at the last position when each top-layer node is removed; the rest
     of the model runs on the edited stream (after the model's last layer only the last position's own
-    nodes can move its logits, so only those are rerun)."""
+    nodes can move its logits, so only those are rerun). ``top_sae`` is already on the model's device."""
     last = b.input_ids.shape[1] - 1
     out = torch.zeros(len(src), len(logit_ids))
     todo = (src[:, 0] == last).nonzero()[:, 0] if top == lm.n_layers - 1 else torch.arange(len(src), device=src.device)
@@ -186,7 +186,7 @@ def _logit_edges(lm: LM, sae: SAE, b: TokenBatch, top: int, src: torch.Tensor, a
         s = src[rows]
 
         def remove(_site, h, _call, s=s, a=act[rows]):
-            return _removal_rows(h[:1], s[:, 0], a, sae.W_dec[s[:, 1]])
+            return _removal_rows(h[:1], s[:, 0], a, top_sae.W_dec[s[:, 1]])
 
         m = len(rows)
         with lm.edited(remove, [site]):
