@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 python tests/mutation_run.py --only steer    # mutants of files matching "steer"
 
 Each mutant is one deliberate bug (a sign, a mask, a target value, an off-by-one) in one of the files
-whose numbers users rely on: edits.py, graph/measure.py, graph/attribution.py, steer/*.py,
+whose numbers users rely on: edits.py, graph/measure.py, graph/attribution.py, graph/prompt_*.py,
+graph/faithfulness.py, steer/*.py,
 interpret/stats.py, interpret/lens.py, interpret/tokens.py, interpret/explain.py, interpret/lookup.py,
 interpret/features.py and sae/*.py. The package and the tests
 are copied to a scratch folder, the mutant is applied there, and the tests that cover that file run
@@ -32,6 +33,7 @@ GRAPH, STEER, INTERP = ["tests/test_graph.py"], ["tests/test_steer.py"], ["tests
 EXPLAIN = ["tests/test_explain.py", "tests/test_interpret.py"]
 STEER_EVAL = ["tests/test_steer_eval.py"]
 FORMATS = ["tests/test_peer_formats.py"]
+PROMPT_GRAPH = ["tests/test_prompt_graph.py"]
 SAE = ["tests/test_sparse_step.py", "tests/test_resample.py", "tests/test_sae.py", "tests/test_train.py"]
 
 # (file, exact text, replacement, tests that should notice)
@@ -45,6 +47,28 @@ MUTANTS = [
     ("graph/measure.py", "part_sq.index_add_(0, kk, diff.pow(2))", "part_sq.index_add_(0, kk, diff.abs())", GRAPH),
     ("graph/measure.py", "        count += int(keep.sum())", "        count += int(keep.sum()) + 1", GRAPH),
     ("graph/attribution.py", "out[:, c] += (scale * proj)", "out[:, c] -= (scale * proj)", GRAPH),
+    ("graph/prompt_measure.py", "rows[torch.arange(len(pos), device=h.device), pos] -= amount",
+     "rows[torch.arange(len(pos), device=h.device), pos] += amount", PROMPT_GRAPH),
+    ("graph/prompt_measure.py", "return w * (tgt[None, :, 0] >= src_pos[:, None])",
+     "return w * (tgt[None, :, 0] > src_pos[:, None])", PROMPT_GRAPH),
+    ("graph/prompt_measure.py", "    w = clean[None] - g\n", "    w = g - clean[None]\n", PROMPT_GRAPH),
+    ("graph/prompt_measure.py", "todo = (src[:, 0] == last).nonzero()", "todo = (src[:, 0] == last - 1).nonzero()",
+     PROMPT_GRAPH),
+    ("graph/prompt_measure.py", "n = int((p.cumsum(0) < min_prob).sum()) + 1", "n = int((p.cumsum(0) < min_prob).sum())",
+     PROMPT_GRAPH),
+    ("graph/prompt_measure.py", "hin = _removal_rows(h, pos, torch.ones(len(pos), device=dev)",
+     "hin = _removal_rows(h, pos, 0.5 * torch.ones(len(pos), device=dev)", PROMPT_GRAPH),
+    ("graph/prompt_build.py", "return a / a.sum(0, keepdim=True).clamp_min(1e-30)", "return a / a.sum().clamp_min(1e-30)",
+     PROMPT_GRAPH),
+    ("graph/prompt_build.py", "out[n] = _share_in(pe.edges[n]) @ out[n + 1]", "out[n] = pe.edges[n].abs().double() @ out[n + 1]",
+     PROMPT_GRAPH),
+    ("graph/prompt_build.py", "keep_sorted = ((vals.cumsum(0) - vals) < amount * total)",
+     "keep_sorted = (vals.cumsum(0) < 0.5 * amount * total)", PROMPT_GRAPH),
+    ("graph/faithfulness.py", "where = torch.zeros_like(keep).scatter_(1, last[:, None], True) & keep",
+     "where = torch.zeros_like(keep).scatter_(1, last[:, None] - 1, True) & keep", PROMPT_GRAPH),
+    ("graph/faithfulness.py", "                m[t, i] = True", "                m[max(t - 1, 0), i] = True", PROMPT_GRAPH),
+    ("graph/faithfulness.py", "completeness\": (full - without) / span", "completeness\": (full - only) / span",
+     GRAPH + PROMPT_GRAPH),
     ("graph/attribution.py", "g = sae_next.encode(block_out.float()) * keep[..., None]",
      "g = sae_next.encode(block_out.float())", GRAPH),
     ("graph/attribution.py", "means[sources]", "means[sources] * 0", GRAPH),

@@ -448,3 +448,13 @@ def test_every_gallery_graph_parses_strictly_and_its_readme_gives_its_scores():
             shown = f"{attrs[key]:.3f}"
             assert shown in readme and shown in table, (folder.name, key, shown)
         assert (folder / "faithfulness.png").exists()
+
+
+def test_logit_nodes_are_the_fewest_tokens_reaching_the_probability():
+    from sc_steer.graph.prompt_measure import top_logits
+
+    p = torch.tensor([0.05, 0.5, 0.2, 0.25])
+    assert top_logits(p, 10, 0.5).tolist() == [1]            # the top token alone reaches 0.5
+    assert top_logits(p, 10, 0.6).tolist() == [1, 3]
+    assert top_logits(p, 10, 0.95).tolist() == [1, 3, 2]
+    assert top_logits(p, 2, 0.99).tolist() == [1, 3]          # capped
