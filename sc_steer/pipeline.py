@@ -7,6 +7,8 @@ stages.
 """
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 
@@ -213,5 +215,8 @@ def graph_run(run: str | Path, prompts: str, out: str | Path, *, lm: LM | None =
                                        where=where, prune=prune, amount=amount, rank_by=rank_by, attribute=attribute,
                                        ctx=ctx, max_prompts=max_prompts, name=name, labels=labels, metric=metric,
                                        provenance={"sae_sha256": hashes}, progress=progress, **options)
-    atomic_write_text(out / rundir.GRAPH_RECIPE, to_json({**recipe, "layers": layers}, indent=1))
+    scores = {k: g.graph[k] for k in ("faithfulness", "completeness", "metric_at") if k in g.graph}
+    if "metric" in g.graph:
+        scores["metric"] = json.loads(g.graph["metric"])
+    atomic_write_text(out / rundir.GRAPH_RECIPE, to_json({**recipe, "layers": layers, "scores": scores}, indent=1))
     return g, paths, corr

@@ -208,6 +208,8 @@ def test_the_cli_writes_a_prompt_graph_in_every_format_and_the_frontend_layout(p
     assert kinds == {"feature", "embedding", "logit"}
     recipe = strict(out / "recipe.json")
     assert recipe["prompt"] == PROMPT and recipe["layers"] == [0, 1, 2]
+    assert recipe["scores"] == {"faithfulness": attrs["faithfulness"], "completeness": attrs["completeness"],
+                                "metric": "next_token", "metric_at": "last"}
     eff = load_file(str(out / "effects.safetensors"))
     assert {"edges_L0", "edges_L1", "logit_edges", "embed_edges", "nodes_L2"} <= set(eff)
     # the frontend's layout, field by field, logits and embeddings included
@@ -443,6 +445,7 @@ def test_every_gallery_graph_parses_strictly_and_its_readme_gives_its_scores():
         strict(folder / "graph-frontend.json")
         recipe = strict(folder / "recipe.json")
         assert ("prompt" in recipe) == (attrs.get("kind") == "prompt")
+        assert recipe["scores"]["faithfulness"] == attrs["faithfulness"]
         readme = (folder / "README.md").read_text()
         for key in ("faithfulness", "completeness"):
             shown = f"{attrs[key]:.3f}"
