@@ -83,8 +83,13 @@ def _finite(obj):
 
 def to_json(obj, **kw) -> str:
     """Strict JSON (``json.dumps`` with ``allow_nan=False``): a missing or undefined number is ``null``,
-    never a bare ``NaN`` that JavaScript's ``JSON.parse``, jq and every strict reader reject."""
-    return json.dumps(_finite(obj), allow_nan=False, **kw)
+    never a bare ``NaN`` that JavaScript's ``JSON.parse``, jq and every strict reader reject. Plain data
+    is written as it is; only what ``json`` refuses (a non-finite float, a numpy or torch number) is
+    walked and cleaned first."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kw)
+    except (ValueError, TypeError):
+        return json.dumps(_finite(obj), allow_nan=False, **kw)
 
 
 def parse_json(text: str, where: str, expect: type | None = dict, what: str = ""):

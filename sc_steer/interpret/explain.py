@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .lookup import classes, greedy
-from .tokens import DENSE_TOKEN_TABLE_LIMIT, SummedTables, TokenTable
+from .tokens import DENSE_TOKEN_TABLE_LIMIT, Nonzeros, SummedTables, TokenTable
 
 K_VALUES = (1, 2, 5, 10, 20)
 HEADLINE_K = 5       # the per-unit headline score, and the explanation sensitivity/specificity judge
@@ -95,6 +95,11 @@ class Entries:
     def mean(self) -> torch.Tensor:
         return self.e_sum / self.e_cnt.clamp_min(1)
 
+    def first(self, n: int) -> Entries:
+        """The first ``n`` entries (explanations are nested: the same as ranking ``n`` alone)."""
+        return Entries(*(t[:, :n] for t in (self.token, self.prev, self.valid, self.e_sum, self.e_cnt, self.h_sum,
+                                             self.h_cnt)))
+
 
 class Explanations:
     """Streaming sums for the explanation scores of ``n_units`` units (one unit set)."""
@@ -112,29 +117,41 @@ class Explanations:
         self.dev_min = torch.full((n_units,), float("-inf"), device=self.device)   # explaining half
         self.strong, self.strong_on, self.on = z(), z(), z()
         self.headline: torch.Tensor | None = None   # [U, HEADLINE_K] token ids, once the explaining half is in
+        self._ranked: dict[bool, Entries] = {}     # the read-out's rankings by variant, once both halves are in
 
     @property
     def all_tokens(self) -> SummedTables:
         """Both halves' per-token sums, read as one table (the records' top input tokens)."""
         return SummedTables(*self.tokens)
 
-    def update(self, acts: torch.Tensor, tokens: torch.Tensor, prev: torch.Tensor, held: bool) -> None:
+    def update(self, acts: torch.Tensor, tokens: torch.Tensor, prev: torch.Tensor, held: bool,
+               nz: Nonzeros | None = None) -> None:
         """``acts [T, U]`` at text positions with ``tokens [T]`` and their previous tokens ``prev [T]``
-        (-1: none); ``held`` says which half the positions are in (the explaining half comes first)."""
+        (-1: none); ``held`` says which half the positions are in (the explaining half comes first);
+        ``nz``: the batch's nonzeros, when it is sparse enough to be read by them."""
         acts = acts.to(self.device).float()
         tokens, prev = tokens.to(self.device).long(), prev.to(self.device).long()
         half = int(held)
+        self._ranked.clear()
         if held and self.headline is None:
             self.finish_explaining()
-        self.tokens[half].add(acts, tokens)
+        self.tokens[half].add(acts, tokens, nz)
         pid = pair_ids(self.pair_keys, prev, tokens, self.vocab)
         on = pid >= 0
-        self.pairs[half].add(acts[on], pid[on])
+        if nz is None:
+            self.pairs[half].add(acts[on], pid[on])
+        else:   # the nonzeros at positions with a pair, renumbered to those positions
+            keep = on[nz.t]
+            at = torch.cumsum(on, 0) - 1
+            self.pairs[half].add(None, pid[on], Nonzeros(at[nz.t[keep]], nz.u[keep], nz.v[keep],
+                                                         (int(on.sum()), nz.shape[1])))
         if not held:
-            lo, hi = acts.aminmax(dim=0)
+            hi, lo = (nz.extreme("amax"), nz.extreme("amin")) if nz is not None else acts.aminmax(dim=0)[::-1]
             self.dev_max = torch.maximum(self.dev_max, hi)
             self.dev_min = torch.maximum(self.dev_min, -lo)
             return
+        if nz is not None:
+            return self._held_sparse(nz, tokens)
         self.held_sq += acts.square().sum(0, dtype=torch.float64)
         strong = (acts - self.mu.float()).abs() >= self.threshold.float()          # [T, U]
         member = tokens[:, None] == self.headline[None, :, 0]                       # [T, U]
@@ -143,6 +160,31 @@ class Explanations:
         self.strong += strong.sum(0, dtype=torch.float64)
         self.strong_on += (strong & member).sum(0, dtype=torch.float64)
         self.on += member.sum(0, dtype=torch.float64)
+
+    def _held_sparse(self, nz: Nonzeros, tokens: torch.Tensor) -> None:
+        """The held-out half's counts from the nonzeros: at a zero activation, strength is a per-unit
+        constant (``|mu| >= threshold``), and headline membership depends on the token alone, so the zeros
+        are counted from the batch's token counts."""
+        T, U = nz.shape
+        mu, thr = self.mu.float(), self.threshold.float()
+        u = nz.u
+        self.held_sq += torch.zeros_like(self.held_sq).index_add_(0, u, nz.v.square().double())
+        strong_nz = (nz.v - mu[u]).abs() >= thr[u]
+        head = self.headline
+        member_nz = (head[u] == tokens[nz.t][:, None]).any(1)
+        # positions holding a headline token, per unit: its distinct tokens' counts in the batch
+        first = torch.ones_like(head, dtype=torch.bool)
+        ordered = head.sort(1).values
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        hist = torch.bincount(tokens, minlength=self.vocab)
+        on = (hist[ordered.clamp_min(0)] * ((ordered >= 0) & first)).sum(1)
+        zeros = T - nz.count()
+        zero_strong = ((0.0 - mu).abs() >= thr).double()
+        count = lambda mask: torch.zeros_like(self.strong).index_add_(0, u, mask.double())  # noqa: E731
+        member_zeros = on - torch.bincount(u[member_nz], minlength=U)
+        self.strong += zero_strong * zeros + count(strong_nz)
+        self.strong_on += zero_strong * member_zeros + count(strong_nz & member_nz)
+        self.on += on.double()
 
     def finish_explaining(self) -> None:
         """The explaining half is in: the unit's mean, its strong-activity threshold, and the tokens of its
@@ -179,6 +221,9 @@ class Explanations:
     def ranked(self, context: bool, n: int = max(K_VALUES)) -> Entries:
         """Each unit's explanation of ``n`` entries (tokens, and pairs when ``context``), in the order the
         greedy choice takes them (``lookup.greedy``) from the ``POOL`` best candidates on their own."""
+        done = self._ranked.get(context)
+        if done is not None and n <= done.token.shape[1]:
+            return done.first(n)
         mu, U, V = self.mu, self.n_units, self.vocab
         P = len(self.pair_keys)
         width = V + (P if context else 0)
@@ -232,7 +277,7 @@ class Explanations:
             self.finish_explaining()
         out: dict = {}
         for name, context in (("tokens", False), ("context", True)):
-            entries = self.ranked(context)
+            entries = self._ranked[context] = self.ranked(context)     # the records' headlines read it again
             out[name] = {str(k): self._prefix_score(entries, k).cpu() for k in K_VALUES}
             out[name]["all"] = self._all_score(context).cpu()
         nan = torch.full((self.n_units,), float("nan"), dtype=torch.float64, device=self.device)

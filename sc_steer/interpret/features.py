@@ -34,7 +34,7 @@ from .readout import N_CONTEXTS, token_strings, unit_records
 from .report import markdown_table, mean_with_ci, summary_markdown
 from .score import summarize
 from .stats import HIST_EDGES, UnitStats
-from .tokens import DENSE_TOKEN_TABLE_LIMIT
+from .tokens import DENSE_TOKEN_TABLE_LIMIT, Nonzeros
 
 
 @dataclass
@@ -172,8 +172,9 @@ def _read(lm: LM, group: list[UnitSet], rows: list[Row], halves: list, pair_keys
                 where = text_rows(b)
                 for us in group:
                     f = us.encode(kept(acts[us.site], where).float())
-                    stats[us.key].update(f, toks, row)
-                    expl[us.key].update(f, toks, prev, bool(held))
+                    nz = Nonzeros.of(f) if us.kind == "sae" else None     # SAE features: read by their nonzeros
+                    stats[us.key].update(f, toks, row, nz)
+                    expl[us.key].update(f, toks, prev, bool(held), nz)
                 all_tokens.append(toks)
                 order += [torch.arange(starts[j], starts[j + 1]) for j, _ in part]
                 bar.update(len(toks))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import DENSE_TOKEN_TABLE_LIMIT, SummedTables, TokenTable
+from .tokens import DENSE_TOKEN_TABLE_LIMIT, Nonzeros, SummedTables, TokenTable
 
 HIST_EDGES = torch.linspace(-3, 3, 37)  # log10 of positive activations, clipped into the end bins
 MEANS_BLOCK = 1 << 23                   # float64 per-token means held at once by top_tokens_block (64 MiB)
@@ -66,25 +66,36 @@ class UnitStats:
             t = getattr(self, name)
             setattr(self, name, torch.where(t >= 0, where.to(t.device)[t.clamp_min(0)], t))
 
-    def update(self, acts: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor) -> None:
-        """``acts [T, U]`` for ``T`` consecutive stored tokens made of whole rows; ``row [T]`` their row ids."""
+    def update(self, acts: torch.Tensor, tokens: torch.Tensor, row: torch.Tensor, nz: Nonzeros | None = None) -> None:
+        """``acts [T, U]`` for ``T`` consecutive stored tokens made of whole rows; ``row [T]`` their row ids;
+        ``nz``: the batch's nonzeros (``Nonzeros.of``), when it is sparse enough to be read by them."""
         acts = acts.to(self.device).float()
         tokens = tokens.to(self.device).long()
         row = row.to(self.device)
         t = len(tokens)
         offset = self.n_tokens
-        pos = acts > 0
-        self.fires += pos.sum(0)
-        self.act_sum += torch.where(pos, acts, 0).sum(0).double()
-        self.max = torch.maximum(self.max, acts.max(0).values)
-        nz_t, nz_u = pos.nonzero(as_tuple=True)
-        if len(nz_t):
+        if nz is None:
+            pos = acts > 0
+            self.fires += pos.sum(0)
+            self.act_sum += torch.where(pos, acts, 0).sum(0).double()
+            self.max = torch.maximum(self.max, acts.max(0).values)
+            nz_t, nz_u = pos.nonzero(as_tuple=True)
             vals = acts[nz_t, nz_u]
+        else:
+            on = nz.v > 0
+            nz_u, vals = nz.u[on], nz.v[on]
+            self.fires += torch.bincount(nz_u, minlength=self.n_units)
+            self.act_sum += torch.zeros_like(self.act_sum).index_add_(0, nz_u, vals.double())
+            self.max = torch.maximum(self.max, nz.extreme("amax"))
+        if len(vals):
             b = torch.bucketize(vals.log10(), HIST_EDGES[1:-1].to(vals.device))
             self.hist.view(-1).index_add_(0, nz_u * self.hist.shape[1] + b, torch.ones_like(b))
         if self.own_tokens:
-            self.tokens.add(acts, tokens)
-        self._merge_top(acts, row, offset)
+            self.tokens.add(acts, tokens, nz)
+        if nz is not None and t and bool(self.top_val[:, -1].min() >= 0) and not bool((nz.v < 0).any()):
+            self._merge_top_sparse(acts, row, offset, nz)
+        else:
+            self._merge_top(acts, row, offset)
         self.n_tokens += t
 
     def _merge_top(self, acts: torch.Tensor, row: torch.Tensor, offset: int) -> None:
@@ -103,20 +114,55 @@ class UnitStats:
         old = [x if units is None else x[units] for x in (self.top_val, self.top_idx, self.top_win_idx,
                                                           self.top_win_act)]
         new = self._merged(acts, row, offset, *old)
+        self._put(units, new)
+
+    def _put(self, units: torch.Tensor | None, new) -> None:
         for name, value in zip(("top_val", "top_idx", "top_win_idx", "top_win_act"), new):
             if units is None:
                 setattr(self, name, value)
             else:
                 getattr(self, name)[units] = value
 
-    def _merged(self, acts, row, offset, top_val, top_idx, top_win_idx, top_win_act):
+    def _merge_top_sparse(self, acts: torch.Tensor, row: torch.Tensor, offset: int, nz: Nonzeros) -> None:
+        """``_merge_top`` for a sparse, non-negative chunk once every list is full of values >= 0: then a
+        zero never enters a list (an old entry keeps its place before an equal newcomer), so the
+        candidates are the nonzeros above each unit's n-th best, found from ``nz`` without reading the
+        T x U batch (its windows are still read from ``acts``)."""
+        better = nz.v > self.top_val[nz.u, -1]
+        u, t, v = nz.u[better], nz.t[better], nz.v[better]
+        if len(u) == 0:
+            return
+        order = torch.sort(v, descending=True, stable=True).indices          # best first, then by unit
+        order = order[torch.sort(u[order], stable=True).indices]
+        u, t, v = u[order], t[order], v[order]
+        units, counts = torch.unique_consecutive(u, return_counts=True)
+        n = min(self.top_n, acts.shape[0], int(counts.max()))
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(u), device=u.device) - torch.repeat_interleave(first, counts)
+        keep = slot < n
+        which = torch.repeat_interleave(torch.arange(len(units), device=u.device), counts)[keep]
+        cand_val = torch.full((len(units), n), float("-inf"), device=acts.device)
+        cand_t = torch.zeros((len(units), n), dtype=torch.long, device=acts.device)
+        cand_val[which, slot[keep]] = v[keep]
+        cand_t[which, slot[keep]] = t[keep]
+        old = [x[units] for x in (self.top_val, self.top_idx, self.top_win_idx, self.top_win_act)]
+        self._put(units, self._merged(acts, row, offset, *old, cand=(cand_val, cand_t), units=units))
+
+    def _merged(self, acts, row, offset, top_val, top_idx, top_win_idx, top_win_act, cand=None, units=None):
         """The merged top lists. Sorting is stable with the old entries first, so an entry keeps its place
         before equal newcomers, and the first ``n_windows`` entries always come from entries that have
-        their windows: the old list's first ``n_windows`` and the chunk's best ``n_windows``."""
-        t, u = acts.shape
-        n = min(self.top_n, t)
-        cand_val, cand_t = acts.topk(n, dim=0)                # [n, U], best first
-        cand_val, cand_t = cand_val.T, cand_t.T               # [U, n]
+        their windows: the old list's first ``n_windows`` and the chunk's best ``n_windows``. ``cand``:
+        the chunk's candidates ``([U, n] values best first, [U, n] positions)`` when already chosen, for
+        the columns ``units`` of ``acts``."""
+        t = acts.shape[0]
+        if cand is None:
+            n = min(self.top_n, t)
+            cand_val, cand_t = acts.topk(n, dim=0)            # [n, U], best first
+            cand_val, cand_t = cand_val.T, cand_t.T           # [U, n]
+        else:
+            cand_val, cand_t = cand
+            n = cand_val.shape[1]
+        u = cand_val.shape[0]
         all_val = torch.cat([top_val, cand_val], 1)
         keep = torch.sort(all_val, dim=1, descending=True, stable=True).indices[:, :self.top_n]
         new_val, new_idx = all_val.gather(1, keep), torch.cat([top_idx, cand_t + offset], 1).gather(1, keep)
@@ -129,7 +175,10 @@ class UnitStats:
         j = ct[..., None] + offs                              # [U, nw, w]
         valid = (j >= starts[ct][..., None]) & (j < ends[ct][..., None])
         jc = j.clamp(0, t - 1)
-        win_act = acts.T.gather(1, jc.reshape(u, -1)).reshape(u, nw, -1) * valid
+        if units is None:
+            win_act = acts.T.gather(1, jc.reshape(u, -1)).reshape(u, nw, -1) * valid
+        else:
+            win_act = acts[jc, units[:, None, None]] * valid
         win_idx = torch.where(valid, jc + offset, torch.full_like(jc, -1))
         # where the new list's first n_windows came from, as positions in [old windows | new windows]
         head = keep[:, :self.n_windows]
