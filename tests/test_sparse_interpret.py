@@ -83,3 +83,30 @@ def test_nonzeros_extremes_count_the_zeros():
     assert nz.extreme("amin").tolist() == [0.0, 1.0, -1.0]
     assert nz.count().tolist() == [0, 3, 1]
     assert Nonzeros.of(acts) is None                               # 44% nonzero: read densely
+
+
+@pytest.mark.parametrize("pool", [4, 64])
+def test_the_sparse_pool_holds_the_best_gains_of_every_unit(pool, monkeypatch):
+    """The read-out's candidate pool from a sparse table's nonzero sums against ranking every column:
+    the same gains for every unit (a unit whose nonzero sums crowd the frequent columns included)."""
+    from sc_steer.interpret import explain as ex_mod
+
+    monkeypatch.setattr(ex_mod, "POOL", pool)
+    data = batches(1)
+    ev = [b for i, b in enumerate(data) if i % 2 == 0]
+    keys = pair_vocabulary(torch.cat([b[2] for b in ev]), torch.cat([b[1] for b in ev]), V, min_count=2)
+    ex = Explanations(U, V, keys, dense_limit=0)
+    for held in (0, 1):
+        for i, (acts, toks, prev, _) in enumerate(data):
+            if i % 2 == held:
+                ex.update(acts, toks, prev, bool(held), Nonzeros.of(acts))
+    ex.finish_explaining() if ex.headline is None else None
+    for context in (False, True):
+        g = torch.cat([ex._gains(t, 0, U, ex.mu) for t, _ in ex._tables(context)], 1)
+        d_idx, d_ok = ex._dense_pool(0, U, context)
+        s_idx, s_ok = ex._sparse_pool(0, U, context)
+        assert torch.equal(d_ok.sum(1), s_ok.sum(1))
+        want = g.gather(1, d_idx).where(d_ok, torch.tensor(-1.0, dtype=g.dtype))
+        got = g.gather(1, s_idx).where(s_ok, torch.tensor(-1.0, dtype=g.dtype))
+        torch.testing.assert_close(got.sort(1).values, want.sort(1).values, rtol=1e-12, atol=1e-12)
+        assert (s_ok.sum(1) > 0).all()

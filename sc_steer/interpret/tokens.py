@@ -137,6 +137,20 @@ class TokenTable:
             out[keys[ok] // self.vocab - start, c[ok]] = self._vals[0][a:b][ok]
         return out
 
+    def block_entries(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unit - ``start``, token, float64 sum) of every nonzero sum of units ``start:stop``."""
+        if self.dense:
+            blk = self.sums[start:stop]
+            u, t = blk.nonzero(as_tuple=True)
+            return u, t, blk[u, t].double()
+        self.merge()
+        if not self._keys:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty, empty.double()
+        a, b = self._unit_starts[start], self._unit_starts[stop]
+        keys = self._keys[0][a:b]
+        return keys // self.vocab - start, keys % self.vocab, self._vals[0][a:b]
+
     def lookup(self, units: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """float64 sums at the (unit, token) pairs ``units[i], cols[i]`` (any shape, same shape out)."""
         if self.dense:
