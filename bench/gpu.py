@@ -14,6 +14,8 @@ MLP 11008, 32 layers, 32 heads, vocab 32000) with random bf16 weights, and the d
   rate against a raw ``safetensors`` write of the same bytes to the same disk, synced;
 * training straight from the model (no disk cache), all 32 layers, tokens/s;
 * the feature graph (d_sae 32768): batched block-(n+1) ablation against one full forward per feature;
+* a 32-token prompt's graph over the last four layers (with its logit edges), against one full forward
+  per (feature, position) removal; ``steer_eval`` (every method, two features) timed as a whole;
 * interpretation (d_sae 32768 plus the neuron baselines) tokens/s;
 * steering latency (one added vector; one removed feature) against transformers ``generate``, on the
   nnsight-wrapped model and on a plain copy of the same shape.
@@ -336,6 +338,62 @@ def graph(lm, dev: torch.device, s: dict) -> dict:
             "batched_edges_per_s_32_sources": edges / t_many, "max_abs_diff_vs_naive": err}
 
 
+def prompt_graph(lm, dev: torch.device, s: dict) -> dict:
+    """A 32-token prompt's graph over the model's last four layers (so its logit edges are in), every
+    edge one removal, against one full forward per removal for a sample of them."""
+    from sc_steer.data import iter_documents
+    from sc_steer.graph.prompt_measure import measure_prompt
+    from sc_steer.sites import Site
+
+    layers = list(range(lm.n_layers - 4, lm.n_layers))
+    saes = {f"resid_post.{n}": random_topk_sae(lm.d_model, s["graph_d_sae"], s["k"], dev, 10 + n) for n in layers}
+    doc = next(d for d in iter_documents("demo:heldout") if len(lm.tokenizer(d)["input_ids"]) > 40)
+    prompt = lm.tokenizer.decode(lm.tokenizer(doc, add_special_tokens=False)["input_ids"][:32])
+    measure_prompt(lm, saes, "warm up")
+    res = {}
+    t = timed(lambda: res.setdefault("pe", measure_prompt(lm, saes, prompt)), dev, repeats=1)
+    pe = res["pe"]
+    removals = sum(len(pe.nodes[n]) for n in layers[:-1])
+    n0 = layers[0]
+
+    def one(r):
+        pos, i = (int(x) for x in pe.nodes[n0][r])
+
+        def edit(site, h, _call):
+            if site.layer == n0:
+                h = h.clone()
+                h[0, pos] -= pe.acts[n0][r].to(h.device, h.dtype) * saes[f"resid_post.{n0}"].W_dec[i].to(h.dtype)
+                return h
+            return None
+        with torch.no_grad(), lm.edited(edit, [Site("resid_post", n0)]):
+            lm.hf(input_ids=torch.tensor([pe.token_ids], device=dev))
+    sample = list(range(0, len(pe.nodes[n0]), max(1, len(pe.nodes[n0]) // 16)))[:16]
+    t_naive = timed(lambda: [one(r) for r in sample], dev, repeats=1) / len(sample)
+    return {"layers": layers, "tokens": len(pe.token_ids), "nodes_per_layer": [len(pe.nodes[n]) for n in layers],
+            "removals": removals, "seconds": t, "naive_s_per_removal": t_naive,
+            "speedup_vs_naive": t_naive * removals / t}
+
+
+def steer_evaluation(lm, dev: torch.device, s: dict) -> dict:
+    """``steer_eval``: every method on two features, two coefficients, four prompts, greedy and one seed."""
+    from sc_steer.steer.compare import steer_eval
+    from sc_steer.steer.methods import feature_facts
+
+    site = f"resid_post.{lm.n_layers // 4}"
+    saes = {site: random_topk_sae(lm.d_model, s["graph_d_sae"], s["k"], dev, 5)}
+    t0 = time.perf_counter()
+    facts, _ = feature_facts(lm, saes, [(site, i) for i in range(64)], "demo:heldout", max_tokens=4000, progress=False)
+    usable = [(f.site, f.feature) for f in facts][:2]
+    t_facts = time.perf_counter() - t0
+    prompts = ["In the beginning", "HAMLET. To be, or not", "The cat (noun):", "And the LORD said unto"]
+    t = time.perf_counter()
+    out = steer_eval(lm, saes, usable, prompts, coeffs=[2.0, 8.0], max_new_tokens=16, seeds=(0,),
+                     vector_data="demo:heldout", vector_tokens=4000, progress=False)
+    secs = time.perf_counter() - t
+    n = len(out["samples"])
+    return {"features": len(usable), "seconds_feature_facts": t_facts, "seconds": secs, "samples": n}
+
+
 def interpretation(lm, dev: torch.device, s: dict, work: Path) -> dict:
     """Whole ``interpret`` runs at two corpus lengths: their difference gives the streaming rate (model,
     SAE, statistics on the device) and what is left the one-off read-out of every unit's record."""
@@ -397,7 +455,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="a tiny shape, for a dry run on the CPU")
     ap.add_argument("--out", default="bench_gpu.json", help="where the figures go (JSON)")
-    ap.add_argument("--only", help="comma-separated sections: ceilings,train,profile,collect,stream,graph,interpret,steer")
+    ap.add_argument("--only", help="comma-separated sections: ceilings,train,profile,collect,stream,graph,"
+                    "prompt_graph,steer_eval,interpret,steer")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -430,6 +489,8 @@ def main() -> None:
     run("steer", lambda: steering(lm, dev, s))
     run("stream", lambda: stream_training(lm, dev, s, work))
     run("graph", lambda: graph(lm, dev, s))
+    run("prompt_graph", lambda: prompt_graph(lm, dev, s))
+    run("steer_eval", lambda: steer_evaluation(lm, dev, s))
     run("interpret", lambda: interpretation(lm, dev, s, work))
     shutil.rmtree(work, ignore_errors=True)
     print(summary(res))
@@ -468,6 +529,15 @@ def summary(res: dict) -> str:
                      f"{g['batched_s_per_source_4']:.2f} s/source ({g['speedup_4_sources']:.1f}x), "
                      f"{g['batched_edges_per_s_32_sources']:,.0f} edges/s at 32 sources, max diff "
                      f"{g['max_abs_diff_vs_naive']:.1e}")
+    if "prompt_graph" in sec:
+        g = sec["prompt_graph"]
+        lines.append(f"per-prompt graph ({g['tokens']} tokens, layers {g['layers'][0]}-{g['layers'][-1]}, "
+                     f"{g['removals']:,} removals): {g['seconds']:.2f} s, {g['speedup_vs_naive']:.1f}x one full "
+                     f"forward per removal ({g['naive_s_per_removal'] * 1e3:.1f} ms each)")
+    if "steer_eval" in sec:
+        e = sec["steer_eval"]
+        lines.append(f"steer-eval ({e['features']} features x 5 methods x 2 coefficients x 4 prompts x 2 decodings, "
+                     f"16 tokens): {e['seconds']:.1f} s (+ {e['seconds_feature_facts']:.1f} s reading 4,000 tokens)")
     if "interpret" in sec:
         i = sec["interpret"]
         lines.append(f"interpret ({i['tokens']:,} tokens): {i['tok_s']['sae_only']:,.0f} tok/s (SAE only), "

@@ -67,7 +67,7 @@ def rate(args) -> None:
     reference()                                   # warm-up (allocator, thread pools)
     t_ref = reference()
     results = {}
-    for neurons in (False, True):
+    for neurons in (False,) if args.no_neurons else (False, True):
         with tempfile.TemporaryDirectory() as out:
             reads.clear()
             t = time.perf_counter()

@@ -172,7 +172,9 @@ def _read(lm: LM, group: list[UnitSet], rows: list[Row], halves: list, pair_keys
                 where = text_rows(b)
                 for us in group:
                     f = us.encode(kept(acts[us.site], where).float())
-                    nz = Nonzeros.of(f) if us.kind == "sae" else None     # SAE features: read by their nonzeros
+                    # SAE features on the CPU are read by their nonzeros (on a GPU the dense reading
+                    # needs no host sync, and finding nonzeros would add one per batch)
+                    nz = Nonzeros.of(f) if us.kind == "sae" and f.device.type == "cpu" else None
                     stats[us.key].update(f, toks, row, nz)
                     expl[us.key].update(f, toks, prev, bool(held), nz)
                 all_tokens.append(toks)
