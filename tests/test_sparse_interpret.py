@@ -89,9 +89,9 @@ def test_nonzeros_extremes_count_the_zeros():
 def test_the_sparse_pool_holds_the_best_gains_of_every_unit(pool, monkeypatch):
     """The read-out's candidate pool from a sparse table's nonzero sums against ranking every column:
     the same gains for every unit (a unit whose nonzero sums crowd the frequent columns included)."""
-    from sc_steer.interpret import explain as ex_mod
+    from sc_steer.interpret import pool as pool_mod
 
-    monkeypatch.setattr(ex_mod, "POOL", pool)
+    monkeypatch.setattr(pool_mod, "POOL", pool)
     data = batches(1)
     ev = [b for i, b in enumerate(data) if i % 2 == 0]
     keys = pair_vocabulary(torch.cat([b[2] for b in ev]), torch.cat([b[1] for b in ev]), V, min_count=2)
@@ -100,11 +100,11 @@ def test_the_sparse_pool_holds_the_best_gains_of_every_unit(pool, monkeypatch):
         for i, (acts, toks, prev, _) in enumerate(data):
             if i % 2 == held:
                 ex.update(acts, toks, prev, bool(held), Nonzeros.of(acts))
-    ex.finish_explaining() if ex.headline is None else None
     for context in (False, True):
-        g = torch.cat([ex._gains(t, 0, U, ex.mu) for t, _ in ex._tables(context)], 1)
-        d_idx, d_ok = ex._dense_pool(0, U, context)
-        s_idx, s_ok = ex._sparse_pool(0, U, context)
+        tables = ex._tables(context)
+        g = torch.cat([pool_mod.gains(t, 0, U, ex.mu) for t, _ in tables], 1)
+        d_idx, d_ok = pool_mod.dense_pool(tables, 0, U, ex.mu)
+        s_idx, s_ok = pool_mod.sparse_pool(tables, 0, U, ex.mu)
         assert torch.equal(d_ok.sum(1), s_ok.sum(1))
         want = g.gather(1, d_idx).where(d_ok, torch.tensor(-1.0, dtype=g.dtype))
         got = g.gather(1, s_idx).where(s_ok, torch.tensor(-1.0, dtype=g.dtype))

@@ -41,14 +41,13 @@ from dataclasses import dataclass
 import torch
 
 from .lookup import classes, greedy
+from .pool import MIN_COUNT, dense_pool, sparse_pool
 from .tokens import DENSE_TOKEN_TABLE_LIMIT, Nonzeros, SummedTables, TokenTable
 
 K_VALUES = (1, 2, 5, 10, 20)
 HEADLINE_K = 5       # the per-unit headline score, and the explanation sensitivity/specificity judge
-MIN_COUNT = 3        # explaining-half occurrences a token or pair needs to enter an explanation
 N_PAIRS = 4096       # (previous token, token) pairs a context explanation may use
 STRONG = 0.5         # strongly active: at least this share of the largest deviation from the mean
-POOL = 64            # candidates per unit the greedy choice picks from (the best on their own)
 UNIT_BLOCK = 1 << 22  # [units, vocab] entries ranked at once (bounds the read-out's memory)
 
 
@@ -209,76 +208,10 @@ class Explanations:
         return torch.zeros(self.n_units, dtype=torch.float64, device=self.device).index_add_(0, u, v)
 
     # -- explanations ------------------------------------------------------------------------------
-    def _gains(self, table: TokenTable, start: int, stop: int, mu: torch.Tensor) -> torch.Tensor:
-        """``[stop - start, cols]`` gains ``c (m - mu)^2 = (S - mu c)^2 / c`` of every column seen
-        ``MIN_COUNT`` times (-1 elsewhere): what each would remove on its own, to pick the pool from."""
-        cols = torch.arange(table.vocab, device=self.device)
-        c = table.count.double()
-        s = table.block_sums(start, stop, cols)
-        gain = (s - mu[start:stop, None] * c).pow(2) / c.clamp_min(1)
-        return torch.where(c >= MIN_COUNT, gain, torch.full_like(gain, -1.0))
-
     def _tables(self, context: bool) -> list[tuple[TokenTable, int]]:
         """The explaining half's tables a variant ranks, with each one's first column in the joined
         [tokens | pairs] vocabulary."""
         return [(self.tokens[0], 0)] + ([(self.pairs[0], self.vocab)] if context and len(self.pair_keys) else [])
-
-    def _dense_pool(self, start: int, stop: int, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, w]`` joined columns with the largest gains (best first) and whether each is a candidate."""
-        g = torch.cat([self._gains(t, start, stop, self.mu) for t, _ in self._tables(context)], 1)
-        top = g.topk(min(POOL, g.shape[1]), dim=1)
-        return top.indices, top.values >= 0
-
-    def _sparse_pool(self, start: int, stop: int, context: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_dense_pool`` from a sparse table's nonzero sums (the same pool up to the order of equal gains).
-
-        Where a unit's sum at a column is zero its gain is ``mu^2 c``: the same order (by count) for every
-        unit. So the candidates are each unit's nonzero sums plus the ``2 POOL`` most frequent columns;
-        a unit with fewer than ``POOL`` zero sums among those (its best zero-sum columns could lie beyond
-        them) is ranked over every column."""
-        B, mu = stop - start, self.mu[start:stop]
-        width = sum(t.vocab for t, _ in self._tables(context))
-        w = min(POOL, width)
-        parts, full = [], torch.zeros(B, dtype=torch.bool, device=self.device)
-        for table, shift in self._tables(context):
-            c = table.count.double()
-            valid = c >= MIN_COUNT
-            n_valid = int(valid.sum())
-            if n_valid == 0:
-                continue
-            freq = torch.where(valid, c, torch.full_like(c, -1.0)).topk(min(2 * w, n_valid)).indices
-            s = table.block_sums(start, stop, freq)                                   # [B, F]
-            rows = torch.arange(B, device=self.device)[:, None].expand_as(s)
-            parts.append((rows.flatten(), (freq + shift).expand(B, -1).flatten(),
-                          ((s - mu[:, None] * c[freq]).pow(2) / c[freq]).flatten()))
-            if len(freq) < n_valid:
-                full |= (s != 0).sum(1) > len(freq) - w
-            u, col, v = table.block_entries(start, stop)
-            in_freq = torch.zeros(table.vocab, dtype=torch.bool, device=self.device)
-            in_freq[freq] = True
-            ok = valid[col] & ~in_freq[col]
-            u, col, v = u[ok], col[ok], v[ok]
-            parts.append((u, col + shift, (v - mu[u] * c[col]).pow(2) / c[col]))
-        u, col, g = (torch.cat(x) for x in zip(*parts)) if parts else (torch.zeros(0, dtype=torch.int64),) * 3
-        keep = ~full[u]
-        u, col, g = u[keep], col[keep], g[keep].double()
-        for r in full.nonzero()[:, 0].tolist():          # units ranked over every column
-            gr = torch.cat([self._gains(t, start + r, start + r + 1, self.mu)[0] for t, _ in self._tables(context)])
-            ok = gr >= 0
-            u = torch.cat([u, torch.full((int(ok.sum()),), r, device=self.device)])
-            col = torch.cat([col, ok.nonzero()[:, 0]])
-            g = torch.cat([g, gr[ok]])
-        order = torch.sort(g, descending=True, stable=True).indices
-        order = order[torch.sort(u[order], stable=True).indices]                     # by unit, best first
-        u, col, g = u[order], col[order], g[order]
-        counts = torch.bincount(u, minlength=B)
-        slot = torch.arange(len(u), device=self.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        take = slot < w
-        idx = torch.zeros(B, w, dtype=torch.int64, device=self.device)
-        val = torch.full((B, w), -1.0, dtype=torch.float64, device=self.device)
-        idx[u[take], slot[take]] = col[take]
-        val[u[take], slot[take]] = g[take]
-        return idx, val >= 0
 
     def ranked(self, context: bool, n: int = max(K_VALUES)) -> Entries:
         """Each unit's explanation of ``n`` entries (tokens, and pairs when ``context``), in the order the
@@ -293,7 +226,7 @@ class Explanations:
         picks, oks = [], []
         for a in range(0, U, step):
             b = min(U, a + step)
-            idx, ok = (self._sparse_pool if sparse else self._dense_pool)(a, b, context)
+            idx, ok = (sparse_pool if sparse else dense_pool)(self._tables(context), a, b, self.mu)
             picks.append(idx)
             oks.append(ok)
         pool = self._entries(torch.cat(picks), torch.cat(oks))
