@@ -7,7 +7,7 @@ Each mutant is one deliberate bug (a sign, a mask, a target value, an off-by-one
 whose numbers users rely on: edits.py, graph/measure.py, graph/attribution.py, graph/prompt_*.py,
 graph/faithfulness.py, steer/*.py,
 interpret/stats.py, interpret/lens.py, interpret/tokens.py, interpret/explain.py, interpret/lookup.py,
-interpret/features.py and sae/*.py. The package and the tests
+interpret/features.py, interpret/pool.py and sae/*.py. The package and the tests
 are copied to a scratch folder, the mutant is applied there, and the tests that cover that file run
 (stopping at the first failure). A mutant is killed when a test fails. Prints the share killed per file
 and writes ``mutation_results.json``. Not collected by pytest (its name does not start with test_).
@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH, STEER, INTERP = ["tests/test_graph.py"], ["tests/test_steer.py"], ["tests/test_interpret.py"]
 EXPLAIN = ["tests/test_explain.py", "tests/test_interpret.py"]
+SPARSE_READ = ["tests/test_sparse_interpret.py", "tests/test_explain.py"]
 STEER_EVAL = ["tests/test_steer_eval.py"]
 FORMATS = ["tests/test_peer_formats.py"]
 PROMPT_GRAPH = ["tests/test_prompt_graph.py"]
@@ -128,8 +129,19 @@ MUTANTS = [
     ("interpret/lens.py", "            d = d - d.mean(-1, keepdim=True)", "            d = d", INTERP),
     ("interpret/lens.py", "logits.topk(k, dim=-1, largest=False)", "logits.topk(k, dim=-1)", INTERP),
     ("interpret/stats.py", "ids) / counts).topk(k, dim=1)", "ids) / counts.clamp_min(2)).topk(k, dim=1)", INTERP),
-    ("interpret/tokens.py", "t, u = (acts != 0).nonzero(as_tuple=True)", "t, u = (acts > 0).nonzero(as_tuple=True)",
+    ("interpret/tokens.py", "(*(acts != 0).nonzero(as_tuple=True), None)", "(*(acts > 0).nonzero(as_tuple=True), None)",
      INTERP),
+    ("interpret/tokens.py", "has_zero = self.count() < T", "has_zero = self.count() <= T", SPARSE_READ),
+    ("interpret/stats.py", "slot = torch.arange(len(u), device=u.device) - torch.repeat_interleave(first, counts)",
+     "slot = torch.arange(len(u), device=u.device)", SPARSE_READ),
+    ("interpret/explain.py", "        zeros = T - nz.count()", "        zeros = T", SPARSE_READ),
+    ("interpret/explain.py", "member_zeros = on - torch.bincount(u[member_nz], minlength=U)", "member_zeros = on",
+     SPARSE_READ),
+    ("interpret/explain.py", '(nz.extreme("amax"), nz.extreme("amin"))', '(nz.extreme("amin"), nz.extreme("amax"))',
+     SPARSE_READ),
+    ("interpret/pool.py", "full |= (s != 0).sum(1) > len(freq) - w", "full |= (s != 0).sum(1) > len(freq)", SPARSE_READ),
+    ("interpret/pool.py", "(v - mu_b[u] * c[col]).pow(2) / c[col]", "(v - mu_b[u] * c[col]).pow(2)", SPARSE_READ),
+    ("interpret/pool.py", "ok = valid[col] & ~in_freq[col]", "ok = valid[col]", SPARSE_READ),
     ('interpret/explain.py', '        half = int(held)', '        half = 0', EXPLAIN),
     ('interpret/explain.py', 's_pt + self.mu * (y - h_cov)', 's_pt', EXPLAIN),
     ('interpret/explain.py', '(acts - self.mu.float()).abs() >= self.threshold', 'acts >= self.threshold', EXPLAIN),

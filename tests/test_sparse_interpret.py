@@ -6,19 +6,24 @@ from sc_steer.interpret.explain import Explanations, pair_vocabulary
 from sc_steer.interpret.stats import UnitStats
 from sc_steer.interpret.tokens import Nonzeros, TokenTable
 
-U, V = 60, 40
+U, V = 80, 40
 
 
-def batches(seed, n=6, rows=5, width=40, density=0.02):
+def batches(seed, n=6, rows=5, width=40, density=0.01):
     """Sparse non-negative activations (continuous values: no ties but zeros) over whole rows."""
     g = torch.Generator().manual_seed(seed)
     out, row0 = [], 0
     for _ in range(n):
         toks = torch.randint(0, V, (rows * width,), generator=g)
+        common = torch.rand(rows * width, generator=g) < 0.5
+        toks[common] = torch.randint(0, 30, (int(common.sum()),), generator=g)         # tokens 30+ are rarer
         prev = torch.cat([torch.full((1,), -1), toks[:-1]])
         prev[::width] = -1
         acts = torch.rand(rows * width, U, generator=g) * (torch.rand(rows * width, U, generator=g) < density)
         acts[:, 7] = torch.rand(rows * width, generator=g) + 0.1            # one unit fires everywhere
+        # one fires everywhere but on ten rare tokens: its zeros are strong, hold its headline tokens,
+        # and explain it best from beyond the most frequent columns
+        acts[:, 8] = (2 + torch.rand(rows * width, generator=g)) * (toks < 30)
         for j in range(0, U, 3):                                             # and some read one token
             acts[:, j] += (toks == j % V) * (2 + torch.rand(rows * width, generator=g))
         row = torch.arange(row0, row0 + rows).repeat_interleave(width)
