@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=64)
     p.add_argument("--out", required=True, help="output folder, e.g. graphs/my-graph")
     p.add_argument("--name", default="graph")
-    p.add_argument("--layers", help="source layers N or N-M (default: all but the last)")
+    p.add_argument("--layers", help="source layers N or N-M (default: all but the last); with --prompt the graph's "
+                   "layers (default: all with an SAE)")
     p.add_argument("--sources", default="active", help="active, top:N, attr:N, or ids like 3,17,42")
     p.add_argument("--mode", default="zero", choices=ABLATION_MODES)
     p.add_argument("--value", type=float, help="the clamp value")

@@ -130,6 +130,8 @@ def summary(out: str | Path, record: dict, seconds: float | None = None) -> str:
               f"  sc-steer probe --run {out}     # sparse probing: which units tell the text's source",
               f"  sc-steer steer --run {out} --prompt 'HAMLET.' --add {site}:{feature}:12   # feature {feature}: {label}",
               f"  sc-steer steer-eval --run {out} --features {site}:{feature}   # did it steer? five methods, scored",
+              f"  sc-steer graph --run {out} --prompt 'And the children of Israel did evil in the sight of the' --out {out}-prompt-graph"
+              "   # one prompt's circuit, down to the logits",
               f"  sc-steer demo --out {out}-full --full   # the longer demo (more training and held-out text)"]
     return "\n".join(lines)
 
