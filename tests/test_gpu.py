@@ -132,20 +132,32 @@ def test_graph_on_cuda_matches_cpu(runs, models, tmp_path):
 
 
 def test_prompt_graph_on_cuda_matches_cpu(runs, models, tmp_path):
-    """The per-prompt graph's nodes and every edge on CUDA against the CPU, from the same SAEs."""
+    """The per-prompt graph's nodes and every edge on CUDA against the CPU, from the same SAEs. A TopK
+    boundary flip (two pre-activations within rounding) can swap a node; edges are compared on the
+    nodes both have."""
     from sc_steer.graph.prompt_measure import measure_prompt
     from sc_steer.rundir import load_run_saes
 
     prompt = "And the children of Israel did evil in the sight of the"
     pe = {dev: measure_prompt(models[dev], load_run_saes(runs["cpu"]["run"], device=models[dev].device), prompt)
           for dev in ("cpu", "cuda")}
-    assert torch.equal(pe["cpu"].logit_ids, pe["cuda"].logit_ids)
-    for n in pe["cpu"].layers:
-        assert torch.equal(pe["cpu"].nodes[n], pe["cuda"].nodes[n]), n     # a TopK tie flip would show here
-    for cpu, gpu in [(pe["cpu"].edges[n], pe["cuda"].edges[n]) for n in pe["cpu"].layers[:-1]] + \
-            [(pe["cpu"].logit_edges, pe["cuda"].logit_edges), (pe["cpu"].embed_edges, pe["cuda"].embed_edges)]:
-        diff = (gpu - cpu).abs()
-        assert (diff > 1e-3 + 1e-3 * cpu.abs()).float().mean() < 1e-3 and diff.max() < 0.1
+    cpu, gpu = pe["cpu"], pe["cuda"]
+    assert torch.equal(cpu.logit_ids, gpu.logit_ids)
+    common = {}
+    for n in cpu.layers:
+        a = {tuple(x): i for i, x in enumerate(cpu.nodes[n].tolist())}
+        b = {tuple(x): i for i, x in enumerate(gpu.nodes[n].tolist())}
+        both = sorted(set(a) & set(b))
+        assert len(both) >= 0.99 * max(len(a), len(b)), n
+        common[n] = (torch.tensor([a[k] for k in both]), torch.tensor([b[k] for k in both]))
+    pairs = [(cpu.edges[n][common[n][0]][:, common[n + 1][0]], gpu.edges[n][common[n][1]][:, common[n + 1][1]])
+             for n in cpu.layers[:-1]]
+    top = cpu.layers[-1]
+    pairs.append((cpu.logit_edges[common[top][0]], gpu.logit_edges[common[top][1]]))
+    pairs.append((cpu.embed_edges[:, common[0][0]], gpu.embed_edges[:, common[0][1]]))
+    for c, g in pairs:
+        diff = (g - c).abs()
+        assert (diff > 1e-3 + 1e-3 * c.abs()).float().mean() < 1e-3 and diff.max() < 0.1
 
 
 def test_steering_on_cuda_matches_cpu_and_runs_in_bf16(runs, models):
