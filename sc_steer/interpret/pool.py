@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import TokenTable
+from .tokens import TokenTable, best_per_row
 
 MIN_COUNT = 3        # explaining-half occurrences a token or pair needs to enter an explanation
 POOL = 64            # candidates per unit the greedy choice picks from (the best on their own)
@@ -76,14 +76,5 @@ def sparse_pool(tables: list[tuple[TokenTable, int]], start: int, stop: int,
         u = torch.cat([u, torch.full((int(ok.sum()),), r, device=dev)])
         col = torch.cat([col, ok.nonzero()[:, 0]])
         g = torch.cat([g, gr[ok]])
-    order = torch.sort(g, descending=True, stable=True).indices
-    order = order[torch.sort(u[order], stable=True).indices]                     # by unit, best first
-    u, col, g = u[order], col[order], g[order]
-    counts = torch.bincount(u, minlength=B)
-    slot = torch.arange(len(u), device=dev) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    take = slot < w
-    idx = torch.zeros(B, w, dtype=torch.int64, device=dev)
-    val = torch.full((B, w), -1.0, dtype=torch.float64, device=dev)
-    idx[u[take], slot[take]] = col[take]
-    val[u[take], slot[take]] = g[take]
+    val, idx = best_per_row(u, g, col, B, w, -1.0)
     return idx, val >= 0

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import DENSE_TOKEN_TABLE_LIMIT, Nonzeros, SummedTables, TokenTable
+from .tokens import (
+    DENSE_TOKEN_TABLE_LIMIT,
+    Nonzeros,
+    SummedTables,
+    TokenTable,
+    best_per_row,
+)
 
 HIST_EDGES = torch.linspace(-3, 3, 37)  # log10 of positive activations, clipped into the end bins
 MEANS_BLOCK = 1 << 23                   # float64 per-token means held at once by top_tokens_block (64 MiB)
@@ -132,21 +138,11 @@ class UnitStats:
         u, t, v = nz.u[better], nz.t[better], nz.v[better]
         if len(u) == 0:
             return
-        order = torch.sort(v, descending=True, stable=True).indices          # best first, then by unit
-        order = order[torch.sort(u[order], stable=True).indices]
-        u, t, v = u[order], t[order], v[order]
-        units, counts = torch.unique_consecutive(u, return_counts=True)
-        n = min(self.top_n, acts.shape[0], int(counts.max()))
-        first = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(u), device=u.device) - torch.repeat_interleave(first, counts)
-        keep = slot < n
-        which = torch.repeat_interleave(torch.arange(len(units), device=u.device), counts)[keep]
-        cand_val = torch.full((len(units), n), float("-inf"), device=acts.device)
-        cand_t = torch.zeros((len(units), n), dtype=torch.long, device=acts.device)
-        cand_val[which, slot[keep]] = v[keep]
-        cand_t[which, slot[keep]] = t[keep]
+        units, which = torch.unique(u, return_inverse=True)
+        n = min(self.top_n, acts.shape[0], int(torch.bincount(which).max()))
+        cand = best_per_row(which, v, t, len(units), n, float("-inf"))
         old = [x[units] for x in (self.top_val, self.top_idx, self.top_win_idx, self.top_win_act)]
-        self._put(units, self._merged(acts, row, offset, *old, cand=(cand_val, cand_t), units=units))
+        self._put(units, self._merged(acts, row, offset, *old, cand=cand, units=units))
 
     def _merged(self, acts, row, offset, top_val, top_idx, top_win_idx, top_win_act, cand=None, units=None):
         """The merged top lists. Sorting is stable with the old entries first, so an entry keeps its place

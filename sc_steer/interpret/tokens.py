@@ -44,6 +44,25 @@ class Nonzeros:
         return start.to(self.v.dtype).scatter_reduce_(0, self.u, self.v, kind)
 
 
+def best_per_row(rows: torch.Tensor, values: torch.Tensor, payload: torch.Tensor, n_rows: int, width: int,
+                 pad: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged entries ``(rows, values, payload)`` as ``[n_rows, width]`` matrices: each row's largest
+    values, best first (``pad`` past its entries; equal values keep their order), and their payloads
+    (0 there)."""
+    order = torch.sort(values, descending=True, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]                     # by row, best first
+    rows, values, payload = rows[order], values[order], payload[order]
+    counts = torch.bincount(rows, minlength=n_rows)
+    slot = torch.arange(len(rows), device=rows.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                                 counts)
+    take = slot < width
+    val = torch.full((n_rows, width), pad, dtype=values.dtype, device=values.device)
+    out = torch.zeros((n_rows, width), dtype=payload.dtype, device=payload.device)
+    val[rows[take], slot[take]] = values[take]
+    out[rows[take], slot[take]] = payload[take]
+    return val, out
+
+
 class TokenTable:
     def __init__(self, n_units: int, vocab: int, device: str | torch.device = "cpu",
                  dense_limit: int = DENSE_TOKEN_TABLE_LIMIT):
