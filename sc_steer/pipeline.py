@@ -8,7 +8,6 @@ stages.
 from __future__ import annotations
 
 import json
-
 import time
 from pathlib import Path
 

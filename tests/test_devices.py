@@ -195,7 +195,8 @@ def test_every_function_taking_a_model_and_saes_moves_them_to_the_model(setup, e
 # functions with a model and an SAE argument that never compute with both: shape checks, or directions
 # taken to the CPU for the logit lens
 EXEMPT = {"check_pair", "check_sae_fits", "_check", "unit_sets", "unit_directions", "unit_records", "follow_model",
-          "_one", "teacher_forced", "_metric_values"}  # only called by functions that move the SAEs first
+          "_one", "teacher_forced", "_metric_values", "check_model", "_block_edges",
+          "_logit_edges"}  # only called by functions that move the SAEs first
 
 
 def test_the_contract_test_covers_every_such_function(setup, tmp_path):

@@ -18,6 +18,17 @@ def node_id(layer: int, feature: int) -> str:
     return f"L{layer}/F{feature}"
 
 
+def is_prompt_graph(g: nx.DiGraph) -> bool:
+    """A per-prompt graph (``prompt_build``: nodes with positions, embeddings and logits)."""
+    return g.graph.get("kind") == "prompt"
+
+
+def node_strength(g: nx.DiGraph, n: str) -> float:
+    """The sum of the absolute weights of a node's edges, in and out."""
+    return float(sum(abs(float(d.get("weight", 0.0))) for *_, d in g.in_edges(n, data=True)) +
+                 sum(abs(float(d.get("weight", 0.0))) for *_, d in g.out_edges(n, data=True)))
+
+
 def _keep_mask(score: torch.Tensor, prune: str, amount: float) -> torch.Tensor:
     """Which (source, target) pairs survive, from ``score [S, J]`` (non-negative strengths)."""
     if prune == "top_k":

@@ -9,12 +9,9 @@ from pathlib import Path
 import networkx as nx
 
 from ..files import atomic_write, make_dir, to_json
+from .build import is_prompt_graph, node_strength
 
 FORMATS = ("graphml", "gexf", "json", "dot", "svg", "png", "html", "frontend")
-
-
-def is_prompt_graph(g: nx.DiGraph) -> bool:
-    return g.graph.get("kind") == "prompt"
 
 
 def layered_positions(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
@@ -24,9 +21,7 @@ def layered_positions(g: nx.DiGraph) -> dict[str, tuple[float, float]]:
         by_layer.setdefault(int(d["layer"]), []).append(n)
     pos = {}
     for layer, ns in by_layer.items():
-        strength = {n: sum(abs(d["weight"]) for *_, d in g.edges(n, data=True)) +
-                    sum(abs(d["weight"]) for *_, d in g.in_edges(n, data=True)) for n in ns}
-        ns.sort(key=lambda n: -strength[n])
+        ns.sort(key=lambda n: -node_strength(g, n))
         for r, n in enumerate(ns):
             pos[n] = (float(layer), -r + (len(ns) - 1) / 2)
     return pos

@@ -28,12 +28,13 @@ from ..errors import ScSteerError
 from ..models import LM
 from ..sae import SAE
 from ..sites import Site
+from .build import is_prompt_graph
 
 
 def circuit_features(g: nx.DiGraph) -> dict[int, list]:
     """The graph's features by layer: feature ids, or ``(position, feature)`` pairs for a per-prompt
     graph (its embedding and logit nodes are no SAE features and are left out)."""
-    prompt = g.graph.get("kind") == "prompt"
+    prompt = is_prompt_graph(g)
     out: dict[int, list] = {}
     for _, d in g.nodes(data=True):
         if d.get("kind", "feature") != "feature":
@@ -167,8 +168,9 @@ def attach_scores(lm: LM, saes: dict[str, SAE], batches: list[TokenBatch], g: nx
     measurement pruned at that amount) also ``faithfulness_curve`` and ``out/faithfulness.png``."""
     from ..files import make_dir, to_json
 
-    if g.number_of_nodes() and circuit_features(g):
-        sc = circuit_scores(lm, saes, batches, circuit_features(g), metric, at)
+    features = circuit_features(g)
+    if features:
+        sc = circuit_scores(lm, saes, batches, features, metric, at)
         g.graph.update(faithfulness=sc["faithfulness"], completeness=sc["completeness"],
                        metric=to_json(sc["metric"]), metric_at=at)
         if progress:

@@ -22,6 +22,7 @@ import networkx as nx
 
 from ..errors import ScSteerError
 from ..files import atomic_write_text, parse_json, read_json, to_json
+from .build import node_strength
 
 SCHEMA_VERSION = 1
 INDEX = "graph-metadata.json"
@@ -35,7 +36,7 @@ def _node(g: nx.DiGraph, n: str) -> dict:
     d = g.nodes[n]
     kind, layer, pos = d.get("kind", "feature"), int(d["layer"]), int(d.get("position", 0))
     base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
-            "influence": _number(d.get("influence"), _strength(g, n)) if kind == "feature" else None,
+            "influence": _number(d.get("influence"), node_strength(g, n)) if kind == "feature" else None,
             "activation": _number(d.get("activation"), d.get("mean_act"), d.get("max_act")) if kind == "feature" else None}
     if kind == "embedding":
         tok = int(d["feature"])
@@ -51,12 +52,6 @@ def _node(g: nx.DiGraph, n: str) -> dict:
     return {**base, "node_id": f"{layer}_{d['feature']}_{pos}", "feature": int(d["feature"]), "layer": str(layer),
             "ctx_idx": pos, "feature_type": FEATURE_TYPE, "jsNodeId": f"{layer}_{d['feature']}-0",
             "clerp": str(d.get("label", ""))}
-
-
-def _strength(g: nx.DiGraph, n: str) -> float:
-    """The sum of a node's edges' absolute weights (an averaged graph's stand-in for influence)."""
-    return float(sum(abs(float(e.get("weight", 0.0))) for *_, e in g.in_edges(n, data=True)) +
-                 sum(abs(float(e.get("weight", 0.0))) for *_, e in g.out_edges(n, data=True)))
 
 
 def frontend_json(g: nx.DiGraph, slug: str, scan: str, prompt: str = "") -> dict:

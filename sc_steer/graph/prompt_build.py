@@ -71,8 +71,8 @@ def _matrices(pe: PromptEffects) -> list[tuple[object, object, torch.Tensor]]:
 
 
 def prune_prompt(pe: PromptEffects, prune: str = "influence", amount: float = 0.8,
-                 edge_amount: float = 0.98) -> tuple[dict, list[tuple[object, object, torch.Tensor]], dict]:
-    """Which edges survive: ``[(source group, target group, bool mask)]``, and the influence of every
+                 edge_amount: float = 0.98) -> tuple[dict, list[tuple[object, object, torch.Tensor, torch.Tensor]], dict]:
+    """Which edges survive: ``[(source group, target group, weights, bool mask)]``, and the influence of every
     node. ``influence`` keeps nodes by cumulative influence, then edges; the other modes prune each
     source's edges as the averaged graph does (``build._keep_mask``)."""
     if prune not in PROMPT_PRUNE:
@@ -80,7 +80,7 @@ def prune_prompt(pe: PromptEffects, prune: str = "influence", amount: float = 0.
     infl = influence(pe)
     mats = _matrices(pe)
     if prune != "influence":
-        return infl, [(s, t, _keep_mask(w.abs(), prune, amount)) for s, t, w in mats], {}
+        return infl, [(s, t, w, _keep_mask(w.abs(), prune, amount)) for s, t, w in mats], {}
     for name, a in (("--amount", amount), ("--edge-amount", edge_amount)):
         if not 0 < a <= 1:
             raise ScSteerError(f"influence pruning {name} {a!r}: expected a fraction in (0, 1]")
@@ -99,11 +99,11 @@ def prune_prompt(pe: PromptEffects, prune: str = "influence", amount: float = 0.
         scores.append(sc * kept[s][:, None] * kept[t][None, :])
     flat_scores = torch.cat([x.flatten() for x in scores])
     keep_flat = _cumulative(flat_scores, edge_amount) if len(flat_scores) else flat_scores.bool()
-    masks, start = [], 0
+    kept_edges, start = [], 0
     for (s, t, w), sc in zip(mats, scores):
-        masks.append((s, t, keep_flat[start:start + sc.numel()].view_as(sc)))
+        kept_edges.append((s, t, w, keep_flat[start:start + sc.numel()].view_as(sc)))
         start += sc.numel()
-    return infl, masks, {"node_amount": amount, "edge_amount": edge_amount}
+    return infl, kept_edges, {"node_amount": amount, "edge_amount": edge_amount}
 
 
 def prompt_graph_from(pe: PromptEffects, *, prune: str = "influence", amount: float = 0.8, edge_amount: float = 0.98,
@@ -112,7 +112,7 @@ def prompt_graph_from(pe: PromptEffects, *, prune: str = "influence", amount: fl
     """The pruned graph: feature nodes ``L{n}/F{i}@{t}``, embeddings ``E@{t}``, logits ``logit/{token id}``.
     Node data: kind, layer (embeddings -1; logits ``n_layers``, one past the model's last layer),
     feature (a logit's token id), position, token, activation (a logit's probability), influence, label."""
-    infl, masks, thresholds = prune_prompt(pe, prune, amount, edge_amount)
+    infl, kept_edges, thresholds = prune_prompt(pe, prune, amount, edge_amount)
     g = nx.DiGraph()
     for key, val in (provenance or {}).items():
         g.graph[key] = val if isinstance(val, (int, float, str)) else json.dumps(val, sort_keys=True)
@@ -124,8 +124,7 @@ def prompt_graph_from(pe: PromptEffects, *, prune: str = "influence", amount: fl
     def name(group, idx: int) -> str:
         if group == "embed":
             t = int(pe.embed_pos[idx])
-            if t not in names:
-                names.add(t)
+            if embed_node(t) not in g:
                 g.add_node(embed_node(t), kind="embedding", layer=-1, feature=int(pe.token_ids[t]), position=t,
                            token=pe.tokens[t], activation=float("nan"), influence=float(infl["embed"][idx]),
                            label=f"token {pe.tokens[t]!r}", density=float("nan"), max_act=float("nan"))
@@ -151,12 +150,9 @@ def prompt_graph_from(pe: PromptEffects, *, prune: str = "influence", amount: fl
                        max_act=float(info.get("max_act", float("nan"))))
         return nid
 
-    names: set[int] = set()
-    weights = {(s, t): w for s, t, w in _matrices(pe)}
     for idx in range(len(pe.logit_ids)):       # the logits are always shown, even when nothing reaches them
         name("logit", idx)
-    for s, t, mask in masks:
-        w = weights[(s, t)]
+    for s, t, w, mask in kept_edges:
         for a, c in mask.nonzero().tolist():
             g.add_edge(name(s, a), name(t, c), weight=float(w[a, c]))
     return g

@@ -89,6 +89,21 @@ def _read_targets(sae: SAE, out: torch.Tensor, clean: torch.Tensor, tgt: torch.T
     return w * (tgt[None, :, 0] >= src_pos[:, None])
 
 
+def _block_edges(lm: LM, block: int, captured: tuple, sae: SAE, pos: torch.Tensor, amount: torch.Tensor,
+                 direction: torch.Tensor, tgt: torch.Tensor, clean: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """``[R, N]`` edges of R removals (``amount[r] * direction[r]`` subtracted from block ``block``'s
+    ``captured`` input at ``pos[r]``) onto the target nodes ``tgt`` of the block's output SAE,
+    ``max_rows`` reruns at a time."""
+    args, kwargs, _ = captured
+    w = torch.zeros(len(pos), len(tgt), device=lm.device)
+    for lo in range(0, len(pos), max_rows):
+        sl = slice(lo, lo + max_rows)
+        hin = _removal_rows(args[0], pos[sl], amount[sl], direction[sl])
+        out = run_block(lm, block, args, kwargs, hin, torch.zeros(len(hin), dtype=torch.long))
+        w[sl] = _read_targets(sae, out, clean, tgt, pos[sl])
+    return w.cpu()
+
+
 @torch.no_grad()
 def measure_prompt(lm: LM, saes: dict[str, SAE], prompt: str, *, layers: list[int] | None = None, ctx: int = 64,
                    n_logits: int = 10, logit_prob: float = 0.95, embeddings: bool = True,
@@ -125,41 +140,30 @@ def measure_prompt(lm: LM, saes: dict[str, SAE], prompt: str, *, layers: list[in
     logit_ids = top_logits(probs, n_logits, logit_prob)
     clean_logits = logits[0, -1, logit_ids].float()
 
-    nodes, acts, feats = {}, {}, {}
+    nodes, acts = {}, {}
     for n in layers:
         f = saes[f"resid_post.{n}"].encode(streams[n].float())[0] * keep[:, None]       # [T, S]
         nodes[n] = (f > 0).nonzero()                                                     # (position, feature)
         acts[n] = f[nodes[n][:, 0], nodes[n][:, 1]]
-        feats[n] = f
 
     edges = {}
     for n in layers[:-1]:
-        sae_n, sae_next = saes[f"resid_post.{n}"], saes[f"resid_post.{n + 1}"]
-        args, kwargs, _ = capture_block_inputs(lm, n + 1, b)
-        src, tgt = nodes[n], nodes[n + 1]
-        w = torch.zeros(len(src), len(tgt), device=dev)
-        for lo in range(0, len(src), max_rows):
-            s = src[lo:lo + max_rows]
-            hin = _removal_rows(args[0], s[:, 0], acts[n][lo:lo + max_rows], sae_n.W_dec[s[:, 1]])
-            out = run_block(lm, n + 1, args, kwargs, hin, torch.zeros(len(s), dtype=torch.long))
-            w[lo:lo + len(s)] = _read_targets(sae_next, out, acts[n + 1], tgt, s[:, 0])
-        edges[n] = w.cpu()
+        src = nodes[n]
+        edges[n] = _block_edges(lm, n + 1, capture_block_inputs(lm, n + 1, b), saes[f"resid_post.{n + 1}"],
+                                src[:, 0], acts[n], saes[f"resid_post.{n}"].W_dec[src[:, 1]], nodes[n + 1],
+                                acts[n + 1], max_rows)
         if progress:
-            print(f"layer {n} -> {n + 1}: {len(src)} x {len(tgt)} (position, feature) nodes")
+            print(f"layer {n} -> {n + 1}: {len(src)} x {len(nodes[n + 1])} (position, feature) nodes")
 
     embed_pos = embed_edges = None
-    first = layers[0]
-    if embeddings and first == 0:
-        args, kwargs, _ = capture_block_inputs(lm, 0, b)
+    if embeddings and layers[0] == 0:    # an embedding's removal zeroes the block-0 input at its position
         embed_pos = keep.nonzero()[:, 0]
-        h = args[0]
-        w = torch.zeros(len(embed_pos), len(nodes[0]), device=dev)
-        for lo in range(0, len(embed_pos), max_rows):
-            pos = embed_pos[lo:lo + max_rows]
-            hin = _removal_rows(h, pos, torch.ones(len(pos), device=dev), h[0, pos].float())
-            out = run_block(lm, 0, args, kwargs, hin, torch.zeros(len(pos), dtype=torch.long))
-            w[lo:lo + len(pos)] = _read_targets(saes["resid_post.0"], out, acts[0], nodes[0], pos)
-        embed_pos, embed_edges = embed_pos.cpu(), w.cpu()
+        captured = capture_block_inputs(lm, 0, b)
+        h = captured[0][0]
+        embed_edges = _block_edges(lm, 0, captured, saes["resid_post.0"], embed_pos,
+                                   torch.ones(len(embed_pos), device=dev), h[0, embed_pos].float(), nodes[0], acts[0],
+                                   max_rows)
+        embed_pos = embed_pos.cpu()
 
     logit_edges = _logit_edges(lm, saes[f"resid_post.{layers[-1]}"], b, layers[-1], nodes[layers[-1]],
                                acts[layers[-1]], logit_ids, clean_logits, max_rows)
@@ -171,11 +175,11 @@ def measure_prompt(lm: LM, saes: dict[str, SAE], prompt: str, *, layers: list[in
                          config={"ctx": ctx, "n_logits": n_logits, "logit_prob": logit_prob, "max_rows": max_rows})
 
 
-def _logit_edges(lm: LM, top_sae: SAE, b: TokenBatch, top: int, src: torch.Tensor, act: torch.Tensor,
+def _logit_edges(lm: LM, sae: SAE, b: TokenBatch, top: int, src: torch.Tensor, act: torch.Tensor,
                  logit_ids: torch.Tensor, clean: torch.Tensor, max_rows: int) -> torch.Tensor:
     """``[N_top, K]`` logit changes at the last position when each top-layer node is removed; the rest
     of the model runs on the edited stream (after the model's last layer only the last position's own
-    nodes can move its logits, so only those are rerun). ``top_sae`` is already on the model's device."""
+    nodes can move its logits, so only those are rerun). ``sae`` is already on the model's device."""
     last = b.input_ids.shape[1] - 1
     out = torch.zeros(len(src), len(logit_ids))
     todo = (src[:, 0] == last).nonzero()[:, 0] if top == lm.n_layers - 1 else torch.arange(len(src), device=src.device)
@@ -186,7 +190,7 @@ def _logit_edges(lm: LM, top_sae: SAE, b: TokenBatch, top: int, src: torch.Tenso
         s = src[rows]
 
         def remove(_site, h, _call, s=s, a=act[rows]):
-            return _removal_rows(h[:1], s[:, 0], a, top_sae.W_dec[s[:, 1]])
+            return _removal_rows(h[:1], s[:, 0], a, sae.W_dec[s[:, 1]])
 
         m = len(rows)
         with lm.edited(remove, [site]):

@@ -17,6 +17,7 @@ from .export import FORMATS, export_graph
 from .faithfulness import attach_scores
 from .prompt_build import PROMPT_PRUNE, prompt_graph_from
 from .prompt_measure import PromptEffects, measure_prompt, prompt_batch
+from .run import check_model
 
 
 def save_effects(pe: PromptEffects, path: Path) -> None:
@@ -44,10 +45,7 @@ def prompt_feature_graph(lm: LM, saes: dict[str, SAE], prompt: str, out: str | P
     export paths."""
     if prune not in PROMPT_PRUNE:
         raise ScSteerError(f"--prune {prune!r}: a per-prompt graph prunes by {', '.join(PROMPT_PRUNE)}")
-    for s, sae in saes.items():
-        if sae.cfg.model_name and sae.cfg.model_name != lm.name:
-            raise ScSteerError(f"the SAE for {s} was trained on model {sae.cfg.model_name!r}, not {lm.name!r}")
-    lm.check_positions(ctx)
+    check_model(lm, saes, ctx)
     out = Path(out)
     t0 = time.time()
     pe = measure_prompt(lm, saes, prompt, layers=layers, ctx=ctx, n_logits=n_logits, progress=progress)

@@ -64,6 +64,14 @@ def choose_sources(lm: LM, layer: int, sae: SAE, next_sae: SAE, batches: list, s
     return active[score.topk(n).indices].sort().values
 
 
+def check_model(lm: LM, saes: dict[str, SAE], ctx: int) -> None:
+    """The SAEs were trained on this model (where their files name one), and it reads ``ctx`` positions."""
+    for s, sae in saes.items():
+        if sae.cfg.model_name and sae.cfg.model_name != lm.name:
+            raise ScSteerError(f"the SAE for {s} was trained on model {sae.cfg.model_name!r}, not {lm.name!r}")
+    lm.check_positions(ctx)
+
+
 def source_layers(lm: LM, layers: list[int] | None) -> list[int]:
     """The source layers of a graph (default: every layer with a next one), checked against the model."""
     layers = list(range(lm.n_layers - 1)) if layers is None else list(layers)
@@ -88,10 +96,7 @@ def feature_graph(lm: LM, saes: dict[str, SAE], prompts: str, out: str | Path, *
     ``faithfulness.metric_of``'s logit difference). Returns the graph, the export paths and the
     attribution-vs-exact Pearson correlation per layer."""
     layers = source_layers(lm, layers)
-    for s, sae in saes.items():
-        if sae.cfg.model_name and sae.cfg.model_name != lm.name:
-            raise ScSteerError(f"the SAE for {s} was trained on model {sae.cfg.model_name!r}, not {lm.name!r}")
-    lm.check_positions(ctx)
+    check_model(lm, saes, ctx)
     out = Path(out)
     batches, prompt_hash = prompt_batches(lm, prompts, ctx=ctx, max_prompts=max_prompts)
     pairs: list[PairEffects] = []
